@@ -1,0 +1,49 @@
+"""Input validation shared by the public entry points (one place for each check)."""
+from __future__ import annotations
+
+import torch
+
+
+def describe(t) -> str:
+    if t is None:
+        return "None"
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a ValueError naming ``where`` and every shape when the LoRA operands do not fit."""
+    problems = []
+    if weight.dim() != 2:
+        problems.append("weight must be 2-D [out, in]")
+    elif lora_A.dim() != 2 or lora_B.dim() != 2:
+        problems.append("lora_A must be [r, in] and lora_B [out, r]")
+    else:
+        out_f, in_f = weight.shape
+        r = lora_A.shape[0]
+        if x.shape[-1] != in_f:
+            problems.append(f"x's last dim {x.shape[-1]} != in_features {in_f}")
+        if lora_A.shape[1] != in_f:
+            problems.append(f"lora_A must be [r, {in_f}]")
+        if tuple(lora_B.shape) != (out_f, r):
+            problems.append(f"lora_B must be [{out_f}, {r}] (out, r)")
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            problems.append(f"bias must be [{out_f}]")
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            problems.append(f"{name} must be floating point")
+    if not problems and weight.dtype != x.dtype:
+        problems.append(f"weight dtype {weight.dtype} != x dtype {x.dtype} (use torch.autocast to mix)")
+    if not problems and bias is not None and bias.dtype != x.dtype:
+        problems.append(f"bias dtype {bias.dtype} != x dtype {x.dtype}")
+    if not problems:
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if t.dtype not in (x.dtype, torch.float32):
+                problems.append(f"{name} dtype {t.dtype} must be x's dtype {x.dtype} or float32")
+    devices = {t.device for t in (x, weight, lora_A, lora_B, bias) if t is not None}
+    if len(devices) > 1:
+        problems.append(f"all operands must be on one device, got {sorted(map(str, devices))}")
+    if problems:
+        raise ValueError(
+            f"{where}: " + "; ".join(problems) + f". Got x {describe(x)}, weight {describe(weight)}, "
+            f"bias {describe(bias)}, lora_A {describe(lora_A)}, lora_B {describe(lora_B)}."
+        )

@@ -1,0 +1,89 @@
+"""Functional entry points and the one place that chooses a backend.
+
+Backends, by ``BALORA_KERNELS_IMPL`` (unset: automatic):
+
+* ``torch``  — :mod:`balora_kernels.reference` math in plain PyTorch; runs everywhere (the CPU path);
+* ``triton`` — Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``cuda``   — the compiled ``csrc/`` extension where a kernel family has one.
+
+Automatic choice: CUDA tensors take the fastest available kernels, everything else the torch path.
+:func:`backend_info` says which path runs and why any faster one is unavailable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import _errors
+from .ops import lora_linear as _lora_ops
+from .ops import projection as _proj_ops
+
+IMPLS = ("torch", "triton", "cuda")
+
+
+def requested_impl() -> Optional[str]:
+    """The backend forced by ``BALORA_KERNELS_IMPL``, or None for automatic."""
+    impl = os.environ.get("BALORA_KERNELS_IMPL", "").strip().lower() or None
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"BALORA_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def backend_info() -> dict:
+    """Which implementation each op uses on this machine, and why faster ones are unavailable."""
+    return {
+        "requested": requested_impl(),
+        "cuda_available": torch.cuda.is_available(),
+        "lora_linear": {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None},
+        "projection": {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA linear
+# --------------------------------------------------------------------------------------------
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
+                training: bool = True, name: str = "lora_linear"):
+    """``y = x W^T + b + s (dropout(x) A^T) B^T`` for any leading dims of ``x`` [..., in].
+
+    weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r]. Gradients flow to x,
+    lora_A, lora_B, and to weight / bias when they require grad. Under ``torch.autocast`` the
+    operands are cast to the autocast dtype as ``F.linear`` would be (adapters keep their own
+    dtype; their gradients come back in it). ``name`` appears in error messages.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, name)
+    _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = None
+    if dropout_p > 0.0 and training:
+        mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+    y = _lora_ops.LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Projection
+# --------------------------------------------------------------------------------------------
+def make_projection_plan(pairs: Sequence[_proj_ops.Pair]):
+    """A reusable plan that balances ``pairs`` in place, on the backend chosen for their device."""
+    return _proj_ops.TorchProjectionPlan(pairs)
+
+
+def balance_(pairs: Sequence[_proj_ops.Pair], mode: str = "nearest") -> _proj_ops.ProjectionStats:
+    """Balance every ``(lora_A, lora_B)`` pair in place (batched); returns device-side stats.
+
+    For repeated calls over the same parameters use :class:`~balora_kernels.BalancedProjector`,
+    which keeps the plan.
+    """
+    from .reference import MODES
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return make_projection_plan(pairs).run(mode)

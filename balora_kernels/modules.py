@@ -1,0 +1,102 @@
+"""``BaLoRALinear``: a frozen linear layer with a trainable LoRA adapter, on the package's op."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (PEFT's convention)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class BaLoRALinear(nn.Module):
+    """``y = x W^T + b + s * (dropout(x) A^T) B^T`` with frozen ``W``, ``b``.
+
+    Parameters (PEFT's layout): ``weight`` [out, in] and ``bias`` [out] frozen; ``lora_A`` [r, in]
+    (kaiming-uniform init) and ``lora_B`` [out, r] (zeros) trainable. ``s = alpha / r``, or
+    ``alpha / sqrt(r)`` with ``use_rslora``. ``adapter_dtype`` keeps the adapters in another dtype
+    than the base weight (e.g. float32 adapters on a bfloat16 model).
+
+    Balance the adapters with :class:`~balora_kernels.BalancedProjector`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float = 8.0,
+                 bias: bool = True, dropout: float = 0.0, use_rslora: bool = False,
+                 device=None, dtype=None, adapter_dtype=None, name: Optional[str] = None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, adapter_dtype, name)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 8.0, dropout: float = 0.0,
+                    use_rslora: bool = False, adapter_dtype=None, name: Optional[str] = None):
+        """Wrap an existing ``nn.Linear``: its weight and bias are shared (and frozen), not copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, adapter_dtype, name)
+        return self
+
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, adapter_dtype, name):
+        out_features, in_features = weight.shape
+        label = name or f"BaLoRALinear({in_features}->{out_features})"
+        if not isinstance(r, int) or r < 1 or r > min(in_features, out_features):
+            raise ValueError(f"{label}: r must be an integer in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_features, out_features)}], got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{label}: dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.alpha, self.use_rslora, self.dropout = alpha, use_rslora, dropout
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.name = label
+        self.merged = False
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+        adt = adapter_dtype or weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=adt))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=weight.device, dtype=adt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return functional.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                      self.scaling, self.dropout, self.training, name=self.name)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A`` [out, in] in float32 (or float64 for float64 adapters)."""
+        dt = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return self.scaling * (self.lora_B.to(dt) @ self.lora_A.to(dt))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s B A`` into ``weight`` (rounded once to its dtype); forward then skips the adapter."""
+        if self.merged:
+            raise RuntimeError(f"{self.name}: already merged")
+        self.weight.copy_((self.weight.to(self.delta_weight().dtype) + self.delta_weight()))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``s B A`` from ``weight`` again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError(f"{self.name}: not merged")
+        self.weight.copy_((self.weight.to(self.delta_weight().dtype) - self.delta_weight()))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, bias={self.bias is not None}, "
+                f"dropout={self.dropout}, use_rslora={self.use_rslora}, merged={self.merged}")

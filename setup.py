@@ -1,0 +1,36 @@
+"""Builds the optional CUDA extension (``balora_kernels._C``) when it can; otherwise nothing.
+
+The extension is built only when torch with CUDA and a CUDA toolkit are importable in the build
+environment (``pip install --no-build-isolation .`` on a CUDA machine) and
+``BALORA_SKIP_CUDA_BUILD`` is not set. Without it the package still works: the kernels JIT-build on
+first GPU use (see ``balora_kernels._ext``) or fall back to Triton / PyTorch.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def cuda_extensions():
+    if os.environ.get("BALORA_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    if not sources:
+        return [], {}
+    ext = CUDAExtension(
+        "balora_kernels._C", sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90",
+                                                      "-gencode=arch=compute_80,code=sm_80"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
