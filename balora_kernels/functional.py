@@ -36,8 +36,8 @@ def backend_info() -> dict:
     return {
         "requested": requested_impl(),
         "cuda_available": torch.cuda.is_available(),
-        "lora_linear": {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None},
-        "projection": {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None},
+        "lora_linear": _lora_linear_backend_info(),
+        "projection": _projection_backend_info(),
     }
 
 
@@ -65,8 +65,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     mask = None
     if dropout_p > 0.0 and training:
         mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-    y = _lora_ops.LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
+    fn = _lora_linear_impl(x2, lora_A)
+    y = fn(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _lora_linear_impl(x2d, lora_A):
+    """The one choice of LoRA-linear implementation for these operands."""
+    return _lora_ops.LoRALinearFunction.apply
+
+
+def _lora_linear_backend_info() -> dict:
+    return {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +84,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
 # --------------------------------------------------------------------------------------------
 def make_projection_plan(pairs: Sequence[_proj_ops.Pair]):
     """A reusable plan that balances ``pairs`` in place, on the backend chosen for their device."""
-    return _proj_ops.TorchProjectionPlan(pairs)
+    return _projection_plan_class(pairs)(pairs)
+
+
+def _projection_plan_class(pairs):
+    """The one choice of projection backend for these pairs."""
+    return _proj_ops.TorchProjectionPlan
+
+
+def _projection_backend_info() -> dict:
+    return {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None}
 
 
 def balance_(pairs: Sequence[_proj_ops.Pair], mode: str = "nearest") -> _proj_ops.ProjectionStats:
