@@ -62,21 +62,54 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    # Dropout (LoRA branch only): the scaled mask is drawn here, in x's dtype, and the kernels read
+    # it where x * mask is needed; x * mask itself is never materialised on the kernel paths.
     mask = None
     if dropout_p > 0.0 and training:
         mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-    fn = _lora_linear_impl(x2, lora_A)
-    y = fn(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
+    # The implementation is chosen inside the op, per call and per direction, by _lora_linear_impl
+    # (so torch.compile sees one opaque op and the choice adds no guard or graph break).
+    y = _lora_ops.lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
     return y.reshape(*lead, weight.shape[0])
 
 
-def _lora_linear_impl(x2d, lora_A):
-    """The one choice of LoRA-linear implementation for these operands."""
-    return _lora_ops.LoRALinearFunction.apply
+def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device) -> str:
+    """The one choice of LoRA-linear implementation: 'torch', 'cublas_mm', 'cublas' or 'triton'.
+
+    ``direction`` is 'forward' or 'backward'; N tokens, in/out features, rank r, activation dtype.
+    ``BALORA_KERNELS_IMPL`` overrides: torch -> reference math; triton -> fused Triton GEMMs;
+    cuda -> cuBLAS GEMMs + fused Triton rank-r kernels (this op has no csrc kernel). Otherwise,
+    on CUDA in bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
+    (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py); fp32/fp64 take cuBLAS
+    (which applies torch's TF32 setting). CPU tensors take the reference math (the Triton path runs
+    on CPU only when forced, under ``TRITON_INTERPRET=1``).
+    """
+    req = requested_impl()
+    have_triton = _lora_ops.triton is not None
+    if device.type != "cuda":
+        interp = os.environ.get("TRITON_INTERPRET", "") == "1"
+        return {"triton": "triton", "cuda": "cublas"}.get(req, "torch") if (have_triton and interp) else "torch"
+    if req == "torch":
+        return "torch"
+    if not have_triton:
+        return "cublas_mm"
+    if req == "triton":
+        return "triton"
+    if req == "cuda":
+        return "cublas"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "cublas_mm"
+    return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[0]
 
 
 def _lora_linear_backend_info() -> dict:
-    return {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None}
+    table = _lora_ops.tuning_table()
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = ("per shape and direction from measurements: " + ", ".join(_lora_ops.IMPLS)
+                if _lora_ops.triton is not None else "cublas_mm (Triton is not installed)")
+    return {"cpu": "torch", "cuda": cuda, "tuning_file": _lora_ops.TUNING_FILE,
+            "measured_on": table.get("gpu"), "measured_shapes": len(table.get("entries", []))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +122,11 @@ def make_projection_plan(pairs: Sequence[_proj_ops.Pair]):
 
 def _projection_plan_class(pairs):
     """The one choice of projection backend for these pairs."""
+    if torch.distributed.is_available():
+        # DTensor factors (FSDP2): Grams of local shards, one all-reduce, local rescale.
+        from .integrations import distributed as _dist
+        if _dist.has_dtensor(pairs):
+            return _dist.ShardedProjectionPlan
     return _proj_ops.TorchProjectionPlan
 
 

@@ -85,7 +85,8 @@ class BaLoRALinear(nn.Module):
         """Fold ``s B A`` into ``weight`` (rounded once to its dtype); forward then skips the adapter."""
         if self.merged:
             raise RuntimeError(f"{self.name}: already merged")
-        self.weight.copy_((self.weight.to(self.delta_weight().dtype) + self.delta_weight()))
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)
         self.merged = True
 
     @torch.no_grad()
@@ -93,7 +94,8 @@ class BaLoRALinear(nn.Module):
         """Subtract ``s B A`` from ``weight`` again (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise RuntimeError(f"{self.name}: not merged")
-        self.weight.copy_((self.weight.to(self.delta_weight().dtype) - self.delta_weight()))
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -104,6 +104,7 @@ class BalancedProjector:
 
     def _current_plan(self):
         if self._plan is None or self._plan.is_stale():
+            _validate(self.named_pairs)    # a parameter may have changed shape since __init__
             self._plan = functional.make_projection_plan([(A, B) for _, A, B in self.named_pairs])
         return self._plan
 
@@ -139,10 +140,17 @@ class BalancedProjector:
         if list(state.get("names", [])) != self.names:
             raise ValueError(f"BalancedProjector.load_state_dict: adapters differ: saved {len(state.get('names', []))} "
                              f"names, this projector has {len(self.names)} (first mismatch shown by comparing .names)")
-        if state["mode"] not in MODES or not isinstance(state["every"], int) or state["every"] < 1:
-            raise ValueError(f"BalancedProjector.load_state_dict: bad mode/every in {state!r}")
+        missing = [k for k in ("mode", "every", "steps", "projections") if k not in state]
+        if missing:
+            raise ValueError(f"BalancedProjector.load_state_dict: missing keys {missing} in {state!r}")
+        counters_ok = all(isinstance(state[k], int) and not isinstance(state[k], bool) and state[k] >= 0
+                          for k in ("steps", "projections"))
+        if (state["mode"] not in MODES or not isinstance(state["every"], int) or state["every"] < 1
+                or not counters_ok):
+            raise ValueError(f"BalancedProjector.load_state_dict: bad mode/every/steps/projections in {state!r}")
+        # everything checked first: an error leaves the projector as it was
         self.mode, self.every = state["mode"], state["every"]
-        self.steps, self.projections = int(state["steps"]), int(state["projections"])
+        self.steps, self.projections = state["steps"], state["projections"]
 
     def __repr__(self) -> str:
         return f"BalancedProjector({len(self.named_pairs)} adapters, mode={self.mode!r}, every={self.every})"

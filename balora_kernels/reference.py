@@ -20,7 +20,7 @@ computed from the two r x r Grams only (never from an SVD of a tall factor or of
 
 1. ``G_B = P diag(d) P^T`` and ``G_A = R diag(e) R^T``; square-root factors ``X = P d^1/2`` and
    ``Y = R e^1/2`` (so ``G_B = X X^T``, ``G_A = Y Y^T``), keeping only eigenvalues above
-   ``RANK_RTOL`` times the largest.
+   ``gram_rtol`` times the largest (see below).
 2. ``H = X^T Y`` (r x r) has the singular values of ``BA``: ``H = U S V^T``.
 3. ``T = Y V S^-1/2`` and ``T^-1 = S^-1/2 U^T X^T`` give the SVD-aligned balanced pair
    ``B' = B T = U_BA S^1/2``, ``A' = T^-1 A = S^1/2 V_BA^T`` (the paper's projection).
@@ -45,8 +45,16 @@ Degenerate pairs (the policy, identical on every backend):
   because a component with a zero product can only be balanced by zeroing it. ``"nearest"`` then
   rotates the whole pair by the polar factor, which keeps this structure.
 
-Components whose Gram eigenvalue or product singular value is below ``RANK_RTOL`` of the largest
-are treated as rank-deficient; ``RANK_RTOL`` sits above the rounding noise of a float32 Gram.
+Components whose product singular value is below ``RANK_RTOL`` (2^-16) of the largest are treated
+as rank-deficient: far above the product noise left by rounding a balanced pair to float32 (~1e-7),
+so a component with a zero product stays dead when the rounded pair is projected again. Gram
+eigenvalues are cut at ``gram_rtol`` of the largest, which follows the precision the Grams were
+accumulated in: ``RANK_RTOL`` sits above the rounding noise of a float32 Gram; float64 Grams (this
+module's own path) use ``RANK_RTOL_FP64_GRAM`` (2^-32, i.e. 2^-16 on the factor's singular values,
+the product threshold's scale). A float32 Gram cannot resolve a factor whose condition number
+exceeds ~2^8, but a float64 one can, and a full-rank pair must be balanced, not left
+"rank-deficient" with a balance gap of several percent (square 64 x 64 Gaussian factors often have
+condition numbers above 2^8).
 """
 from __future__ import annotations
 
@@ -59,6 +67,17 @@ MODES = ("nearest", "svd")
 # Relative threshold under which a Gram eigenvalue, or a singular value of BA, counts as zero.
 # Float32 Gram accumulation leaves noise around 1e-7..1e-6 of the largest eigenvalue.
 RANK_RTOL = 2.0**-16
+# Gram-eigenvalue threshold for Grams accumulated in float64: far above their rounding noise
+# (~r * 1e-16, or ~1e-13 for a float32 factor that is low-rank up to its own rounding).
+RANK_RTOL_FP64_GRAM = 2.0**-32
+
+
+def gram_rtol(gram_dtype: torch.dtype, *factor_dtypes: torch.dtype) -> float:
+    """The Gram-eigenvalue threshold for Grams accumulated in ``gram_dtype`` from factors of
+    ``factor_dtypes``: 2^-32 needs float64 Grams of float32/float64 factors (bfloat16 / float16
+    rounding alone leaves Gram noise near 2^-16 of the largest eigenvalue)."""
+    precise = all(d in (torch.float32, torch.float64) for d in factor_dtypes)
+    return RANK_RTOL_FP64_GRAM if gram_dtype == torch.float64 and precise else RANK_RTOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,10 +165,10 @@ def balance_gap(G_B: torch.Tensor, G_A: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1), torch.zeros_like(num))
 
 
-def _psd_sqrt_factor(G: torch.Tensor):
-    """``X`` [..., r, r] with ``X X^T = G`` on the eigenvalues above RANK_RTOL (others dropped)."""
+def _psd_sqrt_factor(G: torch.Tensor, rtol: float):
+    """``X`` [..., r, r] with ``X X^T = G`` on the eigenvalues above ``rtol`` (others dropped)."""
     d, P = torch.linalg.eigh(G)
-    live = d > RANK_RTOL * d[..., -1:].clamp_min(0)
+    live = d > rtol * d[..., -1:].clamp_min(0)
     return P * torch.where(live, d, 0).clamp_min(0).sqrt().unsqueeze(-2)
 
 
@@ -159,14 +178,17 @@ def _polar(C: torch.Tensor) -> torch.Tensor:
     return U @ Vh
 
 
-def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "nearest") -> Transforms:
+def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "nearest",
+                         factor_dtypes=()) -> Transforms:
     """Transforms ``T``, ``T^-1`` that balance each pair, from its Grams only.
 
     G_B, G_A: [..., r, r] symmetric PSD (any float dtype; the math runs in float64).
+    factor_dtypes: the dtypes of the factors the Grams came from (they set the rank threshold).
     Returns :class:`Transforms`; ``B' = B T`` and ``A' = T^-1 A``. Skipped pairs get identities.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rtol = gram_rtol(torch.promote_types(G_B.dtype, G_A.dtype), *factor_dtypes)
     G_B = G_B.to(torch.float64)
     G_A = G_A.to(torch.float64)
     r = G_B.shape[-1]
@@ -179,8 +201,8 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     G_A = 0.5 * (G_A + G_A.transpose(-1, -2))
 
     # 1-2. square-root factors and the r x r core H = X^T Y with the singular values of BA.
-    X = _psd_sqrt_factor(G_B)
-    Y = _psd_sqrt_factor(G_A)
+    X = _psd_sqrt_factor(G_B, rtol)
+    Y = _psd_sqrt_factor(G_A, rtol)
     U, S, Vh = torch.linalg.svd(X.transpose(-1, -2) @ Y)          # S descending
     live = S > RANK_RTOL * S[..., :1]
     rank = live.sum(-1)
@@ -242,4 +264,5 @@ def balance(lora_A: torch.Tensor, lora_B: torch.Tensor, mode: str = "nearest"):
     are not modified). Degenerate pairs follow the module docstring's policy.
     """
     G_B, G_A = grams(lora_A, lora_B)
-    return apply_transforms(lora_A, lora_B, balancing_transforms(G_B, G_A, mode))
+    t = balancing_transforms(G_B, G_A, mode, factor_dtypes=(lora_A.dtype, lora_B.dtype))
+    return apply_transforms(lora_A, lora_B, t)

@@ -1,45 +1,680 @@
-"""The LoRA linear op: ``y = x W^T + b + s ((x * mask) A^T) B^T`` with its own backward.
+"""The LoRA linear op: ``y = x W^T + b + s ((x * m) A^T) B^T``, forward and backward kernels.
 
-Only ``x``, ``u = x_l A^T`` [N, r] and the dropout mask are saved for backward (W, A, B by
-reference), so the adapted layer keeps the memory of a frozen linear plus N x r.
+Notation (2-D; callers flatten leading dims): ``x`` [N, in], ``W`` = weight [out, in], ``b`` [out],
+``A`` = lora_A [r, in], ``B`` = lora_B [out, r], ``s`` = scaling, ``m`` [N, in] the LoRA branch's
+dropout mask already scaled by 1/(1-p) (or none), ``x_l = x * m``, ``u = x_l A^T`` [N, r],
+``v = dy B`` [N, r].
+
+Implementations (one is chosen per call and per direction by
+:func:`balora_kernels.functional._lora_linear_impl`, from measurements in ``lora_linear_tuning.json``):
+
+* ``"torch"``     — :mod:`balora_kernels.reference`'s math (the CPU path and the oracle);
+* ``"cublas"``    — cuBLAS for the two big GEMMs, fused Triton kernels for the rank-r work: the rank-r
+  term ``s u B^T + b`` (``s (v A) * m`` backward) is written by a Triton kernel into the output buffer
+  and cuBLAS accumulates ``x W^T`` (``dy W``) into it with beta=1, so the big output is written once by
+  the GEMM and never re-read by an elementwise pass; ``v`` and ``dB`` come from one pass over ``dy``;
+* ``"cublas_mm"`` — the same order of operations with every product a cuBLAS call (fewest launches:
+  best where launch overhead dominates, e.g. a few hundred tokens);
+* ``"triton"``    — one Triton GEMM per big product with the rank-r term folded into its accumulator
+  (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator.
+
+Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
+
+* ``_xa_kernel``        u = x_l A^T, split over ``in`` when N alone does not fill the GPU;
+* ``_dyb_kernel``       v = dy B and dB = s dy^T u from one read of ``dy`` (dB optional);
+* ``_vx_kernel``        dA = s v^T x_l, split over N;
+* ``_lora_gemm_kernel`` out = X Wt + s (P Q) * m + b; with ``HAS_BASE=False`` only the rank-r term;
+* ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once.
+
+Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_linear`
+(``bernoulli / (1-p)``, x's dtype); the kernels read it where ``x_l`` is needed (``u``, ``dA``) and
+multiply the rank-r term of ``dx`` by it, so ``x_l`` is never materialised. It is saved for backward.
+
+Autograd: eagerly :class:`LoRALinearFunction` (lowest Python overhead); under ``torch.compile`` the
+``torch.library`` ops ``balora_kernels::lora_linear_fwd`` / ``lora_linear_bwd`` with fake
+implementations and registered autograd, so ``fullgraph=True`` traces without breaks. Both call the
+same :func:`lora_linear_forward` / :func:`lora_linear_backward`.
 """
 from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
 
+try:  # Triton is optional: without it only the "torch" and "cublas_mm" implementations exist.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
 
+IMPLS = ("torch", "cublas_mm", "cublas", "triton")
+TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
+
+# Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
+# (Hopper-sized tiles; the bench records the fastest index per shape in the tuning file).
+GEMM_CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+)
+# Tiles of the rank-r-only kernel (memory-bound: writes the output once).
+LOWRANK_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=1)
+
+
+# ============================================================================================
+# Triton kernels
+# ============================================================================================
+if triton is not None:
+
+    @triton.jit
+    def _xa_kernel(
+        # pointers
+        x_ptr, m_ptr, a_ptr, out_ptr,
+        # sizes: x [N, K], A [R, K], out [S, N, R] (S = splits of K)
+        N, K, R, k_per_split,
+        # strides
+        stride_xn, stride_xk, stride_mn, stride_mk, stride_ar, stride_ak,
+        stride_os, stride_on, stride_or,
+        # meta
+        HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """out[s] = (x * m)[:, ks] A[:, ks]^T over the s-th slice ks of K, fp32 accumulation."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        rows = offs_n.to(tl.int64)
+        row_ok = offs_n < N
+        k_start = pid_s * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            xt = tl.load(x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_MASK:
+                mt = tl.load(m_ptr + rows[:, None] * stride_mn + offs_k[None, :] * stride_mk,
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                xt = (xt.to(tl.float32) * mt.to(tl.float32)).to(xt.dtype)
+            at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                         mask=(offs_r[None, :] < R) & k_ok[:, None], other=0.0)      # [BLOCK_K, BLOCK_R]
+            acc = tl.dot(xt, at.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+        o = out_ptr + pid_s * stride_os + rows[:, None] * stride_on + offs_r[None, :] * stride_or
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_r[None, :] < R))
+
+    @triton.jit
+    def _dyb_kernel(
+        # pointers
+        dy_ptr, b_ptr, u_ptr, v_ptr, db_ptr,
+        # sizes: dy [N, M], B [M, R], u [N, R]; v out [S, N, R] (S = splits of M);
+        # dB out [G, M, R] (G = row blocks)
+        N, M, R, m_per_split, scaling,
+        # strides
+        stride_dyn, stride_dym, stride_bm, stride_br, stride_un, stride_ur,
+        stride_vs, stride_vn, stride_vr, stride_dbg, stride_dbm, stride_dbr,
+        # meta
+        WITH_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One read of a [BLOCK_N, M-slice] strip of dy gives v's partial sum over the slice and,
+        per row block, s * dy^T u (dB's partial over the block's rows)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        rows = offs_n.to(tl.int64)
+        row_ok = offs_n < N
+        r_ok = offs_r < R
+        m_start = pid_s * m_per_split
+        m_end = tl.minimum(M, m_start + m_per_split)
+        if WITH_DB:
+            ut = tl.load(u_ptr + rows[:, None] * stride_un + offs_r[None, :] * stride_ur,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)             # [BLOCK_N, BLOCK_R]
+        v_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_end
+            dyt = tl.load(dy_ptr + rows[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+                          mask=row_ok[:, None] & m_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_M]
+            bt = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # [BLOCK_M, BLOCK_R]
+            v_acc = tl.dot(dyt, bt.to(dyt.dtype), v_acc, input_precision=DOT_PRECISION)
+            if WITH_DB:
+                dbt = tl.dot(tl.trans(dyt), ut.to(dyt.dtype), input_precision=DOT_PRECISION)
+                d = db_ptr + pid_n * stride_dbg + offs_m[:, None] * stride_dbm + offs_r[None, :] * stride_dbr
+                tl.store(d, (dbt * scaling).to(db_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+        o = v_ptr + pid_s * stride_vs + rows[:, None] * stride_vn + offs_r[None, :] * stride_vr
+        tl.store(o, v_acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _vx_kernel(
+        # pointers
+        v_ptr, x_ptr, m_ptr, out_ptr,
+        # sizes: v [N, R], x [N, K]; out [S, R, K] (S = splits of N)
+        N, K, R, n_per_split, scaling,
+        # strides
+        stride_vn, stride_vr, stride_xn, stride_xk, stride_mn, stride_mk,
+        stride_os, stride_or, stride_ok,
+        # meta
+        HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """out[s] = s * v[ns]^T (x * m)[ns] over the s-th slice ns of N, fp32 accumulation."""
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        k_ok = offs_k < K
+        r_ok = offs_r < R
+        n_start = pid_s * n_per_split
+        n_end = tl.minimum(N, n_start + n_per_split)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            rows = offs_n.to(tl.int64)
+            n_ok = offs_n < n_end
+            vt = tl.load(v_ptr + offs_r[:, None] * stride_vr + rows[None, :] * stride_vn,
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)               # [BLOCK_R, BLOCK_N]
+            xt = tl.load(x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)               # [BLOCK_N, BLOCK_K]
+            if HAS_MASK:
+                mt = tl.load(m_ptr + rows[:, None] * stride_mn + offs_k[None, :] * stride_mk,
+                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                xt = (xt.to(tl.float32) * mt.to(tl.float32)).to(xt.dtype)
+            acc = tl.dot(vt.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
+        o = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_k[None, :] * stride_ok
+        tl.store(o, (acc * scaling).to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        # pointers
+        x_ptr, w_ptr, p_ptr, q_ptr, m_ptr, bias_ptr, out_ptr,
+        # sizes: out [M, N] = x [M, K] @ w [K, N] + s * (p [M, R] @ q [R, N]) * m [M, N] + bias [N]
+        M, N, K, R, scaling,
+        # strides
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_pm, stride_pr, stride_qr, stride_qn,
+        stride_mm, stride_mn, stride_om, stride_on,
+        # meta
+        HAS_BASE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One output tile, accumulated in fp32 and written once (grouped tile order for L2 reuse)."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        # Loads wrap around (always in bounds, no row/column masks in the main loop); stores are masked.
+        rm = (offs_m % M).to(tl.int64)
+        rn = (offs_n % N).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_BASE:
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xt = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                             mask=offs_k[None, :] < K, other=0.0)
+                wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn,
+                             mask=offs_k[:, None] < K, other=0.0)
+                acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        pt = tl.load(p_ptr + rm[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+                     mask=offs_r[None, :] < R, other=0.0)                               # [BLOCK_M, BLOCK_R]
+        qt = tl.load(q_ptr + offs_r[:, None] * stride_qr + rn[None, :] * stride_qn,
+                     mask=offs_r[:, None] < R, other=0.0).to(pt.dtype)                  # [BLOCK_R, BLOCK_N]
+        out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_MASK:
+            lora = tl.dot(pt, qt, input_precision=DOT_PRECISION)
+            mt = tl.load(m_ptr + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn,
+                         mask=out_ok, other=0.0)
+            acc += (scaling * lora) * mt.to(tl.float32)
+        else:
+            # The concatenation [x, s p] [w; q]: one more K-step of width R into the same accumulator.
+            ps = (pt.to(tl.float32) * scaling).to(pt.dtype)
+            acc = tl.dot(ps, qt, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        o = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, out_ptr, S, numel, scaling, BLOCK: tl.constexpr):
+        """out[i] = scaling * sum_s part[s, i] (part fp32 contiguous [S, numel], out contiguous)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + offs, (acc * scaling).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ============================================================================================
+# Launchers (2-D operands; any strides; outputs may be passed in, e.g. poisoned by tests)
+# ============================================================================================
+def _need_triton(what: str):
+    if triton is None:
+        raise RuntimeError(f"{what}: Triton is not installed; use BALORA_KERNELS_IMPL=torch")
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dot_precision(dtype) -> str:
+    """fp32 products use TF32 only when torch allows it for matmuls (torch's own rule)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so the split paths run in CPU tests too
+
+
+def _mask_args(mask):
+    return (mask, mask.stride(0), mask.stride(1)) if mask is not None else (None, 0, 0)
+
+
+def _reduce_splits(part: torch.Tensor, out: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """out = scaling * part.sum(0), cast once (part fp32 [S, ...], out contiguous)."""
+    if not out.is_contiguous():
+        raise ValueError(f"lora_linear: split outputs must be contiguous, got strides {out.stride()}")
+    numel = out.numel()
+    BLOCK = 1024
+    _sum_splits_kernel[(triton.cdiv(numel, BLOCK),)](part, out, part.shape[0], numel, scaling, BLOCK=BLOCK)
+    return out
+
+
+def xa_forward(x, lora_A, mask=None, splits: Optional[int] = None, out=None, block_n: int = 64):
+    """``u = (x * mask) A^T`` [N, r] in x's dtype, fp32 accumulation. x [N, in], lora_A [r, in].
+
+    ``splits`` of ``in`` (default: enough programs to fill the GPU); ``out`` [N, r] may be given;
+    ``block_n`` rows per program (tests make it small to run several blocks on tiny shapes)."""
+    _need_triton("xa_forward")
+    N, K = x.shape
+    R = lora_A.shape[0]
+    BLOCK_N, BLOCK_K, BLOCK_R = block_n, 128 if R <= 32 else 64, _block_r(R)
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    if splits is None:
+        splits = max(1, min(triton.cdiv(K, 4 * BLOCK_K), (2 * _sm_count(x.device)) // row_blocks))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(K, k_per_split)
+    if out is None:
+        out = torch.empty(N, R, device=x.device, dtype=x.dtype)
+    dst = out if splits == 1 else torch.empty(splits, N, R, device=x.device, dtype=torch.float32)
+    dst_strides = (0, out.stride(0), out.stride(1)) if splits == 1 else dst.stride()
+    m, smn, smk = _mask_args(mask)
+    _xa_kernel[(row_blocks, splits)](
+        x, m, lora_A, dst, N, K, R, k_per_split,
+        x.stride(0), x.stride(1), smn, smk, lora_A.stride(0), lora_A.stride(1), *dst_strides,
+        HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
+    if splits > 1:
+        _reduce_splits(dst, out)
+    return out
+
+
+def _dyb_block_n(R: int) -> int:
+    return 256 if R <= 32 else (128 if R <= 64 else 64)
+
+
+def dyb_backward(dy, lora_B, u, scaling: float, with_dB: Optional[bool] = None,
+                 splits: Optional[int] = None, out_v=None, out_dB=None, block_n: Optional[int] = None):
+    """``v = dy B`` [N, r] (dy's dtype) and, when ``with_dB``, ``dB = s dy^T u`` [out, r] (B's dtype)
+    from one read of dy. ``with_dB=None`` fuses dB when writing and reading its fp32 partials (one
+    [out, r] slice per row block) costs at most half a second read of dy; otherwise dB is None and
+    the caller forms it with one more GEMM over dy. ``splits`` of ``out`` (default: fill the GPU),
+    ``block_n`` rows per program (default by r).
+    """
+    _need_triton("dyb_backward")
+    N, M = dy.shape
+    R = lora_B.shape[1]
+    BLOCK_N, BLOCK_M, BLOCK_R = block_n or _dyb_block_n(R), 64 if R <= 64 else 32, _block_r(R)
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    if with_dB is None:
+        with_dB = row_blocks == 1 or 2 * 4 * R * row_blocks <= 0.5 * dy.element_size() * N
+    if splits is None:
+        splits = max(1, min(triton.cdiv(M, 2 * BLOCK_M), triton.cdiv(_sm_count(dy.device), row_blocks)))
+    m_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    splits = triton.cdiv(M, m_per_split)
+    if out_v is None:
+        out_v = torch.empty(N, R, device=dy.device, dtype=dy.dtype)
+    v_dst = out_v if splits == 1 else torch.empty(splits, N, R, device=dy.device, dtype=torch.float32)
+    v_strides = (0, out_v.stride(0), out_v.stride(1)) if splits == 1 else v_dst.stride()
+    db_dst, db_strides = None, (0, 0, 0)
+    if with_dB:
+        if out_dB is None:
+            out_dB = torch.empty(M, R, device=dy.device, dtype=lora_B.dtype)
+        db_dst = out_dB if row_blocks == 1 else torch.empty(row_blocks, M, R, device=dy.device,
+                                                             dtype=torch.float32)
+        db_strides = (0, out_dB.stride(0), out_dB.stride(1)) if row_blocks == 1 else db_dst.stride()
+    _dyb_kernel[(row_blocks, splits)](
+        dy, lora_B, u, v_dst, db_dst, N, M, R, m_per_split, scaling,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
+        *v_strides, *db_strides,
+        WITH_DB=with_dB, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
+        DOT_PRECISION=_dot_precision(dy.dtype), num_warps=8 if BLOCK_N * BLOCK_R >= 4096 else 4,
+        num_stages=3)
+    if splits > 1:
+        _reduce_splits(v_dst, out_v)
+    if with_dB and row_blocks > 1:
+        _reduce_splits(db_dst, out_dB)   # partials were scaled in the kernel
+    return out_v, (out_dB if with_dB else None)
+
+
+def vx_backward(v, x, scaling: float, mask=None, out_dtype=None, splits: Optional[int] = None, out=None,
+                block_k: Optional[int] = None):
+    """``dA = s v^T (x * mask)`` [r, in] in ``out_dtype`` (default x's), fp32 accumulation.
+
+    v [N, r], x [N, in]; ``splits`` of N (default: fill the GPU); ``block_k`` columns per program."""
+    _need_triton("vx_backward")
+    N, K = x.shape
+    R = v.shape[1]
+    BLOCK_N, BLOCK_K, BLOCK_R = 64, block_k or (128 if R <= 64 else 64), _block_r(R)
+    col_blocks = triton.cdiv(K, BLOCK_K)
+    if splits is None:
+        splits = max(1, min(triton.cdiv(N, 4 * BLOCK_N), triton.cdiv(2 * _sm_count(x.device), col_blocks)))
+    n_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(N, n_per_split)
+    if out is None:
+        out = torch.empty(R, K, device=x.device, dtype=out_dtype or x.dtype)
+    dst = out if splits == 1 else torch.empty(splits, R, K, device=x.device, dtype=torch.float32)
+    dst_strides = (0, out.stride(0), out.stride(1)) if splits == 1 else dst.stride()
+    m, smn, smk = _mask_args(mask)
+    _vx_kernel[(col_blocks, splits)](
+        v, x, m, dst, N, K, R, n_per_split, scaling if splits == 1 else 1.0,
+        v.stride(0), v.stride(1), x.stride(0), x.stride(1), smn, smk, *dst_strides,
+        HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
+    if splits > 1:
+        _reduce_splits(dst, out, scaling)
+    return out
+
+
+def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_dtype=None,
+              config=0):
+    """``out = x @ wt + s (p @ q) * mask + bias`` [M, N], fp32 accumulation, written once.
+
+    x [M, K] or None (then only the rank-r term, plus bias), wt [K, N] (any strides, e.g.
+    ``weight.T``), p [M, r] (its dtype is the product dtype), q [r, N] (cast to p's dtype),
+    mask [M, N] or None, bias [N] or None. ``config`` indexes :data:`GEMM_CONFIGS` (or is a dict
+    of the same keys; tests use small tiles).
+    """
+    _need_triton("lora_gemm")
+    M, R = p.shape
+    N = q.shape[1]
+    has_base = x is not None
+    K = x.shape[1] if has_base else 0
+    if isinstance(config, dict):
+        cfg = dict(config)
+    else:
+        cfg = dict(GEMM_CONFIGS[config] if has_base else LOWRANK_CONFIG)
+    if out is None:
+        out = torch.empty(M, N, device=p.device, dtype=out_dtype or p.dtype)
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    BK = cfg.pop("BLOCK_K", 16)
+    m, smm, smn = _mask_args(mask)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _lora_gemm_kernel[grid](
+        x, wt, p, q, m, bias, out, M, N, K, R, scaling,
+        x.stride(0) if has_base else 0, x.stride(1) if has_base else 0,
+        wt.stride(0) if has_base else 0, wt.stride(1) if has_base else 0,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), smm, smn, out.stride(0), out.stride(1),
+        HAS_BASE=has_base, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R),
+        DOT_PRECISION=_dot_precision(p.dtype), **cfg)
+    return out
+
+
+# ============================================================================================
+# Forward / backward per implementation
+# ============================================================================================
+def _x_l(x, mask):
+    return x if mask is None else x * mask
+
+
+def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: float, mask=None,
+                        config: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, u)``: y = x W^T + b + s u B^T [N, out], u = (x * mask) A^T [N, r], both in x's dtype."""
+    dt = x.dtype
+    if impl == "torch":
+        y = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask)
+        return y, _x_l(x, mask) @ lora_A.to(dt).T
+    if impl == "cublas_mm":
+        u = _x_l(x, mask) @ lora_A.to(dt).T
+        Bs = (lora_B * scaling).to(dt)
+        y = torch.addmm(bias, u, Bs.T) if bias is not None else u @ Bs.T
+        return y.addmm_(x, weight.T), u
+    u = xa_forward(x, lora_A, mask)
+    if impl == "cublas":
+        y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
+        return y.addmm_(x, weight.T), u
+    if impl == "triton":
+        return lora_gemm(x, weight.T, u, lora_B.T, scaling, bias=bias, config=config), u
+    raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: float, mask=None,
+                         need_x: bool = True, need_weight: bool = False, need_bias: bool = False,
+                         config: int = 0) -> reference.LoraLinearGrads:
+    """Gradients (see :class:`LoRALinearFunction` for the derivation); unneeded ones are None."""
+    dt = x.dtype
+    if impl == "torch":
+        return reference.lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, mask, u=u,
+                                              need_x_grad=need_x, need_weight_grad=need_weight,
+                                              need_bias_grad=need_bias)
+    dx = None
+    if impl == "cublas_mm":
+        v = dy @ lora_B.to(dt)
+        dB = (torch.mm(dy.T, u) * scaling).to(lora_B.dtype)
+        dA = (torch.mm(v.T, _x_l(x, mask)) * scaling).to(lora_A.dtype)
+        if need_x:
+            dx = v @ (lora_A * scaling).to(dt)
+            if mask is not None:
+                dx.mul_(mask)
+            dx.addmm_(dy, weight)
+    elif impl in ("cublas", "triton"):
+        v, dB = dyb_backward(dy, lora_B, u, scaling)
+        if dB is None:  # rank too large for fused dB partials to pay: a second read of dy
+            dB = (torch.mm(dy.T, u) * scaling).to(lora_B.dtype)
+        dA = vx_backward(v, x, scaling, mask, out_dtype=lora_A.dtype)
+        if need_x:
+            if impl == "cublas":
+                dx = lora_gemm(None, None, v, lora_A, scaling, mask=mask).addmm_(dy, weight)
+            else:
+                dx = lora_gemm(dy, weight, v, lora_A, scaling, mask=mask, config=config)
+    else:
+        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    return reference.LoraLinearGrads(
+        x=dx, weight=dy.T @ x if need_weight else None, bias=dy.sum(0) if need_bias else None,
+        lora_A=dA, lora_B=dB)
+
+
+# ============================================================================================
+# Measurements: which implementation is fastest for a shape (read by functional._lora_linear_impl)
+# ============================================================================================
+_TUNING = None
+
+
+def tuning_table() -> dict:
+    """The committed measurements (``lora_linear_tuning.json``, written by bench/bench_lora_linear.py)."""
+    global _TUNING
+    if _TUNING is None:
+        try:
+            with open(TUNING_FILE) as f:
+                _TUNING = json.load(f)
+        except (OSError, ValueError):
+            _TUNING = {"entries": []}
+    return _TUNING
+
+
+def reload_tuning_table() -> dict:
+    global _TUNING
+    _TUNING = None
+    return tuning_table()
+
+
+def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype) -> Tuple[str, int, Optional[dict]]:
+    """``(impl, gemm_config, entry)``: the fastest implementation measured for the nearest shape.
+
+    Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
+    (half-weighted) r. Without measurements: ``("cublas", 0, None)``.
+    """
+    entries = tuning_table().get("entries", [])
+    name = str(dtype).replace("torch.", "")
+    cands = [e for e in entries if e["dtype"] == name] or \
+            [e for e in entries if e["dtype"] == "bfloat16" and name == "float16"]
+    if not cands:
+        return "cublas", 0, None
+
+    def dist(e):
+        return (abs(math.log(N / e["N"])) + abs(math.log(in_f / e["in"])) + abs(math.log(out_f / e["out"]))
+                + 0.5 * abs(math.log(r / e["r"])))
+
+    e = min(cands, key=dist)
+    times = e[f"{direction}_ms"]
+    impl = min((t, k) for k, t in times.items() if k in IMPLS and t == t)[1]
+    return impl, int(e.get("triton_config", {}).get(direction, 0)), e
+
+
+def _resolve(direction: str, impl: str, N: int, in_f: int, out_f: int, r: int, dtype, device):
+    """``(impl, gemm_config)``: ``impl`` as given, or for 'auto' the dispatcher's choice."""
+    if impl == "auto":
+        from .. import functional  # the one place that chooses (lazy: functional imports this module)
+        impl = functional._lora_linear_impl(direction, N, in_f, out_f, r, dtype, device)
+    if impl not in IMPLS:
+        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
+    cfg = measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
+    return impl, cfg
+
+
+def _shape_args(x, weight, lora_A):
+    """(N, in, out, r, dtype, device) of a 2-D LoRA-linear call."""
+    return x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, x.device
+
+
+# ============================================================================================
+# Autograd
+# ============================================================================================
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd function over 2-D ``x`` [N, in]; the math is :mod:`balora_kernels.reference`'s.
+    """Autograd over 2-D ``x`` [N, in]; saves only x, u = x_l A^T [N, r] (and the dropout mask).
 
     Derivation (``x_l = x * m`` with m the scaled dropout mask or 1, ``u = x_l A^T``, ``v = dy B``)::
 
         y  = x W^T + b + s u B^T
-        dx = dy W + s (dy B) A * m = dy W + s (v A) * m
+        dy/dx through the base: dy W;  through the adapter: s (dy B) A, masked by m
+        dx = dy W + s (v A) * m
         dA = s (dy B)^T x_l        = s v^T x_l
         dB = s dy^T (x_l A^T)      = s dy^T u
         dW = dy^T x,   db = sum_n dy      (only when they require grad)
 
-    The rank-r products are formed first so every intermediate stays N x r.
+    The rank-r products are formed first so every intermediate stays N x r: v and dB need only
+    one read of dy, dx is one GEMM pass with the rank-r term in its accumulator, dA one read of x.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask):
-        xl = x if dropout_mask is None else x * dropout_mask
-        u = xl @ lora_A.T.to(x.dtype)
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        y = y + scaling * (u @ lora_B.T.to(x.dtype))
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask, impl: str):
+        fwd_impl, cfg = _resolve("forward", impl, *_shape_args(x, weight, lora_A))
+        y, u = lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, dropout_mask)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
+        ctx.scaling, ctx.impl, ctx.has_bias = scaling, impl, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, u, weight, lora_A, lora_B, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = reference.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, ctx.scaling, dropout_mask=mask, u=u,
-            need_x_grad=need[0], need_weight_grad=need[1], need_bias_grad=ctx.has_bias and need[2])
-        return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None
+        bwd_impl, cfg = _resolve("backward", ctx.impl, *_shape_args(x, weight, lora_A))
+        g = lora_linear_backward(bwd_impl, dy, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
+                                 need_x=need[0], need_weight=need[1], need_bias=ctx.has_bias and need[2],
+                                 config=cfg)
+        return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None, None
+
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops (used under torch.compile: opaque to the tracer, with fake implementations)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("balora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       dropout_mask: Optional[torch.Tensor], impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y [N, out], u [N, r])``; on CPU (``impl`` 'auto') the reference math."""
+    fwd_impl, cfg = _resolve("forward", impl, *_shape_args(x, weight, lora_A))
+    return lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
+
+
+@lora_linear_fwd_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("balora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       dropout_mask: Optional[torch.Tensor], need_x: bool, need_weight: bool,
+                       need_bias: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor, torch.Tensor]:
+    """``(dx, dW, db, dA, dB)``; a gradient not asked for is an empty tensor."""
+    bwd_impl, cfg = _resolve("backward", impl, *_shape_args(x, weight, lora_A))
+    g = lora_linear_backward(bwd_impl, grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask,
+                             need_x, need_weight, need_bias, cfg)
+    def empty():  # one fresh placeholder per output (custom-op outputs may not alias each other)
+        return x.new_empty(0)
+
+    return (g.x if need_x else empty(), g.weight if need_weight else empty(),
+            g.bias if need_bias else empty(), g.lora_A, g.lora_B)
+
+
+@lora_linear_bwd_op.register_fake
+def _(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask, need_x, need_weight, need_bias, impl):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, dropout_mask)
+    ctx.scaling, ctx.impl, ctx.has_bias = scaling, impl, bias is not None
+
+
+def _backward_op(ctx, grad_y, grad_u):
+    x, u, weight, lora_A, lora_B, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_b = ctx.has_bias and need[2]
+    dx, dW, db, dA, dB = lora_linear_bwd_op(grad_y, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
+                                            need[0], need[1], need_b, ctx.impl)
+    return (dx if need[0] else None, dW if need[1] else None, db if need_b else None,
+            dA, dB, None, None, None)
+
+
+lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=None, impl: str = "auto"):
+    """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
+
+    ``impl``: 'auto' (the dispatcher's choice, per direction) or one of :data:`IMPLS`.
+    """
+    if torch.compiler.is_compiling():
+        return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)

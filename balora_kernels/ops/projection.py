@@ -106,7 +106,8 @@ class TorchProjectionPlan:
         results = []
         for As, Bs in self.groups:
             A, B = torch.stack(As), torch.stack(Bs)
-            t = reference.balancing_transforms(*reference.grams(A, B), mode)
+            t = reference.balancing_transforms(*reference.grams(A, B), mode,
+                                               factor_dtypes=(A.dtype, B.dtype))
             results.append((As, Bs, *reference.apply_transforms(A, B, t), t))
         for As, Bs, A2, B2, _ in results:
             torch._foreach_copy_(As, list(A2.unbind(0)))

@@ -1,0 +1,400 @@
+"""The GPU projection plan: grouped Gram (Triton), batched r x r transforms (CUDA ext or torch), grouped rescale.
+
+One projection of every adapter is a handful of launches, all on the current stream, no host sync:
+
+1. ``_gram_partial_kernel`` (one launch per parameter dtype): every factor is cut into *tiles* of at most
+   ``K_CHUNK`` rows of ``B`` (or columns of ``A``); a persistent grid walks a device table of tiles and writes
+   one fp32 partial Gram ``X X^T`` per tile (``X = B^T`` or ``A``, [r, k]). No atomics: each tile is owned by
+   one program and the tile split never depends on the GPU, so the result is bitwise reproducible;
+2. ``_gram_reduce_kernel``: one program per Gram sums its tiles' partials in tile order -> ``grams``
+   [P, 2, R, R] (``[p, 0] = G_B``, ``[p, 1] = G_A``, zero-padded to ``R = max(16, next_pow2(r))``);
+3. the r x r math of :func:`balora_kernels.reference.balancing_transforms`, per pair: the compiled
+   ``csrc/`` kernel (float64, one thread block per pair) or, when the extension is unavailable, the reference
+   itself in torch on the device. Writes ``tw`` [P, 2, R, R] (``[p, 0] = T``, ``[p, 1] = T^-1``), per-pair
+   ``status`` bits and gaps;
+4. ``_rescale_kernel`` (one launch per dtype): ``B <- B T`` and ``A <- T^-1 A`` over the same tiles, fp32 math,
+   one rounding; tiles of skipped pairs are not written (bit-identical);
+5. ``_stats_kernel``: one program folds the per-pair status into :class:`ProjectionStats` counters.
+
+Tables (addresses, strides, tile ranges) are built once in :class:`TritonProjectionPlan.__init__`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .projection import Pair, ProjectionStats
+
+# Per-pair status bits written by the transform step (same values in csrc/balance.cu).
+STATUS_NONFINITE = 1
+STATUS_ZERO = 2
+STATUS_RANK_DEFICIENT = 4
+MODE_CODES = {"nearest": 0, "svd": 1}
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+TILE_FIELDS = 6   # address, row stride of A (unused for B), k_start, k_len, gram/transform slot, pad
+
+
+def padded_rank(r: int) -> int:
+    """Block size of the r x r matrices in the kernels (tl.dot needs >= 16, powers of two)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _block_k(R: int) -> int:
+    """Rows (of B) / columns (of A) per inner step: about 4096 elements per [R, BLOCK_K] tile."""
+    return max(16, min(256, 4096 // R))
+
+
+def _k_chunk(R: int) -> int:
+    """Rows per tile: large enough that the R x R partial is small against the tile, small enough to balance."""
+    return max(1024, 32 * R)
+
+
+def _dot_precision(R: int) -> str:
+    """fp32 dot precision: exact FMA for small r, 3xTF32 (tensor cores, ~fp32 accuracy) for r >= 32."""
+    return "ieee" if R <= 16 else "tf32x3"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gram_partial_kernel(
+    tiles_ptr,          # int64 [n_b + n_a, TILE_FIELDS]: B tiles first, then A tiles
+    partial_ptr,        # fp32 [n_slots, R, R]
+    n_b, n_a,           # number of B tiles / A tiles in this launch
+    r,                  # rank (row stride of B)
+    DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    out_offs = offs_r[:, None] * R + offs_r[None, :]
+    # B tiles: rows [k0, k0 + k_len) of B [out, r] (row stride r): G_B += B_t^T B_t.
+    for t in range(pid, n_b, NUM_PROGS):
+        row = tiles_ptr + t * FIELDS
+        base = tl.load(row).to(tl.pointer_type(DTYPE))
+        k0 = tl.load(row + 2)
+        k_len = tl.load(row + 3)
+        slot = tl.load(row + 4)
+        acc = tl.zeros((R, R), dtype=tl.float32)
+        for kk in range(0, k_len, BLOCK_K):
+            rows = kk + offs_k
+            mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
+            b = tl.load(base + (k0 + rows)[:, None] * r + offs_r[None, :], mask=mask, other=0.0)
+            acc = tl.dot(tl.trans(b), b, acc, input_precision=PRECISION)
+        tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
+    # A tiles: columns [k0, k0 + k_len) of A [r, in] (row stride from the table): G_A += A_t A_t^T.
+    for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
+        row = tiles_ptr + t * FIELDS
+        base = tl.load(row).to(tl.pointer_type(DTYPE))
+        stride = tl.load(row + 1)
+        k0 = tl.load(row + 2)
+        k_len = tl.load(row + 3)
+        slot = tl.load(row + 4)
+        acc = tl.zeros((R, R), dtype=tl.float32)
+        for kk in range(0, k_len, BLOCK_K):
+            cols = kk + offs_k
+            mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
+            a = tl.load(base + offs_r[:, None] * stride + (k0 + cols)[None, :], mask=mask, other=0.0)
+            acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
+        tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
+
+
+@triton.jit
+def _gram_reduce_kernel(
+    partial_ptr,        # fp32 [n_slots, R, R]
+    ranges_ptr,         # int64 [P * 2, 2]: (first slot, number of slots) of each Gram, slots in tile order
+    grams_ptr,          # fp32 [P * 2, R, R] out
+    R: tl.constexpr,
+):
+    g = tl.program_id(0)
+    first = tl.load(ranges_ptr + 2 * g)
+    count = tl.load(ranges_ptr + 2 * g + 1)
+    offs = tl.arange(0, R)[:, None] * R + tl.arange(0, R)[None, :]
+    acc = tl.zeros((R, R), dtype=tl.float32)
+    for i in range(0, count):                       # fixed order: deterministic
+        acc += tl.load(partial_ptr + (first + i) * (R * R) + offs)
+    tl.store(grams_ptr + g * (R * R) + offs, acc)
+
+
+@triton.jit
+def _rescale_kernel(
+    tiles_ptr,          # int64 [n_b + n_a, TILE_FIELDS] (same tiles as the Gram)
+    tw_ptr,             # fp32 [P, 2, R, R]: T, T^-1 per pair
+    status_ptr,         # int32 [P]: pairs with NONFINITE / ZERO bits are not written
+    n_b, n_a, r,
+    DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr, SKIP_BITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mat = offs_r[:, None] * R + offs_r[None, :]
+    # B <- B T, tile by tile of rows.
+    for t in range(pid, n_b, NUM_PROGS):
+        row = tiles_ptr + t * FIELDS
+        base = tl.load(row).to(tl.pointer_type(DTYPE))
+        k0 = tl.load(row + 2)
+        k_len = tl.load(row + 3)
+        pair = tl.load(row + 5)
+        # Skipped pairs: no iteration, nothing written (bit-identical, and no read either).
+        k_len = tl.where((tl.load(status_ptr + pair) & SKIP_BITS) == 0, k_len, 0)
+        T = tl.load(tw_ptr + pair * (2 * R * R) + mat)
+        for kk in range(0, k_len, BLOCK_K):
+            rows = kk + offs_k
+            mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
+            ptrs = base + (k0 + rows)[:, None] * r + offs_r[None, :]
+            b = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            out = tl.dot(b, T, input_precision=PRECISION)
+            tl.store(ptrs, out.to(DTYPE), mask=mask)
+    # A <- T^-1 A, tile by tile of columns.
+    for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
+        row = tiles_ptr + t * FIELDS
+        base = tl.load(row).to(tl.pointer_type(DTYPE))
+        stride = tl.load(row + 1)
+        k0 = tl.load(row + 2)
+        k_len = tl.load(row + 3)
+        pair = tl.load(row + 5)
+        # Skipped pairs: no iteration, nothing written (bit-identical, and no read either).
+        k_len = tl.where((tl.load(status_ptr + pair) & SKIP_BITS) == 0, k_len, 0)
+        W = tl.load(tw_ptr + pair * (2 * R * R) + R * R + mat)
+        for kk in range(0, k_len, BLOCK_K):
+            cols = kk + offs_k
+            mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
+            ptrs = base + offs_r[:, None] * stride + (k0 + cols)[None, :]
+            a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            out = tl.dot(W, a, input_precision=PRECISION)
+            tl.store(ptrs, out.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _stats_kernel(
+    status_ptr,         # int32 [P]
+    gaps_ptr,           # fp64 [P, 2]: gap_before, gap_after
+    counts_ptr,         # int64 [5] out: pairs, projected, skipped_nonfinite, skipped_zero, rank_deficient
+    gmax_ptr,           # fp64 [2] out: max gap_before / gap_after over projected pairs
+    P,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    n_proj = tl.zeros((BLOCK,), dtype=tl.int64)
+    n_nf = tl.zeros((BLOCK,), dtype=tl.int64)
+    n_zero = tl.zeros((BLOCK,), dtype=tl.int64)
+    n_def = tl.zeros((BLOCK,), dtype=tl.int64)
+    g0 = tl.zeros((BLOCK,), dtype=tl.float64)
+    g1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    for start in range(0, P, BLOCK):
+        idx = start + offs
+        m = idx < P
+        s = tl.load(status_ptr + idx, mask=m, other=1)
+        done = m & ((s & 3) == 0)
+        n_proj += done.to(tl.int64)
+        n_nf += (m & ((s & 1) != 0)).to(tl.int64)
+        n_zero += (m & ((s & 2) != 0)).to(tl.int64)
+        n_def += (done & ((s & 4) != 0)).to(tl.int64)
+        b = tl.load(gaps_ptr + 2 * idx, mask=done, other=0.0)
+        a = tl.load(gaps_ptr + 2 * idx + 1, mask=done, other=0.0)
+        g0 = tl.maximum(g0, tl.where(done, b, 0.0))
+        g1 = tl.maximum(g1, tl.where(done, a, 0.0))
+    tl.store(counts_ptr + 0, tl.full((), P, tl.int64))
+    tl.store(counts_ptr + 1, tl.sum(n_proj))
+    tl.store(counts_ptr + 2, tl.sum(n_nf))
+    tl.store(counts_ptr + 3, tl.sum(n_zero))
+    tl.store(counts_ptr + 4, tl.sum(n_def))
+    tl.store(gmax_ptr + 0, tl.max(g0))
+    tl.store(gmax_ptr + 1, tl.max(g1))
+
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: tables and launchers
+# --------------------------------------------------------------------------------------------
+def _num_programs(n_tiles: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_tiles, 4 * sms))
+    return max(1, min(n_tiles, 4))       # the interpreter runs programs one after another
+
+
+class _LaunchGroup:
+    """Tiles of one parameter dtype inside a rank group: one Gram launch and one rescale launch."""
+
+    def __init__(self, dtype, tiles_b: List[list], tiles_a: List[list], device):
+        self.dtype = dtype
+        self.n_b, self.n_a = len(tiles_b), len(tiles_a)
+        self.tiles = torch.tensor(tiles_b + tiles_a, dtype=torch.int64).reshape(-1, TILE_FIELDS).to(device)
+        self.num_programs = _num_programs(self.n_b + self.n_a, device)
+
+
+class _RankGroup:
+    """All pairs of one rank r: padded block R, device tables, workspaces.
+
+    ``first`` is the group's offset in the plan-wide per-pair arrays (status, gaps).
+    """
+
+    def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device):
+        self.r, self.R = r, padded_rank(r)
+        self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
+        self.block_k, self.k_chunk, self.precision = _block_k(self.R), _k_chunk(self.R), _dot_precision(self.R)
+        by_dtype: Dict[torch.dtype, Tuple[list, list]] = {}
+        ranges, slot = [], 0
+        for p, i in enumerate(pair_ids):
+            A, B = pairs[i]
+            for which, X in ((0, B), (1, A)):            # Gram slot order: [p, 0] = G_B, [p, 1] = G_A
+                k_total = X.shape[0] if which == 0 else X.shape[1]
+                n = max(1, -(-k_total // self.k_chunk))
+                ranges.append([slot, n])
+                lists = by_dtype.setdefault(X.dtype, ([], []))
+                for c in range(n):
+                    k0 = c * self.k_chunk
+                    stride = X.stride(0) if which == 1 else 0
+                    lists[which].append([X.data_ptr(), stride, k0, min(self.k_chunk, k_total - k0), slot, p])
+                    slot += 1
+        self.n_slots = slot
+        self.ranges = torch.tensor(ranges, dtype=torch.int64, device=device)
+        self.launches = [_LaunchGroup(dt, tb, ta, device) for dt, (tb, ta) in by_dtype.items()]
+        self.partials = torch.empty((self.n_slots, self.R, self.R), dtype=torch.float32, device=device)
+        self.grams = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
+        self.tw = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
+
+
+def _signature(pairs: Sequence[Pair]):
+    """What a plan depends on: every parameter's address, shape, strides, dtype and device."""
+    return [(A.data_ptr(), A.shape, A.stride(), A.dtype, A.device, B.data_ptr(), B.shape, B.stride(), B.dtype)
+            for A, B in pairs]
+
+
+def supports(pairs: Sequence[Pair]) -> Optional[str]:
+    """None when the Triton plan can take ``pairs``; otherwise the reason it cannot."""
+    for i, (A, B) in enumerate(pairs):
+        if A.dtype not in _TL_DTYPES or B.dtype not in _TL_DTYPES:
+            return f"pair {i}: dtype {A.dtype}/{B.dtype} not in {SUPPORTED_DTYPES}"
+        if not (A.is_contiguous() and B.is_contiguous()):
+            return f"pair {i}: non-contiguous factor"
+        if A.shape[0] > 128:
+            return f"pair {i}: rank {A.shape[0]} > 128"
+    return None
+
+
+class TritonProjectionPlan:
+    """Grouped-kernel projection of a fixed list of pairs (CUDA tensors; CPU under ``TRITON_INTERPRET=1``).
+
+    ``transforms``: ``"cuda"`` (the compiled extension), ``"torch"`` (reference math on the device) or
+    None (the extension when it loads, else torch). Pairs are grouped by rank; within a rank group each
+    parameter dtype gets its own Gram and rescale launch.
+    """
+
+    backend = "triton"
+
+    def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None):
+        self.pairs = list(pairs)
+        reason = supports(self.pairs)
+        if reason is not None:
+            raise ValueError(f"TritonProjectionPlan: {reason}")
+        self.device = self.pairs[0][0].device if self.pairs else torch.device("cpu")
+        if transforms is None:
+            from .. import _ext
+            transforms = "cuda" if (self.device.type == "cuda" and _ext.load() is not None) else "torch"
+        if transforms not in ("cuda", "torch"):
+            raise ValueError(f"TritonProjectionPlan: transforms must be 'cuda' or 'torch', got {transforms!r}")
+        self.transforms = transforms
+        self.backend = f"triton+{'cuda-ext' if transforms == 'cuda' else 'torch-eigh'}"
+        by_rank: Dict[int, List[int]] = {}
+        for i, (A, _) in enumerate(self.pairs):
+            by_rank.setdefault(int(A.shape[0]), []).append(i)
+        self.groups, first = [], 0
+        for r, ids in by_rank.items():
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device))
+            first += len(ids)
+        self.n_pairs = first
+        self._signature = _signature(self.pairs)
+        self._scratch: Dict[int, torch.Tensor] = {}
+
+    def is_stale(self) -> bool:
+        """True when any parameter was re-allocated or changed shape, strides, dtype or device.
+
+        Checks every pair's ``data_ptr``, shape, strides, dtype and device against the tables (a Python
+        loop over the pairs; no device work). In-place updates (optimizer steps) keep a plan valid.
+        """
+        return _signature(self.pairs) != self._signature
+
+    # ---- steps (also used by the benchmark's per-kernel timings) ----
+    def gram(self) -> None:
+        """Grams of every pair into ``group.grams`` [P, 2, R, R] (fp32, deterministic)."""
+        for g in self.groups:
+            for lg in g.launches:
+                _gram_partial_kernel[(lg.num_programs,)](
+                    lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
+                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS)
+            _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
+
+    def transforms_(self, mode: str, status: torch.Tensor, gaps: torch.Tensor) -> None:
+        """``T``, ``T^-1`` of every pair into ``group.tw``; per-pair status bits and gaps."""
+        for g in self.groups:
+            st, gp = status[g.first:g.first + g.P], gaps[g.first:g.first + g.P]
+            if self.transforms == "cuda":
+                from .. import _ext
+                _ext.balance_transforms(g.grams, g.r, MODE_CODES[mode], g.tw, st, gp, self._scratch)
+            else:
+                torch_transforms(g.grams, g.r, mode, g.tw, st, gp)
+
+    def rescale(self, status: torch.Tensor) -> None:
+        """``B <- B T``, ``A <- T^-1 A`` in place for every pair whose status allows it."""
+        for g in self.groups:
+            st = status[g.first:g.first + g.P]
+            for lg in g.launches:
+                _rescale_kernel[(lg.num_programs,)](
+                    lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
+                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
+                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO)
+
+    def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:
+        counts = torch.empty(5, dtype=torch.int64, device=self.device)
+        gmax = torch.empty(2, dtype=torch.float64, device=self.device)
+        _stats_kernel[(1,)](status, gaps, counts, gmax, self.n_pairs, BLOCK=256)
+        return ProjectionStats(counts[0], counts[1], counts[2], counts[3], counts[4], gmax[0], gmax[1])
+
+    @torch.no_grad()
+    def run(self, mode: str = "nearest") -> ProjectionStats:
+        """Balance every pair in place; returns device-side counters. No host sync, graph-capturable."""
+        if mode not in MODE_CODES:
+            raise ValueError(f"mode must be one of {tuple(MODE_CODES)}, got {mode!r}")
+        status = torch.empty(self.n_pairs, dtype=torch.int32, device=self.device)
+        gaps = torch.empty((self.n_pairs, 2), dtype=torch.float64, device=self.device)
+        if self.n_pairs == 0:
+            z = torch.zeros((), dtype=torch.int64, device=self.device)
+            zf = torch.zeros((), dtype=torch.float64, device=self.device)
+            return ProjectionStats(z, z, z, z, z, zf, zf)
+        self.gram()
+        self.transforms_(mode, status, gaps)
+        self.rescale(status)
+        return self.stats(status, gaps)
+
+
+def torch_transforms(grams: torch.Tensor, r: int, mode: str, tw: torch.Tensor, status: torch.Tensor,
+                     gaps: torch.Tensor) -> None:
+    """The fallback r x r step: :func:`reference.balancing_transforms` (float64) on the Grams' device.
+
+    grams [P, 2, R, R] fp32 in; tw [P, 2, R, R] fp32, status int32 [P], gaps fp64 [P, 2] out.
+    """
+    G = grams[:, :, :r, :r].to(torch.float64)
+    t = reference.balancing_transforms(G[:, 0], G[:, 1], mode)
+    tw.zero_()
+    tw[:, 0, :r, :r] = t.T.to(torch.float32)
+    tw[:, 1, :r, :r] = t.T_inv.to(torch.float32)
+    skip = t.nonfinite | t.zero
+    st = (t.nonfinite.to(torch.int32) * STATUS_NONFINITE + t.zero.to(torch.int32) * STATUS_ZERO
+          + ((t.rank < r) & ~skip).to(torch.int32) * STATUS_RANK_DEFICIENT)
+    status.copy_(st)
+    gaps[:, 0] = t.gap_before
+    gaps[:, 1] = t.gap_after

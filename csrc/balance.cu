@@ -1,0 +1,77 @@
+// Batched balancing transforms: one thread block per (lora_A, lora_B) pair, float64, r <= 128.
+//
+// Input  grams  fp32 [P, 2, R, R]  ([p, 0] = G_B = B^T B, [p, 1] = G_A = A A^T, top-left r x r used)
+// Output tw     fp32 [P, 2, R, R]  ([p, 0] = T, [p, 1] = T^-1, zero-padded), status int32 [P], gaps fp64 [P, 2]
+// The math is in balance_math.cuh. This file needs only the CUDA runtime (no torch headers), so that
+// tools/check_cuda_build.sh can compile it with plain nvcc; csrc/bindings.cpp is the torch-facing side.
+#include <cuda_runtime.h>
+
+#include "balance_math.cuh"
+
+namespace {
+
+constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
+
+__global__ void balance_transforms_kernel(const float* __restrict__ grams, int P, int n, int R, int mode,
+                                          float* __restrict__ tw, int* __restrict__ status,
+                                          double* __restrict__ gaps, double* __restrict__ scratch,
+                                          int mats_in_smem) {
+  extern __shared__ double smem[];
+  bk::Ctx c;
+  c.tid = threadIdx.x;
+  c.nt = blockDim.x;
+  c.n = n;
+  bk::carve_small(c, smem, n);
+  double* fast = smem + (bk::small_bytes(n) + 7) / 8;
+  const long long nn = (long long)n * n;
+  double* slow = scratch + (long long)blockIdx.x * (bk::NUM_MATS - mats_in_smem) * nn;
+  const bk::Mats m = bk::carve_mats(fast, slow, mats_in_smem, n);
+  const long long RR = (long long)R * R;
+  for (int p = blockIdx.x; p < P; p += gridDim.x) {
+    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, tw + (2 * p) * RR,
+                     tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Launch configuration for P pairs of rank n on a device with `num_sms` multiprocessors.
+// Writes threads per block, grid size, dynamic shared memory bytes, matrices kept in shared memory and
+// the float64 global scratch elements the launch needs.
+void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* smem_bytes, int* mats_in_smem,
+                       long long* scratch_doubles) {
+  *threads = n <= 16 ? 64 : (n <= 32 ? 128 : 256);
+  const long long small = (bk::small_bytes(n) + 7) / 8 * 8;
+  const long long mat = 8LL * n * n;
+  int in_smem = 0;
+  if (small + bk::NUM_MATS * mat <= kMaxSmemBytes) in_smem = bk::NUM_MATS;
+  else if (small + 2 * mat <= kMaxSmemBytes) in_smem = 2;
+  *mats_in_smem = in_smem;
+  *smem_bytes = (int)(small + in_smem * mat);
+  const int per_sm = n <= 32 ? 4 : (n <= 64 ? 2 : 1);
+  int g = num_sms * per_sm;
+  if (g > P) g = P;
+  if (g < 1) g = 1;
+  *grid = g;
+  *scratch_doubles = (long long)g * (bk::NUM_MATS - in_smem) * n * n + 1;
+}
+
+// Returns a cudaError_t (0 on success). `scratch` must hold the config's scratch_doubles.
+int bk_balance_launch(const float* grams, int P, int n, int R, int mode, float* tw, int* status, double* gaps,
+                      double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
+                      cudaStream_t stream) {
+  if (P == 0) return 0;
+  cudaError_t err = cudaFuncSetAttribute(balance_transforms_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         smem_bytes);
+  if (err != cudaSuccess) return (int)err;
+  balance_transforms_kernel<<<grid, threads, smem_bytes, stream>>>(grams, P, n, R, mode, tw, status, gaps,
+                                                                    scratch, mats_in_smem);
+  return (int)cudaGetLastError();
+}
+
+const char* bk_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
+
+}  // extern "C"

@@ -1,0 +1,510 @@
+// Per-pair r x r math of balora_kernels.reference.balancing_transforms, in float64, for one thread block.
+//
+// Written as block-cooperative code (`for (i = tid; i < n; i += nt)` loops separated by BK_SYNC()) so that
+// the same source compiles
+//   * for the GPU (csrc/balance.cu: one thread block per pair, matrices in shared or global memory), and
+//   * for the host with -DBK_HOST_EMULATION (one "thread", BK_SYNC a no-op): tests/test_projection_kernels.py
+//     compiles it with g++ and checks the math against the reference on the CPU.
+// No torch headers here: `nvcc -c csrc/balance.cu` needs only the CUDA toolkit.
+//
+// Algorithm (see reference.py's docstring; n = r):
+//   1. G_B = P diag(d) P^T, G_A = R diag(e) R^T (cyclic Jacobi, round-robin order);
+//      X = P sqrt(d live), Y = R sqrt(e live), live = eigenvalue > RANK_RTOL * largest.
+//   2. H = X^T Y; H^T H = V diag(lambda) V^T (descending); U_j = H v_j, S_j = ||H v_j||; live = S_j > RTOL S_max.
+//   3. T[:, j<k] = Y v_j S_j^-1/2; if k < n: T[:, k+j] = j-th eigenvector (ascending) of Z Z^T, Z = X U_live.
+//   4. T^-1 by Gauss-Jordan with partial pivoting (equals the reference's block formula, exactly invertible).
+//   5. C = T^T G_B + T^-1 G_A; nearest: Q = polar(C); svd: Q = blockdiag(sign(diag C_live), polar(C_rest)).
+//      polar(C) = U V^T from eig(C^T C), dead directions completed from eig(I - U U^T), then two
+//      Newton-Schulz steps Q <- Q (3I - Q^T Q) / 2 so that Q is orthogonal to rounding.
+//   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
+#pragma once
+
+#ifdef BK_HOST_EMULATION
+#include <cmath>
+#define BK_DEV inline
+#define BK_HD inline
+#define BK_SYNC() ((void)0)
+using std::fabs;
+using std::fmax;
+using std::sqrt;
+using std::isfinite;
+using std::fma;
+using std::nan;
+#else
+#define BK_DEV __device__ __forceinline__
+#define BK_HD __host__ __device__ inline
+#define BK_SYNC() __syncthreads()
+#endif
+
+namespace bk {
+
+constexpr double RANK_RTOL = 1.52587890625e-05;   // 2^-16, reference.RANK_RTOL
+constexpr int STATUS_NONFINITE = 1;
+constexpr int STATUS_ZERO = 2;
+constexpr int STATUS_RANK_DEFICIENT = 4;
+constexpr int MAX_SWEEPS = 24;
+constexpr int NUM_MATS = 11;                       // r x r float64 buffers per pair
+
+struct Ctx {
+  int tid, nt, n;     // thread index, threads in the block (a multiple of 32 on the GPU), rank
+  double* red;        // [32] reduction scratch
+  double* rc;         // [n/2+1] rotation cosines of one Jacobi step
+  double* rs;         // [n/2+1] rotation sines
+  int* rp;            // [n/2+1] rotation index p
+  int* rq;            // [n/2+1] rotation index q
+  int* perm;          // [n]
+  int* iflag;         // [4]
+  double* v0;         // [n] vectors
+  double* v1;
+  double* v2;
+  double* v3;
+};
+
+struct Mats {
+  double *GB, *GA, *X, *Y, *T, *W, *M1, *M2, *M3, *AW, *VW;
+};
+
+// ---- block reductions (every thread gets the same value, summed in a fixed order) ----
+BK_DEV double block_sum(Ctx& c, double v) {
+#ifdef BK_HOST_EMULATION
+  return v;
+#else
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  BK_SYNC();
+  if ((c.tid & 31) == 0) c.red[c.tid >> 5] = v;
+  BK_SYNC();
+  double s = 0.0;
+  const int nw = c.nt >> 5;
+  for (int w = 0; w < nw; ++w) s += c.red[w];
+  return s;
+#endif
+}
+
+BK_DEV void set_identity(Ctx& c, double* M, int n) {
+  for (int idx = c.tid; idx < n * n; idx += c.nt) M[idx] = (idx / n == idx % n) ? 1.0 : 0.0;
+  BK_SYNC();
+}
+
+BK_DEV void copy_mat(Ctx& c, double* dst, const double* src, int n) {
+  for (int idx = c.tid; idx < n * n; idx += c.nt) dst[idx] = src[idx];
+  BK_SYNC();
+}
+
+// C [m x p] = op(A) [m x q] op(B) [q x p]; compact row-major operands with the given leading dims.
+BK_DEV void matmul(Ctx& c, double* C, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                   int lda, int ldb) {
+  for (int idx = c.tid; idx < m * p; idx += c.nt) {
+    const int i = idx / p, j = idx % p;
+    double s = 0.0;
+    for (int k = 0; k < q; ++k) {
+      const double a = tA ? A[k * lda + i] : A[i * lda + k];
+      const double b = tB ? B[j * ldb + k] : B[k * ldb + j];
+      s = fma(a, b, s);
+    }
+    C[idx] = s;
+  }
+  BK_SYNC();
+}
+
+BK_DEV void mm(Ctx& c, double* C, const double* A, bool tA, const double* B, bool tB, int n) {
+  matmul(c, C, A, tA, B, tB, n, n, n, n, n);
+}
+
+// ---- symmetric eigensolver: cyclic Jacobi, round-robin (parallel) ordering ----
+// S [n x n] symmetric (destroyed), V [n x n] workspace. Writes eigenvectors as columns of `vec` and
+// eigenvalues to `val`, ascending.
+BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int n) {
+  set_identity(c, V, n);
+  const int N = n + (n & 1);      // even size; index n is a dummy when n is odd (identity rotations)
+  const int m = N / 2;
+  for (int sweep = 0; sweep < MAX_SWEEPS; ++sweep) {
+    double off = 0.0, tot = 0.0;
+    for (int idx = c.tid; idx < n * n; idx += c.nt) {
+      const double v = S[idx] * S[idx];
+      tot += v;
+      if (idx / n != idx % n) off += v;
+    }
+    off = block_sum(c, off);
+    tot = block_sum(c, tot);
+    if (!(off > 1e-28 * tot)) break;          // converged (also tot == 0)
+    for (int s = 0; s < N - 1; ++s) {
+      for (int k = c.tid; k < m; k += c.nt) {
+        int p, q;
+        if (k == 0) { p = s; q = N - 1; }
+        else { p = (s + k) % (N - 1); q = (s - k + N - 1) % (N - 1); }
+        double cs = 1.0, sn = 0.0;
+        if (q < n) {
+          const double apq = S[p * n + q];
+          if (apq != 0.0) {
+            const double tau = (S[q * n + q] - S[p * n + p]) / (2.0 * apq);
+            const double t = (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
+            cs = 1.0 / sqrt(1.0 + t * t);
+            sn = t * cs;
+          }
+        }
+        c.rp[k] = p; c.rq[k] = q; c.rc[k] = cs; c.rs[k] = sn;
+      }
+      BK_SYNC();
+      // S <- J^T S J, one 2x2 block per (pair a, pair b); V <- V J.
+      for (int idx = c.tid; idx < m * m; idx += c.nt) {
+        const int a = idx / m, b = idx % m;
+        const int p1 = c.rp[a], q1 = c.rq[a], p2 = c.rp[b], q2 = c.rq[b];
+        const double c1 = c.rc[a], s1 = c.rs[a], c2 = c.rc[b], s2 = c.rs[b];
+        const bool h1 = q1 < n, h2 = q2 < n;
+        const double m00 = S[p1 * n + p2];
+        const double m01 = h2 ? S[p1 * n + q2] : 0.0;
+        const double m10 = h1 ? S[q1 * n + p2] : 0.0;
+        const double m11 = (h1 && h2) ? S[q1 * n + q2] : 0.0;
+        const double l00 = c1 * m00 - s1 * m10, l01 = c1 * m01 - s1 * m11;
+        const double l10 = s1 * m00 + c1 * m10, l11 = s1 * m01 + c1 * m11;
+        S[p1 * n + p2] = c2 * l00 - s2 * l01;
+        if (h2) S[p1 * n + q2] = s2 * l00 + c2 * l01;
+        if (h1) S[q1 * n + p2] = c2 * l10 - s2 * l11;
+        if (h1 && h2) S[q1 * n + q2] = s2 * l10 + c2 * l11;
+      }
+      for (int idx = c.tid; idx < n * m; idx += c.nt) {
+        const int i = idx / m, b = idx % m;
+        const int p2 = c.rp[b], q2 = c.rq[b];
+        if (q2 < n) {
+          const double c2 = c.rc[b], s2 = c.rs[b];
+          const double vp = V[i * n + p2], vq = V[i * n + q2];
+          V[i * n + p2] = c2 * vp - s2 * vq;
+          V[i * n + q2] = s2 * vp + c2 * vq;
+        }
+      }
+      BK_SYNC();
+    }
+  }
+  for (int i = c.tid; i < n; i += c.nt) {       // rank sort, ties by index: a permutation
+    const double w = S[i * n + i];
+    int rank = 0;
+    for (int j = 0; j < n; ++j) {
+      const double u = S[j * n + j];
+      rank += (u < w) || (u == w && j < i);
+    }
+    c.perm[rank] = i;
+  }
+  BK_SYNC();
+  for (int idx = c.tid; idx < n * n; idx += c.nt) vec[idx] = V[(idx / n) * n + c.perm[idx % n]];
+  for (int j = c.tid; j < n; j += c.nt) val[j] = S[c.perm[j] * n + c.perm[j]];
+  BK_SYNC();
+}
+
+// Normalize the columns of U [m x m] in place; columns with norm <= rtol * max norm are zeroed and flagged
+// dead in `norms` (set to 0). Returns the number of dead columns.
+BK_DEV int normalize_columns(Ctx& c, double* U, double* norms, int m, double rtol) {
+  for (int j = c.tid; j < m; j += c.nt) {
+    double s = 0.0;
+    for (int i = 0; i < m; ++i) s += U[i * m + j] * U[i * m + j];
+    norms[j] = sqrt(s);
+  }
+  BK_SYNC();
+  double nmax = 0.0;
+  for (int j = 0; j < m; ++j) nmax = fmax(nmax, norms[j]);
+  int dead = 0;
+  for (int j = 0; j < m; ++j) dead += !(norms[j] > rtol * nmax);
+  BK_SYNC();
+  for (int idx = c.tid; idx < m * m; idx += c.nt) {
+    const int j = idx % m;
+    const double nj = norms[j];
+    U[idx] = (nj > rtol * nmax) ? U[idx] / nj : 0.0;
+  }
+  BK_SYNC();
+  for (int j = c.tid; j < m; j += c.nt) if (!(norms[j] > rtol * nmax)) norms[j] = 0.0;
+  BK_SYNC();
+  return dead;
+}
+
+// Orthogonal polar factor Q [m x m] of Cm [m x m] (compact, ld m). Workspaces: Vc, U, E [m x m], AW, VW.
+BK_DEV void polar(Ctx& c, const double* Cm, double* Q, double* Vc, double* U, double* E, double* AW, double* VW,
+                  int m) {
+  matmul(c, AW, Cm, true, Cm, false, m, m, m, m, m);           // C^T C
+  sym_eig(c, AW, VW, Vc, c.v2, m);
+  matmul(c, U, Cm, false, Vc, false, m, m, m, m, m);           // C v_j = sigma_j u_j
+  const int dead = normalize_columns(c, U, c.v3, m, 1e-10);
+  if (dead > 0) {
+    // Complete U with an orthonormal basis of the complement of its live columns: the top
+    // eigenvectors of I - U U^T (eigenvalue 1 on the complement, 0 on span(U)).
+    matmul(c, AW, U, false, U, true, m, m, m, m, m);
+    for (int idx = c.tid; idx < m * m; idx += c.nt) AW[idx] = (idx / m == idx % m ? 1.0 : 0.0) - AW[idx];
+    BK_SYNC();
+    sym_eig(c, AW, VW, E, c.v2, m);
+    if (c.tid == 0) {
+      int t = 0;
+      for (int j = 0; j < m; ++j) if (c.v3[j] == 0.0) c.perm[j] = m - 1 - (t++);  else c.perm[j] = -1;
+    }
+    BK_SYNC();
+    for (int idx = c.tid; idx < m * m; idx += c.nt) {
+      const int i = idx / m, j = idx % m;
+      if (c.perm[j] >= 0) U[idx] = E[i * m + c.perm[j]];
+    }
+    BK_SYNC();
+  }
+  matmul(c, Q, U, false, Vc, true, m, m, m, m, m);             // Q = U V^T
+  for (int it = 0; it < 2; ++it) {                             // Newton-Schulz: Q <- Q (3I - Q^T Q) / 2
+    matmul(c, AW, Q, true, Q, false, m, m, m, m, m);
+    matmul(c, U, Q, false, AW, false, m, m, m, m, m);
+    for (int idx = c.tid; idx < m * m; idx += c.nt) Q[idx] = 1.5 * Q[idx] - 0.5 * U[idx];
+    BK_SYNC();
+  }
+}
+
+// T^-1 of T [n x n] (kept) into W; M is a workspace. Gauss-Jordan with partial pivoting.
+BK_DEV void invert(Ctx& c, const double* T, double* W, double* M, int n) {
+  copy_mat(c, M, T, n);
+  set_identity(c, W, n);
+  for (int col = 0; col < n; ++col) {
+    if (c.tid == 0) {
+      int piv = col;
+      double best = fabs(M[col * n + col]);
+      for (int i = col + 1; i < n; ++i) {
+        const double v = fabs(M[i * n + col]);
+        if (v > best) { best = v; piv = i; }
+      }
+      c.iflag[0] = piv;
+    }
+    BK_SYNC();
+    const int piv = c.iflag[0];
+    if (piv != col) {
+      for (int j = c.tid; j < n; j += c.nt) {
+        double t = M[col * n + j]; M[col * n + j] = M[piv * n + j]; M[piv * n + j] = t;
+        t = W[col * n + j]; W[col * n + j] = W[piv * n + j]; W[piv * n + j] = t;
+      }
+    }
+    BK_SYNC();
+    for (int i = c.tid; i < n; i += c.nt) c.v0[i] = M[i * n + col];
+    BK_SYNC();
+    const double inv = 1.0 / c.v0[col];
+    for (int j = c.tid; j < n; j += c.nt) { M[col * n + j] *= inv; W[col * n + j] *= inv; }
+    BK_SYNC();
+    for (int idx = c.tid; idx < n * n; idx += c.nt) {
+      const int i = idx / n, j = idx % n;
+      if (i != col) {
+        const double f = c.v0[i];
+        M[idx] -= f * M[col * n + j];
+        W[idx] -= f * W[col * n + j];
+      }
+    }
+    BK_SYNC();
+  }
+}
+
+// ||A - B||_F / max(||A||_F, ||B||_F) (0 when both are zero).
+BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n) {
+  double sa = 0.0, sb = 0.0, sd = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    sa += A[idx] * A[idx];
+    sb += B[idx] * B[idx];
+    sd += (A[idx] - B[idx]) * (A[idx] - B[idx]);
+  }
+  sa = block_sum(c, sa); sb = block_sum(c, sb); sd = block_sum(c, sd);
+  const double den = sqrt(fmax(sa, sb));
+  return den > 0.0 ? sqrt(sd) / den : 0.0;
+}
+
+// X = P * sqrt(live eigenvalues) (columns scaled), eigenvalues ascending in val.
+BK_DEV void sqrt_factor(Ctx& c, double* X, const double* P, const double* val, int n) {
+  const double top = fmax(val[n - 1], 0.0);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const double d = val[idx % n];
+    X[idx] = (d > RANK_RTOL * top) ? P[idx] * sqrt(d) : 0.0;
+  }
+  BK_SYNC();
+}
+
+BK_DEV void write_out(Ctx& c, float* out, int R, const double* M, int n) {
+  for (int idx = c.tid; idx < R * R; idx += c.nt) {
+    const int i = idx / R, j = idx % R;
+    out[idx] = (i < n && j < n) ? (float)M[i * n + j] : 0.0f;
+  }
+}
+
+BK_DEV void write_identity(Ctx& c, float* out, int R, int n) {
+  for (int idx = c.tid; idx < R * R; idx += c.nt) {
+    const int i = idx / R, j = idx % R;
+    out[idx] = (i == j && i < n) ? 1.0f : 0.0f;
+  }
+}
+
+// One pair. gB, gA: fp32 Grams [R x R] (top-left n x n used). outT, outW: fp32 [R x R].
+// status: int, gaps: double[2] (before, after). mode 0 = nearest, 1 = svd.
+BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA, int R, int mode, float* outT,
+                         float* outW, int* status, double* gaps) {
+  const int n = c.n;
+  double bad = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int i = idx / n, j = idx % n;
+    const double b1 = gB[i * R + j], b2 = gB[j * R + i], a1 = gA[i * R + j], a2 = gA[j * R + i];
+    if (!(isfinite(b1) && isfinite(a1))) bad = 1.0;
+    b.GB[idx] = 0.5 * (b1 + b2);
+    b.GA[idx] = 0.5 * (a1 + a2);
+  }
+  BK_SYNC();
+  if (block_sum(c, bad) > 0.0) {
+    write_identity(c, outT, R, n);
+    write_identity(c, outW, R, n);
+    if (c.tid == 0) { *status = STATUS_NONFINITE; gaps[0] = nan(""); gaps[1] = nan(""); }
+    BK_SYNC();
+    return;
+  }
+  const double gap_before = rel_gap(c, b.GB, b.GA, n);
+
+  // 1. square-root factors of both Grams.
+  copy_mat(c, b.AW, b.GB, n);
+  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+  sqrt_factor(c, b.X, b.M1, c.v1, n);
+  copy_mat(c, b.AW, b.GA, n);
+  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+  sqrt_factor(c, b.Y, b.M1, c.v1, n);
+
+  // 2. H = X^T Y; right singular vectors from eig(H^T H), descending; U_j = H v_j / S_j.
+  mm(c, b.M2, b.X, true, b.Y, false, n);                       // M2 = H
+  mm(c, b.AW, b.M2, true, b.M2, false, n);                     // H^T H
+  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M3 = V, columns descending
+    const int i = idx / n, j = idx % n;
+    b.M3[idx] = b.M1[i * n + (n - 1 - j)];
+  }
+  BK_SYNC();
+  mm(c, b.M1, b.M2, false, b.M3, false, n);                    // M1 = H V = U S
+  for (int j = c.tid; j < n; j += c.nt) {
+    double s = 0.0;
+    for (int i = 0; i < n; ++i) s += b.M1[i * n + j] * b.M1[i * n + j];
+    c.v1[j] = sqrt(s);                                          // S_j
+  }
+  BK_SYNC();
+  double smax = 0.0;
+  for (int j = 0; j < n; ++j) smax = fmax(smax, c.v1[j]);
+  int k = 0;
+  for (int j = 0; j < n; ++j) k += (c.v1[j] > RANK_RTOL * smax);
+  // Live components are the leading columns (descending order); k counts them.
+  if (k == 0) {
+    write_identity(c, outT, R, n);
+    write_identity(c, outW, R, n);
+    if (c.tid == 0) { *status = STATUS_ZERO; gaps[0] = gap_before; gaps[1] = gap_before; }
+    BK_SYNC();
+    return;
+  }
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M1 = U_live (dead columns zero)
+    const int j = idx % n;
+    b.M1[idx] = (j < k) ? b.M1[idx] / c.v1[j] : 0.0;
+  }
+  BK_SYNC();
+
+  // 3. T = [Y V_live S^-1/2, N].
+  mm(c, b.M2, b.Y, false, b.M3, false, n);                     // M2 = Y V
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int j = idx % n;
+    b.T[idx] = (j < k) ? b.M2[idx] / sqrt(c.v1[j]) : 0.0;
+  }
+  BK_SYNC();
+  if (k < n) {
+    mm(c, b.M3, b.X, false, b.M1, false, n);                   // Z = X U_live
+    mm(c, b.AW, b.M3, false, b.M3, true, n);                   // Z Z^T
+    sym_eig(c, b.AW, b.VW, b.M2, c.v2, n);                     // ascending: ker(T_live^-1) first
+    for (int idx = c.tid; idx < n * n; idx += c.nt) {
+      const int i = idx / n, j = idx % n;
+      if (j >= k) b.T[idx] = b.M2[i * n + (j - k)];
+    }
+    BK_SYNC();
+  }
+
+  // 4. T^-1.
+  invert(c, b.T, b.W, b.M1, n);
+
+  // 5. C = T^T G_B + T^-1 G_A; Q = polar(C) (nearest) or block sign/polar (svd).
+  mm(c, b.M2, b.T, true, b.GB, false, n);
+  mm(c, b.M3, b.W, false, b.GA, false, n);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) b.M2[idx] += b.M3[idx];     // M2 = C
+  BK_SYNC();
+  double* Q;
+  if (mode == 0) {
+    polar(c, b.M2, b.M1, b.M3, b.X, b.Y, b.AW, b.VW, n);       // Q in M1
+    Q = b.M1;
+  } else {
+    const int mr = n - k;
+    for (int j = c.tid; j < k; j += c.nt) c.v0[j] = (b.M2[j * n + j] < 0.0) ? -1.0 : 1.0;
+    if (mr > 0) {
+      for (int idx = c.tid; idx < mr * mr; idx += c.nt) {      // M3 = C_rest, compact mr x mr
+        const int i = idx / mr, j = idx % mr;
+        b.M3[idx] = b.M2[(k + i) * n + (k + j)];
+      }
+      BK_SYNC();
+      polar(c, b.M3, b.X, b.Y, b.M1, b.M2, b.AW, b.VW, mr);    // Q_rest in X (compact)
+    }
+    BK_SYNC();
+    for (int idx = c.tid; idx < n * n; idx += c.nt) {          // M3 = blockdiag(sign, Q_rest)
+      const int i = idx / n, j = idx % n;
+      double q = 0.0;
+      if (i < k && j < k) q = (i == j) ? c.v0[i] : 0.0;
+      else if (i >= k && j >= k) q = b.X[(i - k) * mr + (j - k)];
+      b.M3[idx] = q;
+    }
+    BK_SYNC();
+    Q = b.M3;
+  }
+  double* Tq = (Q == b.M1) ? b.M2 : b.M1;
+  mm(c, Tq, b.T, false, Q, false, n);                          // T Q
+  mm(c, b.Y, Q, true, b.W, false, n);                          // Q^T T^-1
+  copy_mat(c, b.T, Tq, n);
+  copy_mat(c, b.W, b.Y, n);
+
+  // 6. gap after, from the Grams; a last guard against non-finite transforms.
+  mm(c, b.M1, b.T, true, b.GB, false, n);
+  mm(c, b.M2, b.M1, false, b.T, false, n);                     // T^T G_B T
+  mm(c, b.M1, b.W, false, b.GA, false, n);
+  mm(c, b.M3, b.M1, false, b.W, true, n);                      // T^-1 G_A T^-T
+  const double gap_after = rel_gap(c, b.M2, b.M3, n);
+  double nonfinite = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt)
+    if (!(isfinite(b.T[idx]) && isfinite(b.W[idx]))) nonfinite = 1.0;
+  if (block_sum(c, nonfinite) > 0.0 || !isfinite(gap_after)) {
+    write_identity(c, outT, R, n);
+    write_identity(c, outW, R, n);
+    if (c.tid == 0) { *status = STATUS_NONFINITE; gaps[0] = nan(""); gaps[1] = nan(""); }
+    BK_SYNC();
+    return;
+  }
+  write_out(c, outT, R, b.T, n);
+  write_out(c, outW, R, b.W, n);
+  if (c.tid == 0) {
+    *status = (k < n) ? STATUS_RANK_DEFICIENT : 0;
+    gaps[0] = gap_before;
+    gaps[1] = gap_after;
+  }
+  BK_SYNC();
+}
+
+// Layout of the per-block scratch: vectors and indices (always in shared memory on the GPU).
+BK_HD int small_doubles(int n) { return 32 + 2 * (n / 2 + 1) + 4 * n; }
+BK_HD int small_ints(int n) { return 2 * (n / 2 + 1) + n + 4; }
+
+BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
+  c.red = dbl;
+  c.rc = c.red + 32;
+  c.rs = c.rc + (n / 2 + 1);
+  c.v0 = c.rs + (n / 2 + 1);
+  c.v1 = c.v0 + n;
+  c.v2 = c.v1 + n;
+  c.v3 = c.v2 + n;
+  int* ints = reinterpret_cast<int*>(c.v3 + n);
+  c.rp = ints;
+  c.rq = c.rp + (n / 2 + 1);
+  c.perm = c.rq + (n / 2 + 1);
+  c.iflag = c.perm + n;
+}
+
+BK_HD long long small_bytes(int n) { return 8LL * small_doubles(n) + 4LL * small_ints(n) + 8; }
+
+// The first `in_fast` matrices (AW, VW first, then the rest) come from `fast`, the others from `slow`.
+BK_DEV Mats carve_mats(double* fast, double* slow, int in_fast, int n) {
+  double* ptrs[NUM_MATS];
+  const long long nn = (long long)n * n;
+  for (int i = 0; i < NUM_MATS; ++i) ptrs[i] = (i < in_fast) ? fast + i * nn : slow + (i - in_fast) * nn;
+  Mats m;
+  m.AW = ptrs[0]; m.VW = ptrs[1]; m.GB = ptrs[2]; m.GA = ptrs[3]; m.X = ptrs[4]; m.Y = ptrs[5];
+  m.T = ptrs[6]; m.W = ptrs[7]; m.M1 = ptrs[8]; m.M2 = ptrs[9]; m.M3 = ptrs[10];
+  return m;
+}
+
+}  // namespace bk

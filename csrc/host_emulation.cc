@@ -1,0 +1,23 @@
+// Host build of balance_math.cuh for tests (not part of the extension): the per-pair math run on the CPU
+// with one "thread", so that CI can check the CUDA kernel's algorithm against the reference without a GPU.
+//   g++ -O2 -shared -fPIC -DBK_HOST_EMULATION csrc/host_emulation.cc -o libbk_host.so
+// tests/test_projection_kernels.py builds it and calls bk_host_balance_transforms through ctypes.
+#include <vector>
+
+#include "balance_math.cuh"
+
+extern "C" void bk_host_balance_transforms(const float* grams, int P, int n, int R, int mode, float* tw,
+                                           int* status, double* gaps) {
+  std::vector<double> small((bk::small_bytes(n) + 7) / 8);
+  std::vector<double> mats((size_t)bk::NUM_MATS * n * n);
+  bk::Ctx c;
+  c.tid = 0;
+  c.nt = 1;
+  c.n = n;
+  bk::carve_small(c, small.data(), n);
+  const bk::Mats m = bk::carve_mats(mats.data(), mats.data(), bk::NUM_MATS, n);
+  const long long RR = (long long)R * R;
+  for (int p = 0; p < P; ++p)
+    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, tw + (2 * p) * RR,
+                     tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
+}

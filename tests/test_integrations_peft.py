@@ -1,0 +1,380 @@
+"""balora_kernels.integrations.peft and .checkpoint on tiny models built from configs (no downloads)."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import balora_kernels as bk  # noqa: E402
+from balora_kernels import functional, reference  # noqa: E402
+from balora_kernels.integrations.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from balora_kernels.integrations.peft import to_balora, unpatch  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+VOCAB = 128
+
+
+def tiny_llama(seed=0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def tiny_peft(seed=0, dtype=torch.float32, device="cpu", randomize_b=True, **lora):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0, **lora}
+    autocast_adapter_dtype = lora.pop("autocast_adapter_dtype", True)
+    model = get_peft_model(tiny_llama(seed, dtype, device), LoraConfig(**lora),
+                           autocast_adapter_dtype=autocast_adapter_dtype)
+    if randomize_b:     # PEFT starts B at zero; random B makes the LoRA branch (and balancing) matter
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g).to(p))
+    return model
+
+
+def tokens(seed, batch=2, seq=16, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+
+
+def lora_params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountCalls:
+    """Counts calls of functional.lora_linear (proves the fast path ran, not PEFT's fallback)."""
+
+    def __init__(self, monkeypatch):
+        self.n, self.depth = 0, 0
+        orig = functional.lora_linear
+
+        def counted(*a, **k):           # lora_linear re-enters itself under autocast: count once
+            self.n += self.depth == 0
+            self.depth += 1
+            try:
+                return orig(*a, **k)
+            finally:
+                self.depth -= 1
+        monkeypatch.setattr(functional, "lora_linear", counted)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_unpatch_round_trip(device, monkeypatch):
+    model = tiny_peft(device=device).eval()
+    x = tokens(0, device=device)
+    with torch.no_grad():
+        ref = model(x).logits
+    calls = CountCalls(monkeypatch)
+    balora = to_balora(model)
+    assert len(balora.report.patched) == 14 and not balora.report.left     # 2 layers x 7 linears
+    assert len(balora.report.projected) == 14 and not balora.report.not_projected
+    with torch.no_grad():
+        out = model(x).logits
+    assert calls.n == 14
+    if device == "cpu":
+        assert torch.equal(out, ref)            # same ops, same order on the CPU path
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already patched"):
+        to_balora(model)
+    assert balora.undo() == 14
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        again = model(x).logits
+    assert calls.n == 14 and torch.equal(again, ref)
+    assert unpatch(model) == 0
+    balora2 = to_balora(model)                  # patchable again
+    assert len(balora2.report.patched) == 14
+    balora2.undo()
+
+
+def test_patched_gradients_match_peft_fp32():
+    model = tiny_peft(seed=3)
+    twin = copy.deepcopy(model)
+    to_balora(model)
+    x = tokens(1)
+    out = model(x, labels=x)
+    out_ref = twin(x, labels=x)
+    out.loss.backward()
+    out_ref.loss.backward()
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-6, atol=1e-6)
+    for (n, p), (_, q) in zip(lora_params(model).items(), lora_params(twin).items()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", ["bf16_adapters", "fp32_adapters_autocast"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_within_2x_of_peft(case, device, monkeypatch):
+    """Error vs a float64 copy of the same model <= 2x plain PEFT's error in the same precision."""
+    if case == "bf16_adapters":
+        model = tiny_peft(seed=5, dtype=torch.bfloat16, device=device, autocast_adapter_dtype=False)
+    else:
+        model = tiny_peft(seed=5, dtype=torch.bfloat16, device=device)
+        assert all(p.dtype == torch.float32 for p in lora_params(model).values())
+    model.eval()
+    ref_model = copy.deepcopy(model).double()
+    x = tokens(2, batch=4, seq=32, device=device)
+    with torch.no_grad():
+        ref = ref_model(x).logits
+        ctx = torch.autocast(device, torch.bfloat16) if case != "bf16_adapters" else torch.enable_grad()
+        with ctx:
+            peft_out = model(x).logits
+        calls = CountCalls(monkeypatch)
+        balora = to_balora(model)
+        with ctx:
+            ours = model(x).logits
+    assert calls.n == 14, "the fast path did not run"
+    e_ours, e_peft = rel_err(ours, ref), rel_err(peft_out, ref)
+    assert e_ours <= 2 * e_peft, (case, e_ours, e_peft)
+    balora.undo()
+
+
+def test_fp32_adapters_on_bf16_without_autocast_stay_on_peft(monkeypatch):
+    """PEFT runs a float32 adapter branch in float32 outside autocast; the patch hands it back."""
+    model = tiny_peft(seed=6, dtype=torch.bfloat16).eval()
+    x = tokens(3)
+    with torch.no_grad():
+        ref = model(x).logits
+        calls = CountCalls(monkeypatch)
+        to_balora(model)
+        out = model(x).logits
+    assert calls.n == 0 and torch.equal(out, ref)
+
+
+def test_peft_state_is_respected(monkeypatch):
+    """disable_adapter, merged adapters, dropout train/eval, a second adapter, lora_bias."""
+    model = tiny_peft(seed=7, lora_dropout=0.5).eval()
+    x = tokens(4)
+    base_model = copy.deepcopy(model.get_base_model())
+    for m in base_model.modules():          # PEFT layers with disable_adapters -> base output
+        if hasattr(m, "disable_adapters"):
+            m._disable_adapters = True
+    to_balora(model)
+    calls = CountCalls(monkeypatch)
+    with torch.no_grad():
+        ev = model(x).logits
+        assert calls.n == 14
+        with model.disable_adapter():
+            off = model(x).logits
+        assert calls.n == 14
+        torch.testing.assert_close(off, base_model(x).logits, rtol=0, atol=0)
+        model.train()
+        tr1, tr2 = model(x).logits, model(x).logits         # dropout masks differ
+        assert calls.n == 42 and not torch.equal(tr1, tr2)
+        model.eval()
+        model.merge_adapter()
+        merged = model(x).logits
+        assert calls.n == 42                                 # merged: PEFT's forward
+        torch.testing.assert_close(merged, ev, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x).logits, ev, rtol=1e-4, atol=1e-5)
+
+    # A second adapter: both active -> PEFT's forward; one active -> ours, with its own weights.
+    model2 = tiny_peft(seed=8)
+    model2.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_bias=True))
+    with torch.no_grad():
+        for n, p in model2.named_parameters():
+            if "other" in n:
+                p.normal_()
+    model2.base_model.set_adapter(["default", "other"])
+    ref_both = model2(x).logits
+    balora = to_balora(model2)
+    assert sum("several active adapters" in v for v in balora.report.left.values()) == 2
+    calls2 = CountCalls(monkeypatch)
+    torch.testing.assert_close(model2(x).logits, ref_both, rtol=0, atol=0)
+    assert calls2.n == 12
+    balora.undo()
+    model2.base_model.set_adapter("other")                 # lora_bias adapter, q_proj only
+    ref_other = model2(x).logits
+    balora = to_balora(model2)
+    assert len(balora.report.patched) == 2
+    assert sum(v == "no active adapter on this layer" for v in balora.report.left.values()) == 12
+    torch.testing.assert_close(model2(x).logits, ref_other, rtol=1e-5, atol=1e-6)
+    assert calls2.n == 12 + 2
+    balora.undo()
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lin1 = nn.Linear(16, 16)
+        self.lin2 = nn.Linear(16, 12)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, ids, img):
+        h = self.lin2(torch.relu(self.lin1(self.emb(ids))))
+        return torch.cat([h.flatten(1), self.conv(img).flatten(1)], 1)
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def test_report_and_projection_of_ineligible_layers():
+    torch.manual_seed(0)
+    ids, img = torch.randint(0, 20, (3, 5)), torch.randn(3, 3, 6, 6)
+    model = get_peft_model(Mixed(), LoraConfig(r=3, target_modules=["emb", "lin1", "lin2", "conv"]))
+    _randomize(model, 1)
+    before = model(ids, img).detach()
+    balora = to_balora(model)
+    rep = balora.report
+    assert sorted(rep.patched) == ["base_model.model.lin1", "base_model.model.lin2"]
+    assert rep.left == {"base_model.model.emb": "embedding LoRA", "base_model.model.conv": "conv LoRA"}
+    assert len(rep.projected) == 4 and "embedding LoRA" in str(rep)
+    stats = balora.projector.project().as_dict()
+    assert stats["projected"] == 4 and stats["gap_after"] < 1e-5 < stats["gap_before"]
+    torch.testing.assert_close(model(ids, img), before, rtol=1e-5, atol=1e-5)
+    conv = model.base_model.model.conv
+    A = conv.lora_A["default"].weight.reshape(3, -1)
+    B = conv.lora_B["default"].weight.reshape(-1, 3)
+    torch.testing.assert_close(B.T @ B, A @ A.T, rtol=1e-4, atol=1e-5)
+    # model.to() swaps the storage behind the conv views: the projector follows it.
+    model.double()
+    _randomize(model, 2)
+    balora.projector.project()
+    A = conv.lora_A["default"].weight.reshape(3, -1)
+    B = conv.lora_B["default"].weight.reshape(-1, 3)
+    torch.testing.assert_close(B.T @ B, A @ A.T, rtol=1e-10, atol=1e-12)
+    balora.undo()
+
+    # DoRA: left as PEFT's forward, still projected (its output depends on B A only).
+    dora = get_peft_model(Mixed(), LoraConfig(r=3, target_modules=["lin1", "lin2"], use_dora=True))
+    _randomize(dora, 3)
+    before = dora(ids, img).detach()
+    balora = to_balora(dora)
+    assert balora.report.patched == [] and set(balora.report.left.values()) == {"DoRA"}
+    assert balora.projector.project().as_dict()["projected"] == 2
+    torch.testing.assert_close(dora(ids, img), before, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="no trainable PEFT LoRA adapter"):
+        to_balora(Mixed())
+
+
+def _train(model, projector, opt, steps, start=0, autocast=None):
+    for step in range(start, start + steps):
+        x = tokens(100 + step)
+        with autocast or torch.enable_grad():
+            loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()          # the projector runs in the optimizer's post-hook
+        opt.zero_grad(set_to_none=True)
+
+
+def test_save_pretrained_loads_in_plain_peft(tmp_path):
+    model = tiny_peft(seed=11, randomize_b=False)
+    balora = to_balora(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    balora.projector.attach(opt)
+    _train(model, balora.projector, opt, 4)
+    assert balora.projector.projections == 4
+    model.eval()
+    x = tokens(50)
+    with torch.no_grad():
+        ours = model(x).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    plain = PeftModel.from_pretrained(tiny_llama(seed=11), tmp_path).eval()
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    with torch.no_grad():
+        theirs = plain(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-6)
+
+
+def test_master_weights_bf16_model_fp32_adapters_autocast():
+    """The projection writes the float32 parameters AdamW owns, balanced to float32 precision."""
+    model = tiny_peft(seed=12, dtype=torch.bfloat16)
+    balora = to_balora(model)
+    params = list(lora_params(model).values())
+    assert all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    owned = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(A) in owned and id(B) in owned for _, A, B in balora.projector.named_pairs)
+    balora.projector.attach(opt)
+    _train(model, balora.projector, opt, 3, autocast=torch.autocast("cpu", torch.bfloat16))
+    st = balora.projector.last_stats.as_dict()
+    assert st["projected"] == 14 and st["gap_after"] < 1e-5      # float32-level, not bf16 (~1e-2)
+    for _, A, B in balora.projector.named_pairs:
+        G_B, G_A = reference.grams(A, B)
+        assert reference.balance_gap(G_B, G_A) < 1e-5
+
+    # Separate float32 masters for a bf16 model (apex-O2 / DeepSpeed style): project the masters.
+    shadow = tiny_peft(seed=13, dtype=torch.bfloat16, autocast_adapter_dtype=False)
+    named = lora_params(shadow)
+    masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in named.items()}
+    pairs = [(n, masters[n], masters[n.replace("lora_A", "lora_B")]) for n in named if "lora_A" in n]
+    projector = bk.BalancedProjector(pairs)
+    products = [(B @ A).detach().clone() for _, A, B in pairs]
+    projector.project()
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(masters[n])           # the framework's master -> model copy
+    for (_, A, B), prod in zip(pairs, products):
+        torch.testing.assert_close(B @ A, prod, rtol=1e-5, atol=1e-6)
+        assert reference.balance_gap(*reference.grams(A, B)) < 1e-5
+        assert torch.equal(named[_n(pairs, A)], A.to(torch.bfloat16))
+
+
+def _n(pairs, A):
+    return next(n for n, a, _ in pairs if a is A)
+
+
+def test_resume_from_checkpoint_is_bitwise(tmp_path):
+    def build(seed):
+        model = tiny_peft(seed=20, lora_dropout=0.0)
+        if seed != 20:          # different adapter values: the checkpoint must overwrite them
+            _randomize(model, seed)
+        balora = to_balora(model, every=2)
+        opt = torch.optim.AdamW(lora_params(model).values(), lr=1e-2, betas=(0.8, 0.95))
+        balora.projector.attach(opt)
+        return model, opt, balora.projector
+
+    model, opt, proj = build(20)
+    _train(model, proj, opt, 3)
+    path = os.fspath(tmp_path / "ckpt.safetensors")
+    save_checkpoint(path, model, opt, proj, extra={"step": 3})
+    _train(model, proj, opt, 4, start=3)
+    assert proj.projections == 3                     # steps 2, 4, 6
+
+    model2, opt2, proj2 = build(99)
+    assert load_checkpoint(path, model2, opt2, proj2) == {"step": 3}
+    assert proj2.steps == 3 and proj2.projections == 1
+    _train(model2, proj2, opt2, 4, start=3)
+    assert proj2.projections == 3
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p, q), n
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k in s1["state"]:
+        for name, v in s1["state"][k].items():
+            assert torch.equal(v, s2["state"][k][name]), (k, name)
+
+    # Nothing is unpickled, and a wrong model is refused before anything is written.
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        assert "balora" in f.metadata()
+    other = tiny_peft(seed=20, r=8)
+    snapshot = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(path, other)
+    assert all(torch.equal(p, snapshot[n]) for n, p in other.named_parameters())

@@ -1,0 +1,152 @@
+"""The functional LoRA linear op (CPU path): gradcheck, a plain nn.Linear + LoRA oracle, autocast."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import balora_kernels as bk
+from utils import assert_rel_close, assert_within_2x_torch_error, f64
+
+
+def _operands(N_shape, in_f, out_f, r, dtype=torch.float64, bias=True, grad_base=False):
+    x = torch.randn(*N_shape, in_f, dtype=dtype, requires_grad=True)
+    W = torch.randn(out_f, in_f, dtype=dtype, requires_grad=grad_base)
+    b = torch.randn(out_f, dtype=dtype, requires_grad=grad_base) if bias else None
+    A = torch.randn(r, in_f, dtype=dtype, requires_grad=True)
+    B = torch.randn(out_f, r, dtype=dtype, requires_grad=True)
+    return x, W, b, A, B
+
+
+def _plain_lora(x, W, b, A, B, s, dropout_mask=None):
+    """nn.Linear + LoRA as PEFT computes it (no package code)."""
+    xl = x if dropout_mask is None else x * dropout_mask
+    return F.linear(x, W, b) + s * F.linear(F.linear(xl, A), B)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad_base", [False, True])
+def test_gradcheck_float64(lead, bias, grad_base):
+    x, W, b, A, B = _operands(lead, 7, 6, 3, bias=bias, grad_base=grad_base)
+    inputs = (x, W, b, A, B) if bias else (x, W, A, B)
+
+    def f(*t):
+        if bias:
+            return bk.lora_linear(t[0], t[1], t[2], t[3], t[4], 0.6)
+        return bk.lora_linear(t[0], t[1], None, t[2], t[3], 0.6)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_with_dropout_seeded():
+    x, W, b, A, B = _operands((4, 3), 9, 5, 2)
+
+    def f(x, A, B):
+        torch.manual_seed(1234)        # the same mask on every evaluation
+        return bk.lora_linear(x, W, b, A, B, 1.7, dropout_p=0.4, training=True)
+
+    assert torch.autograd.gradcheck(f, (x, A, B), eps=1e-6, atol=1e-8, rtol=1e-6)
+    # the mask is really applied: the output differs from the no-dropout output, and eval ignores it
+    torch.manual_seed(1234)
+    y_drop = bk.lora_linear(x, W, b, A, B, 1.7, dropout_p=0.4, training=True)
+    y_eval = bk.lora_linear(x, W, b, A, B, 1.7, dropout_p=0.4, training=False)
+    assert (y_drop - y_eval).abs().max() > 1e-3
+    assert_rel_close(y_eval, _plain_lora(x, W, b, A, B, 1.7), 1e-14, "eval output")
+
+
+def test_gradcheck_dropout_with_trainable_base():
+    """Seeded dropout mask; weight and bias require grad too (all five gradients checked)."""
+    x, W, b, A, B = _operands((5,), 8, 5, 3, grad_base=True)
+
+    def f(x, W, b, A, B):
+        torch.manual_seed(99)
+        return bk.lora_linear(x, W, b, A, B, 0.9, dropout_p=0.25, training=True)
+
+    assert torch.autograd.gradcheck(f, (x, W, b, A, B), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_plain_linear_plus_lora(dtype, bias):
+    x, W, b, A, B = _operands((3, 11), 33, 21, 5, dtype=dtype, bias=bias, grad_base=True)
+    s = 2.0
+    y = bk.lora_linear(x, W, b, A, B, s)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in (x, W, b, A, B) if t is not None], dy)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, W, b, A, B) if t is not None]
+    if bias:
+        xr, Wr, br, Ar, Br = leaves
+    else:
+        (xr, Wr, Ar, Br), br = leaves, None
+    yr = _plain_lora(xr, Wr, br, Ar, Br, s)
+    ref = torch.autograd.grad(yr, leaves, dy)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert y.shape == (3, 11, 21) and y.dtype == dtype
+    assert_rel_close(y, yr, tol, "output")
+    names = ["x", "weight", "bias", "lora_A", "lora_B"] if bias else ["x", "weight", "lora_A", "lora_B"]
+    for n, g, gr in zip(names, grads, ref):
+        assert g.dtype == gr.dtype, f"d{n} dtype {g.dtype} != {gr.dtype}"
+        assert_rel_close(g, gr, tol, f"d{n}")
+
+
+def test_frozen_base_gets_no_grad():
+    x, W, b, A, B = _operands((4,), 6, 5, 2)
+    bk.lora_linear(x, W, b, A, B, 1.0).sum().backward()
+    assert W.grad is None and b.grad is None
+    assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_within_2x_torch_error(dtype):
+    x, W, b, A, B = (t.detach().to(dtype) for t in _operands((64,), 96, 80, 8, dtype=torch.float64))
+    y = bk.lora_linear(x, W, b, A, B, 0.5)
+    ref = _plain_lora(f64(x), f64(W), f64(b), f64(A), f64(B), 0.5)
+    assert y.dtype == dtype
+    assert_within_2x_torch_error(y, ref, _plain_lora(x, W, b, A, B, 0.5), f"{dtype} forward")
+
+
+def test_autocast_cpu_bf16_with_fp32_adapters():
+    x, W, b, A, B = _operands((2, 16), 48, 40, 4, dtype=torch.float32)
+    W.requires_grad_(False)
+    s = 0.25
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bk.lora_linear(x, W, b, A, B, s)
+        y_pt = _plain_lora(x, W, b, A, B, s)
+    assert y.dtype == torch.bfloat16 and y_pt.dtype == torch.bfloat16
+    xb, Wb, bb = (t.detach().to(torch.bfloat16) for t in (x, W, b))
+    ref = _plain_lora(f64(xb), f64(Wb), f64(bb), f64(A), f64(B), s)
+    assert_within_2x_torch_error(y, ref, y_pt, "autocast forward")
+    dy = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
+    assert gA.dtype == torch.float32 and gB.dtype == torch.float32, "adapter grads must come back fp32"
+    assert gx.dtype == torch.float32, "x is an fp32 leaf: its grad is fp32"
+    gx_pt, gA_pt, gB_pt = torch.autograd.grad(y_pt, (x, A, B), dy)
+    # float64 gradients of the same bf16-rounded computation
+    xr, Ar, Br = (f64(t).requires_grad_() for t in (xb, A, B))
+    gref = torch.autograd.grad(_plain_lora(xr, f64(Wb), f64(bb), Ar, Br, s), (xr, Ar, Br), f64(dy))
+    for n, g, gpt, gr in (("x", gx, gx_pt, gref[0]), ("lora_A", gA, gA_pt, gref[1]), ("lora_B", gB, gB_pt, gref[2])):
+        assert_within_2x_torch_error(g, gr, gpt, f"autocast d{n}")
+
+
+@pytest.mark.parametrize("case", ["x_in", "A_in", "B_shape", "bias_shape", "x_dtype", "int_x", "A_dtype"])
+def test_bad_operands_raise_named_errors(case):
+    x, W, b, A, B = _operands((3,), 10, 7, 2, dtype=torch.float32)
+    if case == "x_in":
+        x = torch.randn(3, 9)
+    elif case == "A_in":
+        A = torch.randn(2, 11)
+    elif case == "B_shape":
+        B = torch.randn(7, 3)
+    elif case == "bias_shape":
+        b = torch.randn(6)
+    elif case == "x_dtype":
+        x = x.detach().double()
+    elif case == "int_x":
+        x = torch.randint(0, 3, (3, 10))
+    elif case == "A_dtype":
+        x, W, b = (t.detach().half() for t in (x, W, b))
+        A = A.detach().double()
+    with pytest.raises(ValueError) as e:
+        bk.lora_linear(x, W, b, A, B, 1.0, name="layers.3.q_proj")
+    msg = str(e.value)
+    assert msg.startswith("layers.3.q_proj:"), msg
+    assert f"x {tuple(x.shape)}" in msg and f"weight {tuple(W.shape)}" in msg and f"lora_A {tuple(A.shape)}" in msg, msg

@@ -1,0 +1,431 @@
+"""Tests of the LoRA linear kernels and op (balora_kernels/ops/lora_linear.py).
+
+Accuracy rule (low precision): the error of our result against a float64 reference, as
+||ours - ref64||_F / ||ref64||_F, is at most twice the error of plain PyTorch (the reference math run
+in the same dtype). Outputs are poisoned with NaN before a kernel writes them.
+
+* Interpreted kernels (CPU, CI): the tests named ``test_interp_*`` run in a child pytest process
+  with ``TRITON_INTERPRET=1`` set before Triton is imported; ``test_triton_kernels_interpreted``
+  starts it. Shapes are small and awkward (N=37, in=72, out=40, r in {1, 3, 16}), fp32 and fp16.
+* CPU op tests: gradcheck in float64, ``torch.compile(fullgraph=True)``, the dispatcher.
+* GPU tests (``-m gpu``): every implementation and every gradient on shapes up to
+  8192 x 4096 x 11008, peak memory, torch.compile and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import balora_kernels as bk
+from balora_kernels import functional, reference
+from balora_kernels.ops import lora_linear as L
+
+INTERP_CHILD = os.environ.get("BALORA_TEST_INTERPRET_CHILD") == "1"
+interp_only = pytest.mark.skipif(not INTERP_CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+GRADS = ("x", "lora_A", "lora_B")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.double()
+    ref = ref.double().to(a.device)
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_2x(what: str, ours, plain, ref64):
+    """ours' error vs ref64 <= 2x the error of plain PyTorch in the same dtype."""
+    e_ours, e_plain = rel_err(ours, ref64), rel_err(plain, ref64)
+    assert e_ours <= 2 * e_plain, (f"{what}: error {e_ours:.3e} > 2 x plain PyTorch's {e_plain:.3e} "
+                                   f"(shape {tuple(ours.shape)}, dtype {ours.dtype})")
+
+
+def poisoned(*shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def operands(N, I, O, r, dtype, device="cpu", adapter_dtype=None, bias=False, dropout=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
+
+    adt = adapter_dtype or dtype
+    x = rnd(N, I)
+    W = rnd(O, I, scale=I ** -0.5)
+    b = rnd(O) if bias else None
+    A = rnd(r, I, scale=I ** -0.5, dt=adt)
+    B = rnd(O, r, scale=0.5, dt=adt)
+    m = None
+    if dropout:
+        m = ((torch.rand(N, I, generator=g) > 0.25).to(dtype) / 0.75).to(device)
+    dy = rnd(N, O)
+    return x, W, b, A, B, m, dy
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def references(x, W, b, A, B, m, dy, s, need_w=False):
+    """(y, grads) in float64, and (y, grads) of plain PyTorch in the operands' dtype."""
+    out = []
+    for cast in (f64, lambda t: t):
+        xx, WW, bb, AA, BB, mm, dd = map(cast, (x, W, b, A, B, m, dy))
+        y = reference.lora_linear(xx, WW, bb, AA, BB, s, mm)
+        g = reference.lora_linear_backward(dd, xx, WW, AA, BB, s, mm, need_x_grad=True,
+                                           need_weight_grad=need_w, need_bias_grad=bb is not None)
+        out.append((y, g))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreted Triton kernels (CPU; run in the child process)
+# --------------------------------------------------------------------------------------------
+SMALL = dict(N=37, I=72, O=40)
+DTYPES_INTERP = (torch.float32, torch.float16)
+TINY_GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.skipif(L.triton is None, reason="Triton not installed")
+def test_triton_kernels_interpreted():
+    """Runs this file's test_interp_* tests in a child with TRITON_INTERPRET=1 (set before import)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", BALORA_TEST_INTERPRET_CHILD="1")
+    env.pop("BALORA_KERNELS_IMPL", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "test_interp_", __file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreted kernel tests failed:\n{tail}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("r", (1, 3, 16))
+@pytest.mark.parametrize("dropout", (False, True))
+@pytest.mark.parametrize("splits", (None, 3))
+def test_interp_xa_kernel(dtype, r, dropout, splits):
+    x, W, b, A, B, m, dy = operands(**SMALL, r=r, dtype=dtype, dropout=dropout, seed=r)
+    x = x.T.contiguous().T  # column-major: strides are honoured
+    u = L.xa_forward(x, A, m, splits=splits, out=poisoned(SMALL["N"], r, dtype=dtype), block_n=16)
+    ref64 = (f64(x) * (f64(m) if dropout else 1)) @ f64(A).T
+    plain = (x if m is None else x * m) @ A.to(dtype).T  # what the reference forms as u
+    assert_2x("u = x_l A^T", u, plain, ref64)
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("r", (1, 3, 16))
+@pytest.mark.parametrize("with_dB", (True, False))
+@pytest.mark.parametrize("splits", (None, 2))
+def test_interp_dyb_kernel(dtype, r, with_dB, splits):
+    x, W, b, A, B, m, dy = operands(**SMALL, r=r, dtype=dtype, seed=10 + r)
+    u = (x @ A.T).to(dtype)
+    s = 0.75
+    v, dB = L.dyb_backward(dy, B, u, s, with_dB=with_dB, splits=splits, block_n=16,
+                           out_v=poisoned(SMALL["N"], r, dtype=dtype),
+                           out_dB=poisoned(SMALL["O"], r, dtype=B.dtype))
+    assert_2x("v = dy B", v, dy @ B, f64(dy) @ f64(B))
+    if with_dB:
+        assert_2x("dB = s dy^T u", dB, s * (dy.T @ u), s * f64(dy).T @ f64(u))
+    else:
+        assert dB is None
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("r", (1, 3, 16))
+@pytest.mark.parametrize("dropout", (False, True))
+@pytest.mark.parametrize("splits", (1, 3))
+def test_interp_vx_kernel(dtype, r, dropout, splits):
+    x, W, b, A, B, m, dy = operands(**SMALL, r=r, dtype=dtype, dropout=dropout, seed=20 + r)
+    v = (dy @ B).to(dtype)
+    s = 1.5
+    dA = L.vx_backward(v, x, s, m, out_dtype=torch.float32, splits=splits, block_k=32,
+                       out=poisoned(r, SMALL["I"], dtype=torch.float32))
+    xl = x if m is None else x * m
+    assert_2x("dA = s v^T x_l", dA, s * (v.T @ xl), s * f64(v).T @ (f64(x) * (f64(m) if dropout else 1)))
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("r", (1, 3, 16))
+@pytest.mark.parametrize("has_base", (True, False))
+@pytest.mark.parametrize("dropout", (False, True))
+def test_interp_lora_gemm_kernel(dtype, r, has_base, dropout):
+    """out [N, I] = dy [N, O] @ W [O, I] + s (p [N, r] @ A [r, I]) * m + bias: the dx pass's shape."""
+    N, I, O = SMALL["N"], SMALL["I"], SMALL["O"]
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, dropout=dropout, seed=30 + r)
+    g = torch.Generator().manual_seed(r)
+    p = (torch.randn(N, r, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(I, generator=g)).to(dtype) if r != 3 else None
+    s = 2.0
+    out = L.lora_gemm(dy if has_base else None, W if has_base else None, p, A, s, mask=m, bias=bias,
+                      out=poisoned(N, I, dtype=dtype), config=TINY_GEMM)
+    one = 1 if m is None else m
+    ref64 = s * (f64(p) @ f64(A)) * (1 if m is None else f64(m))
+    plain = (s * (p @ A.to(dtype))) * one
+    if has_base:
+        ref64, plain = ref64 + f64(dy) @ f64(W), plain + dy @ W
+    if bias is not None:
+        ref64, plain = ref64 + f64(bias), plain + bias
+    assert_2x(f"lora_gemm(base={has_base}, mask={dropout}, bias={bias is not None})", out, plain, ref64)
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("r", (1, 3, 16))
+@pytest.mark.parametrize("impl", ("cublas", "triton"))
+def test_interp_op_paths(dtype, r, impl, monkeypatch):
+    """The whole op through functional.lora_linear (leading dims, non-contiguous x, bias, dropout,
+    fp32 adapters), forced to a kernel implementation by BALORA_KERNELS_IMPL."""
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", {"cublas": "cuda", "triton": "triton"}[impl])
+    N, I, O = SMALL["N"], SMALL["I"], SMALL["O"]
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, adapter_dtype=torch.float32, bias=True,
+                                    dropout=True, seed=40 + r)
+    assert functional._lora_linear_impl("forward", N, I, O, r, dtype, x.device) == impl
+    xg = x.T.contiguous().T.unsqueeze(0).requires_grad_(True)     # [1, 37, 72], column-major
+    assert not xg.reshape(N, I).is_contiguous()
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    y = bk.lora_linear(xg, W, b, Ag, Bg, 0.5, dropout_p=0.25)
+    torch.manual_seed(7)
+    mask = torch.empty_like(xg.detach().reshape(N, I)).bernoulli_(0.75).div_(0.75)  # functional's mask
+    y.backward(dy.reshape(1, N, O))
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, mask, dy, 0.5)
+    assert_2x("y", y.reshape(N, O), yp, y64)
+    for name, got in (("x", xg.grad.reshape(N, I)), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
+        assert got.dtype == getattr(gp, name).dtype
+        assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU op tests (reference math inside the op)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.parametrize("path", ("custom_op", "function"))
+def test_op_gradcheck_float64_cpu(path):
+    x, W, b, A, B, m, dy = operands(5, 7, 6, 3, torch.float64, bias=True, dropout=True, seed=3)
+    ins = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
+
+    def f(x, W, b, A, B):
+        if path == "custom_op":
+            return L.lora_linear_fwd_op(x, W, b, A, B, 0.7, m, "auto")[0]
+        return L.LoRALinearFunction.apply(x, W, b, A, B, 0.7, m, "auto")
+
+    assert torch.autograd.gradcheck(f, ins)
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+def test_compile_fullgraph_cpu():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = bk.BaLoRALinear(24, 20, 4, bias=True, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y_eager = layer(x)
+    y_eager.square().sum().backward()
+    grads_eager = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, ge in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), grads_eager):
+        torch.testing.assert_close(g, ge)
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+def test_dispatcher_choice(monkeypatch, tmp_path):
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda")
+    assert functional._lora_linear_impl("forward", 64, 32, 32, 4, torch.float32, cpu) == "torch"
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "triton")
+    assert functional._lora_linear_impl("backward", 64, 32, 32, 4, torch.bfloat16, cuda) == "triton"
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "torch")
+    assert functional._lora_linear_impl("forward", 64, 32, 32, 4, torch.bfloat16, cuda) == "torch"
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "bogus")
+    with pytest.raises(ValueError, match="BALORA_KERNELS_IMPL"):
+        functional._lora_linear_impl("forward", 64, 32, 32, 4, torch.bfloat16, cuda)
+    monkeypatch.delenv("BALORA_KERNELS_IMPL")
+    # The measured table decides per shape and direction (nearest measured shape).
+    table = {"entries": [
+        {"dtype": "bfloat16", "N": 8192, "in": 4096, "out": 4096, "r": 16,
+         "forward_ms": {"cublas": 1.0, "triton": 0.9}, "backward_ms": {"cublas": 1.0, "triton": 1.1},
+         "triton_config": {"forward": 2, "backward": 1}},
+        {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+         "forward_ms": {"cublas_mm": 0.1, "cublas": 0.2}, "backward_ms": {"cublas_mm": 0.1, "torch": 0.3}}]}
+    monkeypatch.setattr(L, "_TUNING", table)
+    if L.triton is not None:
+        assert functional._lora_linear_impl("forward", 8000, 4096, 4096, 16, torch.bfloat16, cuda) == "triton"
+        assert functional._lora_linear_impl("backward", 8000, 4096, 4096, 16, torch.float16, cuda) == "cublas"
+        assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.bfloat16, cuda) == "cublas_mm"
+        assert L.measured_choice("forward", 8192, 4096, 4096, 16, torch.bfloat16)[1] == 2
+        assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.float32, cuda) == "cublas_mm"
+    with pytest.raises(ValueError, match="unknown implementation"):
+        L._resolve("forward", "nope", 4, 4, 4, 1, torch.float32, cpu)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------
+GPU_IMPLS = ("cublas", "triton", "cublas_mm")
+# (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
+GPU_CASES = {
+    "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
+    "8192x11008->4096_r64_fp16_fp32adapters": (8192, 11008, 4096, 64, torch.float16, torch.float32, False, False, 1),
+    "2053x4096->4096_r128_bf16_bias_dropout": (2053, 4096, 4096, 128, torch.bfloat16, None, True, True, 1),
+    "3x333x1000->3000_r1_fp32": (999, 1000, 3000, 1, torch.float32, None, True, False, 3),
+    "777x520->1030_r8_fp16_bias": (777, 520, 1030, 8, torch.float16, torch.float32, True, True, 1),
+}
+_REF_CACHE = {}
+
+
+def _poison_allocator(nbytes: int):
+    """Fill the caching allocator's free memory with NaN so the op's outputs start poisoned."""
+    torch.cuda.empty_cache()
+    junk = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del junk
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_op_matches_reference(case, impl):
+    N, I, O, r, dt, adt, bias, dropout, lead = GPU_CASES[case]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if case not in _REF_CACHE:
+        _REF_CACHE.clear()
+        ops = operands(N, I, O, r, dt, "cuda", adt, bias, dropout, seed=N + r)
+        _REF_CACHE[case] = (ops, references(*ops, 2.0))
+    (x, W, b, A, B, m, dy), ((y64, g64), (yp, gp)) = _REF_CACHE[case]
+    xs = x.reshape(lead, N // lead, I) if lead > 1 else x
+    xg = xs.detach().clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+    y = L.lora_linear(xg.reshape(N, I), W, b, Ag, Bg, 2.0, m, impl=impl)
+    y.backward(dy)
+    torch.cuda.synchronize()
+    assert_2x(f"{case} {impl}: y", y, yp, y64)
+    assert_2x(f"{case} {impl}: dx", xg.grad.reshape(N, I), gp.x, g64.x)
+    assert_2x(f"{case} {impl}: dA", Ag.grad, gp.lora_A, g64.lora_A)
+    assert_2x(f"{case} {impl}: dB", Bg.grad, gp.lora_B, g64.lora_B)
+    assert Ag.grad.dtype == A.dtype and Bg.grad.dtype == B.dtype
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gpu_kernels_poisoned_outputs(dtype):
+    """Each kernel on an awkward shape with NaN-filled outputs and forced splits."""
+    N, I, O, r = 4099, 1000, 1030, 24
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", torch.float32, True, True, seed=5)
+    u = L.xa_forward(x, A, m, splits=3, out=poisoned(N, r, dtype=dtype, device="cuda"))
+    xl64 = f64(x) * f64(m)
+    assert_2x("u", u, (x * m) @ A.to(dtype).T, xl64 @ f64(A).T)
+    v, dB = L.dyb_backward(dy, B, u, 2.0, with_dB=True, out_v=poisoned(N, r, dtype=dtype, device="cuda"),
+                           out_dB=poisoned(O, r, dtype=torch.float32, device="cuda"))
+    assert_2x("v", v, dy @ B.to(dtype), f64(dy) @ f64(B))
+    assert_2x("dB", dB, 2.0 * (dy.T @ u), 2.0 * f64(dy).T @ f64(u))
+    dA = L.vx_backward(v, x, 2.0, m, out_dtype=torch.float32,
+                       out=poisoned(r, I, dtype=torch.float32, device="cuda"))
+    assert_2x("dA", dA, 2.0 * (v.T @ (x * m)), 2.0 * f64(v).T @ xl64)
+    for cfg in range(len(L.GEMM_CONFIGS)):
+        dx = L.lora_gemm(dy, W, v, A, 2.0, mask=m, out=poisoned(N, I, dtype=dtype, device="cuda"), config=cfg)
+        plain = dy @ W + (2.0 * (v @ A.to(dtype))) * m
+        assert_2x(f"dx (gemm config {cfg})", dx, plain, f64(dy) @ f64(W) + 2.0 * (f64(v) @ f64(A)) * f64(m))
+        y = L.lora_gemm(x, W.T, u, B.T, 2.0, bias=b, out=poisoned(N, O, dtype=dtype, device="cuda"), config=cfg)
+        plain = x @ W.T + b + 2.0 * (u @ B.to(dtype).T)
+        assert_2x(f"y (gemm config {cfg})", y, plain, f64(x) @ f64(W).T + f64(b) + 2.0 * f64(u) @ f64(B).T)
+
+
+def _fwd_bwd_peak(fn, x, params, dy):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = fn(x)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    torch.cuda.synchronize()
+    del y, grads
+    return torch.cuda.max_memory_allocated() - base
+
+
+@gpu
+@needs_cuda
+def test_gpu_peak_memory_not_above_unfused():
+    N, I, O, r = 8192, 4096, 4096, 16
+    x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", seed=9)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+
+    def unfused(x):
+        return x @ W.T + 2.0 * ((x @ A.T) @ B.T)
+
+    def ours(x):
+        return bk.lora_linear(x, W, None, A, B, 2.0)
+
+    _fwd_bwd_peak(ours, x, (A, B), dy)  # warm-up (kernel compilation, cuBLAS workspace)
+    _fwd_bwd_peak(unfused, x, (A, B), dy)
+    p_unfused = _fwd_bwd_peak(unfused, x, (A, B), dy)
+    p_ours = _fwd_bwd_peak(ours, x, (A, B), dy)
+    assert p_ours <= p_unfused, f"peak {p_ours / 2**20:.1f} MiB > unfused {p_unfused / 2**20:.1f} MiB"
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_fullgraph_and_cuda_graph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = bk.BaLoRALinear(1024, 1536, 16, bias=True, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(4, 300, 1536, device="cuda", dtype=torch.bfloat16)
+    params = (x, layer.lora_A, layer.lora_B)
+    y_eager = layer(x)
+    g_eager = torch.autograd.grad(y_eager, params, dy)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    y_c = compiled(x)
+    g_c = torch.autograd.grad(y_c, params, dy)
+    torch.testing.assert_close(y_c, y_eager)
+    for a, e in zip(g_c, g_eager):
+        torch.testing.assert_close(a, e)
+
+    # CUDA graph: capture forward + backward, replay on new inputs.
+    static_x = x.detach().clone().requires_grad_(True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            y = layer(static_x)
+            torch.autograd.grad(y, (static_x, layer.lora_A, layer.lora_B), dy)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_g = torch.autograd.grad(static_y, (static_x, layer.lora_A, layer.lora_B), dy)
+    new_x = torch.randn_like(x)
+    static_x.data.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = new_x.clone().requires_grad_(True)
+    ye = layer(xe)
+    ge = torch.autograd.grad(ye, (xe, layer.lora_A, layer.lora_B), dy)
+    torch.testing.assert_close(static_y, ye, rtol=0, atol=0)
+    for a, e in zip(static_g, ge):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc, and the host-side
+# emulation of the kernel math with the host compiler. Fails on any compile error. Nothing is run.
+# The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
+# headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC="${NVCC:-nvcc}"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+for f in csrc/*.cu; do
+  echo "nvcc -arch=sm_90 -c $f"
+  "$NVCC" -arch=sm_90 -O3 -std=c++17 -Werror all-warnings -c "$f" -o "$out/$(basename "$f").o"
+done
+CXX="${CXX:-g++}"
+echo "$CXX -DBK_HOST_EMULATION csrc/host_emulation.cc"
+"$CXX" -O2 -std=c++17 -Wall -Werror -shared -fPIC -DBK_HOST_EMULATION csrc/host_emulation.cc -o "$out/libbk_host.so"
+inc="$(python3 -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null || true)"
+if [ -n "$inc" ]; then
+  cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
+  [ -f "$cuda_inc/cuda_runtime_api.h" ] || cuda_inc="$(dirname "$(readlink -f "$(command -v "$NVCC")")")/../include"
+  py_inc="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  if [ ! -f "$cuda_inc/cusparse.h" ]; then
+    echo "skip bindings.cpp syntax check: no CUDA math-library headers in $cuda_inc"; echo "csrc build check: OK"; exit 0
+  fi
+  echo "$CXX -fsyntax-only csrc/bindings.cpp"
+  # shellcheck disable=SC2086
+  "$CXX" -std=c++17 -fsyntax-only $inc -I"$cuda_inc" -I"$py_inc" -DTORCH_EXTENSION_NAME=_C csrc/bindings.cpp
+fi
+echo "csrc build check: OK"
