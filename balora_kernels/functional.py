@@ -127,11 +127,49 @@ def _projection_plan_class(pairs):
         from .integrations import distributed as _dist
         if _dist.has_dtensor(pairs):
             return _dist.ShardedProjectionPlan
-    return _proj_ops.TorchProjectionPlan
+    return _grouped_projection_choice(pairs)[0]
+
+
+def _grouped_projection_choice(pairs):
+    """(plan class, reason): the Triton plan for CUDA pairs (and CPU pairs under BALORA_KERNELS_IMPL=triton
+    with TRITON_INTERPRET=1), the torch plan otherwise. The Triton plan picks the CUDA extension for its
+    r x r step when it loads, else torch.linalg on the device (see ``_projection_backend_info``)."""
+    req = requested_impl()
+    if not pairs or req == "torch":
+        return _proj_ops.TorchProjectionPlan, "BALORA_KERNELS_IMPL=torch" if req == "torch" else "no pairs"
+    try:
+        from .ops import grouped_projection as _gp
+    except ImportError as e:       # no Triton
+        return _proj_ops.TorchProjectionPlan, f"triton unavailable: {e}"
+    dev = pairs[0][0].device
+    if dev.type != "cuda" and not (req == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1"):
+        return _proj_ops.TorchProjectionPlan, f"{dev.type} tensors take the torch path"
+    if any(t.device != dev for p in pairs for t in p):
+        return _proj_ops.TorchProjectionPlan, "pairs on several devices"
+    why = _gp.supports(pairs)
+    if why is not None:
+        return _proj_ops.TorchProjectionPlan, why
+    return _gp.TritonProjectionPlan, "grouped kernels"
 
 
 def _projection_backend_info() -> dict:
-    return {"cpu": "torch", "cuda": "torch" if torch.cuda.is_available() else None}
+    info = {"cpu": "torch", "cuda": None}
+    if not torch.cuda.is_available():
+        return info
+    try:
+        from .ops import grouped_projection  # noqa: F401
+    except ImportError as e:
+        info.update(cuda="torch", why=f"triton unavailable: {e}")
+        return info
+    if requested_impl() == "torch":
+        info.update(cuda="torch", why="BALORA_KERNELS_IMPL=torch")
+        return info
+    from . import _ext
+    if _ext.load() is not None:
+        info.update(cuda="triton+cuda-ext", extension=_ext.how())
+    else:
+        info.update(cuda="triton+torch-eigh", why=f"CUDA extension unavailable: {_ext.error()}")
+    return info
 
 
 def balance_(pairs: Sequence[_proj_ops.Pair], mode: str = "nearest") -> _proj_ops.ProjectionStats:

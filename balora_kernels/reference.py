@@ -43,18 +43,28 @@ Degenerate pairs (the policy, identical on every backend):
   factor is non-zero (it still receives gradient through the other) stays alive. Both Grams are
   block-diagonal over (live, rest) and equal on the live block; the rest block is left unbalanced
   because a component with a zero product can only be balanced by zeroing it. ``"nearest"`` then
-  rotates the whole pair by the polar factor, which keeps this structure.
+  rotates live and rest components each among themselves (never into each other, so that rounding
+  still cancels dead components in ``BA``): the live ones into the k columns/rows of the pair where
+  they weigh most, by the polar factor of that block of ``C``, the rest likewise.
 
-Components whose product singular value is below ``RANK_RTOL`` (2^-16) of the largest are treated
-as rank-deficient: far above the product noise left by rounding a balanced pair to float32 (~1e-7),
-so a component with a zero product stays dead when the rounded pair is projected again. Gram
-eigenvalues are cut at ``gram_rtol`` of the largest, which follows the precision the Grams were
-accumulated in: ``RANK_RTOL`` sits above the rounding noise of a float32 Gram; float64 Grams (this
-module's own path) use ``RANK_RTOL_FP64_GRAM`` (2^-32, i.e. 2^-16 on the factor's singular values,
-the product threshold's scale). A float32 Gram cannot resolve a factor whose condition number
-exceeds ~2^8, but a float64 one can, and a full-rank pair must be balanced, not left
-"rank-deficient" with a balance gap of several percent (square 64 x 64 Gaussian factors often have
-condition numbers above 2^8).
+Which components are live is decided against rounding noise, never against an arbitrary cut:
+
+* a Gram eigenvalue counts only above the rounding noise of the Gram's own accumulation,
+  ``gram_rtol(dtype)`` of the largest (2^-44 for float64 Grams, 2^-16 = ``RANK_RTOL`` for float32
+  Grams, whose accumulation leaves ~1e-7..1e-6 of noise);
+* a singular value of ``BA`` counts only above the noise floor ``product_floor``,
+  ``max(eps_f * S_1, sqrt(r * eps_g) * ||B||_2 ||A||_2)`` with ``S_1`` the largest singular value of
+  ``BA`` and the spectral norms the square roots of the Grams' largest eigenvalues.
+  ``eps_f * S_1`` is the noise that rounding a pair to the factors' dtype leaves in its product
+  (a bfloat16 pair that is rank-deficient up to its own rounding stays rank-deficient, and the
+  cut is invariant under the projection, so a second pass classifies alike);
+  ``sqrt(r * eps_g) * ||B||_2 ||A||_2`` is what Gram rounding (``eps_g``, the Grams' dtype) leaves
+  in singular values computed from square roots of Grams: float64 Grams resolve products to ~1e-7
+  of ``||B||_2 ||A||_2``, float32 Grams to ~1e-3. A component under the floor cannot be told from
+  zero, so it is kept, not balanced.
+
+Every pair whose Grams resolve its product is balanced; only components at noise level are left
+alone.
 """
 from __future__ import annotations
 
@@ -64,20 +74,26 @@ import torch
 
 MODES = ("nearest", "svd")
 
-# Relative threshold under which a Gram eigenvalue, or a singular value of BA, counts as zero.
-# Float32 Gram accumulation leaves noise around 1e-7..1e-6 of the largest eigenvalue.
+# Gram eigenvalues below gram_rtol(dtype) of the largest are the Gram's own rounding noise:
+# float32 accumulation leaves ~1e-7..1e-6 (RANK_RTOL = 2^-16 sits above it), float64 ~r * 1e-16.
 RANK_RTOL = 2.0**-16
-# Gram-eigenvalue threshold for Grams accumulated in float64: far above their rounding noise
-# (~r * 1e-16, or ~1e-13 for a float32 factor that is low-rank up to its own rounding).
-RANK_RTOL_FP64_GRAM = 2.0**-32
+GRAM_RTOL_FP64 = 2.0**-44
 
 
-def gram_rtol(gram_dtype: torch.dtype, *factor_dtypes: torch.dtype) -> float:
-    """The Gram-eigenvalue threshold for Grams accumulated in ``gram_dtype`` from factors of
-    ``factor_dtypes``: 2^-32 needs float64 Grams of float32/float64 factors (bfloat16 / float16
-    rounding alone leaves Gram noise near 2^-16 of the largest eigenvalue)."""
-    precise = all(d in (torch.float32, torch.float64) for d in factor_dtypes)
-    return RANK_RTOL_FP64_GRAM if gram_dtype == torch.float64 and precise else RANK_RTOL
+def gram_rtol(gram_dtype: torch.dtype) -> float:
+    """The Gram-eigenvalue threshold (relative to the largest) for Grams accumulated in ``gram_dtype``."""
+    return GRAM_RTOL_FP64 if gram_dtype == torch.float64 else RANK_RTOL
+
+
+def product_floor(S_1: torch.Tensor, d_max: torch.Tensor, e_max: torch.Tensor, r: int,
+                  gram_dtype: torch.dtype, factor_dtypes=()) -> torch.Tensor:
+    """The product singular value [...] under which a component is noise (module docstring):
+    ``max(eps_f S_1, sqrt(r eps_g) ||B||_2 ||A||_2)`` from the largest singular value of ``BA`` and
+    the Grams' largest eigenvalues."""
+    eps_g = torch.finfo(gram_dtype).eps
+    eps_f = max(torch.finfo(d).eps for d in (tuple(factor_dtypes) or (gram_dtype,)))
+    norms = (d_max.clamp_min(0) * e_max.clamp_min(0)).sqrt()
+    return torch.maximum(eps_f * S_1, (r * eps_g) ** 0.5 * norms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +182,11 @@ def balance_gap(G_B: torch.Tensor, G_A: torch.Tensor) -> torch.Tensor:
 
 
 def _psd_sqrt_factor(G: torch.Tensor, rtol: float):
-    """``X`` [..., r, r] with ``X X^T = G`` on the eigenvalues above ``rtol`` (others dropped)."""
+    """``(X, d_max)``: ``X`` [..., r, r] with ``X X^T = G`` on the eigenvalues above ``rtol`` times
+    the largest (others dropped), and that largest eigenvalue [...]."""
     d, P = torch.linalg.eigh(G)
     live = d > rtol * d[..., -1:].clamp_min(0)
-    return P * torch.where(live, d, 0).clamp_min(0).sqrt().unsqueeze(-2)
+    return P * torch.where(live, d, 0).clamp_min(0).sqrt().unsqueeze(-2), d[..., -1]
 
 
 def _polar(C: torch.Tensor) -> torch.Tensor:
@@ -183,12 +200,13 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     """Transforms ``T``, ``T^-1`` that balance each pair, from its Grams only.
 
     G_B, G_A: [..., r, r] symmetric PSD (any float dtype; the math runs in float64).
-    factor_dtypes: the dtypes of the factors the Grams came from (they set the rank threshold).
+    factor_dtypes: the dtypes of the factors the Grams came from (they set the product noise
+    floor; pass them: without, the Grams' dtype stands for the factors').
     Returns :class:`Transforms`; ``B' = B T`` and ``A' = T^-1 A``. Skipped pairs get identities.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    rtol = gram_rtol(torch.promote_types(G_B.dtype, G_A.dtype), *factor_dtypes)
+    gram_dtype = torch.promote_types(G_B.dtype, G_A.dtype)
     G_B = G_B.to(torch.float64)
     G_A = G_A.to(torch.float64)
     r = G_B.shape[-1]
@@ -201,10 +219,10 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     G_A = 0.5 * (G_A + G_A.transpose(-1, -2))
 
     # 1-2. square-root factors and the r x r core H = X^T Y with the singular values of BA.
-    X = _psd_sqrt_factor(G_B, rtol)
-    Y = _psd_sqrt_factor(G_A, rtol)
+    X, d_max = _psd_sqrt_factor(G_B, gram_rtol(gram_dtype))
+    Y, e_max = _psd_sqrt_factor(G_A, gram_rtol(gram_dtype))
     U, S, Vh = torch.linalg.svd(X.transpose(-1, -2) @ Y)          # S descending
-    live = S > RANK_RTOL * S[..., :1]
+    live = S > product_floor(S[..., 0], d_max, e_max, r, gram_dtype, factor_dtypes).unsqueeze(-1)
     rank = live.sum(-1)
     zero = (rank == 0) & ~nonfinite
 
@@ -226,9 +244,21 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     W = W_live + N.transpose(-1, -2) @ proj
 
     # 4. choose the member of the balanced orbit: the nearest one, or signs only (svd).
+    # C[i, j] = <B'_i, B_j> + <A'_i, A_j>: new component i against the pair's column/row j.
     C = T.transpose(-1, -2) @ G_B + W @ G_A
     if mode == "nearest":
-        Q = _polar(C)
+        # Q = polar(C) maximises tr(Q^T C). With a rest block, Q may not mix live and rest
+        # components (that would spread dead components, possibly far larger than the product, over
+        # every slot, and rounding would no longer cancel them in B A): the live components take
+        # the k slots where they have most weight, the rest the others, each block its own polar
+        # factor (the polar factor of the block-masked C). Full-rank pairs: plain polar(C).
+        w_live = (C * live.unsqueeze(-1)).square().sum(-2)
+        w_all = C.square().sum(-2)
+        score = torch.where(w_all > 0, w_live / torch.where(w_all > 0, w_all, 1), 0)
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        slot_live = torch.zeros_like(live).scatter(-1, order, j.expand_as(order) < rank.unsqueeze(-1))
+        same = live.unsqueeze(-1) == slot_live.unsqueeze(-2)
+        Q = _polar(torch.where(same, C, 0))
         T, W = T @ Q, Q.transpose(-1, -2) @ W
     else:
         # Live components: signs only. Rest block (rank-deficient pairs): its nearest rotation,

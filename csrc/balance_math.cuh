@@ -13,7 +13,8 @@
 //   2. H = X^T Y; H^T H = V diag(lambda) V^T (descending); U_j = H v_j, S_j = ||H v_j||; live = S_j > RTOL S_max.
 //   3. T[:, j<k] = Y v_j S_j^-1/2; if k < n: T[:, k+j] = j-th eigenvector (ascending) of Z Z^T, Z = X U_live.
 //   4. T^-1 by Gauss-Jordan with partial pivoting (equals the reference's block formula, exactly invertible).
-//   5. C = T^T G_B + T^-1 G_A; nearest: Q = polar(C); svd: Q = blockdiag(sign(diag C_live), polar(C_rest)).
+//   5. C = T^T G_B + T^-1 G_A; Q = blockdiag(Q_live, polar(C_rest)), Q_live = polar(C_live) (nearest) or
+//      sign(diag C_live) (svd): never a rotation across live and rest components.
 //      polar(C) = U V^T from eig(C^T C), dead directions completed from eig(I - U U^T), then two
 //      Newton-Schulz steps Q <- Q (3I - Q^T Q) / 2 so that Q is orthogonal to rounding.
 //   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
@@ -30,9 +31,15 @@ using std::sqrt;
 using std::isfinite;
 using std::fma;
 using std::nan;
+using std::frexp;
+using std::ldexp;
+inline float bk_fdiv(float a, float b) { return a / b; }
+inline float bk_rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 #else
 #define BK_DEV __device__ __forceinline__
 #define BK_HD __host__ __device__ inline
+__device__ __forceinline__ float bk_fdiv(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ float bk_rsqrtf(float x) { return rsqrtf(x); }
 #define BK_SYNC() __syncthreads()
 #endif
 
@@ -80,6 +87,49 @@ BK_DEV double block_sum(Ctx& c, double v) {
 #endif
 }
 
+BK_DEV double block_max(Ctx& c, double v) {
+#ifdef BK_HOST_EMULATION
+  return v;
+#else
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
+  BK_SYNC();
+  if ((c.tid & 31) == 0) c.red[c.tid >> 5] = v;
+  BK_SYNC();
+  double s = 0.0;
+  const int nw = c.nt >> 5;
+  for (int w = 0; w < nw; ++w) s = fmax(s, c.red[w]);
+  return s;
+#endif
+}
+
+// Rotation (c, s) that annihilates S[p][q] of the symmetric 2x2 [[app, apq], [apq, aqq]] (Golub & Van Loan
+// sym.schur2). The tangent is computed in float32 (fast; the matrix is pre-scaled to max |S| ~ 1), then
+// c = (1 + t^2)^-1/2 to float64 accuracy by two Newton steps: the rotation is orthogonal to float64 rounding
+// and annihilates S[p][q] up to ~1e-7 of its size. Once the off-diagonal norm is below 1e-8 of the total,
+// `precise` sweeps use the float64 formula, so the sweep count stays that of exact rotations.
+BK_DEV void jacobi_rotation(double app, double aqq, double apq, bool precise, double* cs, double* sn) {
+  if (precise) {                   // last sweeps: exact float64 rotations (quadratic convergence to the end)
+    if (apq == 0.0) { *cs = 1.0; *sn = 0.0; return; }
+    const double tau = (aqq - app) / (2.0 * apq);
+    const double t = (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
+    *cs = 1.0 / sqrt(1.0 + t * t);
+    *sn = t * *cs;
+    return;
+  }
+  const float fpq = (float)apq;
+  if (fpq == 0.0f) { *cs = 1.0; *sn = 0.0; return; }
+  const float tau = bk_fdiv((float)(aqq - app), 2.0f * fpq);
+  const float at = fabsf(tau);
+  const float tf = at > 1e18f ? bk_fdiv(0.5f, tau) : bk_fdiv(tau >= 0.0f ? 1.0f : -1.0f, at + sqrtf(1.0f + tau * tau));
+  const double t = (double)tf;
+  const double x = 1.0 + t * t;
+  double y = (double)bk_rsqrtf((float)x);
+  y = y * (1.5 - 0.5 * x * y * y);
+  y = y * (1.5 - 0.5 * x * y * y);
+  *cs = y;
+  *sn = t * y;
+}
+
 BK_DEV void set_identity(Ctx& c, double* M, int n) {
   for (int idx = c.tid; idx < n * n; idx += c.nt) M[idx] = (idx / n == idx % n) ? 1.0 : 0.0;
   BK_SYNC();
@@ -114,6 +164,14 @@ BK_DEV void mm(Ctx& c, double* C, const double* A, bool tA, const double* B, boo
 // S [n x n] symmetric (destroyed), V [n x n] workspace. Writes eigenvectors as columns of `vec` and
 // eigenvalues to `val`, ascending.
 BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int n) {
+  // Scale by a power of two (exact) so that max |S| is in [0.5, 1): float32 rotations stay in range.
+  double amax = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) amax = fmax(amax, fabs(S[idx]));
+  amax = block_max(c, amax);
+  int ex = 0;
+  if (amax > 0.0 && isfinite(amax)) frexp(amax, &ex);
+  const double down = ldexp(1.0, -ex), up = ldexp(1.0, ex);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) S[idx] *= down;
   set_identity(c, V, n);
   const int N = n + (n & 1);      // even size; index n is a dummy when n is odd (identity rotations)
   const int m = N / 2;
@@ -127,21 +185,14 @@ BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int 
     off = block_sum(c, off);
     tot = block_sum(c, tot);
     if (!(off > 1e-28 * tot)) break;          // converged (also tot == 0)
+    const bool precise = !(off > 1e-16 * tot);
     for (int s = 0; s < N - 1; ++s) {
       for (int k = c.tid; k < m; k += c.nt) {
         int p, q;
         if (k == 0) { p = s; q = N - 1; }
         else { p = (s + k) % (N - 1); q = (s - k + N - 1) % (N - 1); }
         double cs = 1.0, sn = 0.0;
-        if (q < n) {
-          const double apq = S[p * n + q];
-          if (apq != 0.0) {
-            const double tau = (S[q * n + q] - S[p * n + p]) / (2.0 * apq);
-            const double t = (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
-            cs = 1.0 / sqrt(1.0 + t * t);
-            sn = t * cs;
-          }
-        }
+        if (q < n) jacobi_rotation(S[p * n + p], S[q * n + q], S[p * n + q], precise, &cs, &sn);
         c.rp[k] = p; c.rq[k] = q; c.rc[k] = cs; c.rs[k] = sn;
       }
       BK_SYNC();
@@ -186,7 +237,7 @@ BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int 
   }
   BK_SYNC();
   for (int idx = c.tid; idx < n * n; idx += c.nt) vec[idx] = V[(idx / n) * n + c.perm[idx % n]];
-  for (int j = c.tid; j < n; j += c.nt) val[j] = S[c.perm[j] * n + c.perm[j]];
+  for (int j = c.tid; j < n; j += c.nt) val[j] = S[c.perm[j] * n + c.perm[j]] * up;
   BK_SYNC();
 }
 
@@ -412,38 +463,41 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
   // 4. T^-1.
   invert(c, b.T, b.W, b.M1, n);
 
-  // 5. C = T^T G_B + T^-1 G_A; Q = polar(C) (nearest) or block sign/polar (svd).
+  // 5. C = T^T G_B + T^-1 G_A. Q = blockdiag(Q_live, Q_rest): Q_live = polar(C_live) (nearest) or
+  //    sign(diag C_live) (svd); Q_rest = polar(C_rest). Never rotate across live and rest.
   mm(c, b.M2, b.T, true, b.GB, false, n);
   mm(c, b.M3, b.W, false, b.GA, false, n);
   for (int idx = c.tid; idx < n * n; idx += c.nt) b.M2[idx] += b.M3[idx];     // M2 = C
   BK_SYNC();
-  double* Q;
-  if (mode == 0) {
-    polar(c, b.M2, b.M1, b.M3, b.X, b.Y, b.AW, b.VW, n);       // Q in M1
-    Q = b.M1;
-  } else {
-    const int mr = n - k;
-    for (int j = c.tid; j < k; j += c.nt) c.v0[j] = (b.M2[j * n + j] < 0.0) ? -1.0 : 1.0;
-    if (mr > 0) {
-      for (int idx = c.tid; idx < mr * mr; idx += c.nt) {      // M3 = C_rest, compact mr x mr
-        const int i = idx / mr, j = idx % mr;
-        b.M3[idx] = b.M2[(k + i) * n + (k + j)];
-      }
-      BK_SYNC();
-      polar(c, b.M3, b.X, b.Y, b.M1, b.M2, b.AW, b.VW, mr);    // Q_rest in X (compact)
-    }
-    BK_SYNC();
-    for (int idx = c.tid; idx < n * n; idx += c.nt) {          // M3 = blockdiag(sign, Q_rest)
-      const int i = idx / n, j = idx % n;
-      double q = 0.0;
-      if (i < k && j < k) q = (i == j) ? c.v0[i] : 0.0;
-      else if (i >= k && j >= k) q = b.X[(i - k) * mr + (j - k)];
-      b.M3[idx] = q;
-    }
-    BK_SYNC();
-    Q = b.M3;
+  const int mr = n - k;
+  double* C_live = b.M3;                       // compact k x k, then the compact mr x mr rest block
+  double* C_rest = b.M3 + k * k;               // (k^2 + mr^2 <= n^2)
+  double* Q_live = b.X;
+  double* Q_rest = b.X + k * k;
+  for (int j = c.tid; j < k; j += c.nt) c.v0[j] = (b.M2[j * n + j] < 0.0) ? -1.0 : 1.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int i = idx / n, j = idx % n;
+    if (i < k && j < k) C_live[i * k + j] = b.M2[idx];
+    else if (i >= k && j >= k) C_rest[(i - k) * mr + (j - k)] = b.M2[idx];
   }
-  double* Tq = (Q == b.M1) ? b.M2 : b.M1;
+  BK_SYNC();
+  if (mode == 0) {
+    polar(c, C_live, Q_live, b.Y, b.M1, b.M2, b.AW, b.VW, k);
+  } else {
+    for (int idx = c.tid; idx < k * k; idx += c.nt) Q_live[idx] = (idx / k == idx % k) ? c.v0[idx / k] : 0.0;
+    BK_SYNC();
+  }
+  if (mr > 0) polar(c, C_rest, Q_rest, b.Y, b.M1, b.M2, b.AW, b.VW, mr);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M2 = blockdiag(Q_live, Q_rest)
+    const int i = idx / n, j = idx % n;
+    double q = 0.0;
+    if (i < k && j < k) q = Q_live[i * k + j];
+    else if (i >= k && j >= k) q = Q_rest[(i - k) * mr + (j - k)];
+    b.M2[idx] = q;
+  }
+  BK_SYNC();
+  double* Q = b.M2;
+  double* Tq = b.M1;
   mm(c, Tq, b.T, false, Q, false, n);                          // T Q
   mm(c, b.Y, Q, true, b.W, false, n);                          // Q^T T^-1
   copy_mat(c, b.T, Tq, n);

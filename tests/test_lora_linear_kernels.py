@@ -43,11 +43,19 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+# float32 results: plain PyTorch (cuBLAS) sums in blocked order and lands near 1e-7, so twice its
+# error is within rounding noise of any other summation order; a float32 result also passes below
+# 32 unit roundoffs (~1.9e-6, a sequential sum over ~1000 terms), far under TF32's 1e-4..1e-3.
+FP32_FLOOR = 32 * 2.0**-24
+
+
 def assert_2x(what: str, ours, plain, ref64):
     """ours' error vs ref64 <= 2x the error of plain PyTorch in the same dtype."""
     e_ours, e_plain = rel_err(ours, ref64), rel_err(plain, ref64)
-    assert e_ours <= 2 * e_plain, (f"{what}: error {e_ours:.3e} > 2 x plain PyTorch's {e_plain:.3e} "
-                                   f"(shape {tuple(ours.shape)}, dtype {ours.dtype})")
+    floor = FP32_FLOOR if ours.dtype == torch.float32 and plain.dtype == torch.float32 else 0.0
+    assert e_ours <= max(2 * e_plain, floor), (
+        f"{what}: error {e_ours:.3e} > 2 x plain PyTorch's {e_plain:.3e} "
+        f"(shape {tuple(ours.shape)}, dtype {ours.dtype})")
 
 
 def poisoned(*shape, dtype, device="cpu"):
@@ -211,6 +219,24 @@ def test_interp_op_paths(dtype, r, impl, monkeypatch):
         assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
 
 
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+@pytest.mark.parametrize("dropout", (False, True))
+def test_cublas_mm_path_cpu(dtype, dropout):
+    """The all-cuBLAS implementation's order of operations (runs on CPU matmuls too)."""
+    N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 3
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, adapter_dtype=torch.float32, bias=True,
+                                    dropout=dropout, seed=50)
+    xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
+    y = L.lora_linear(xg, W, b, Ag, Bg, 0.5, m, impl="cublas_mm")
+    y.backward(dy)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 0.5)
+    assert_2x("y", y, yp, y64)
+    for name, got in (("x", xg.grad), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
+        assert got.dtype == getattr(gp, name).dtype
+        assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
 # --------------------------------------------------------------------------------------------
 # CPU op tests (reference math inside the op)
 # --------------------------------------------------------------------------------------------
@@ -275,6 +301,12 @@ def test_dispatcher_choice(monkeypatch, tmp_path):
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.bfloat16, cuda) == "cublas_mm"
         assert L.measured_choice("forward", 8192, 4096, 4096, 16, torch.bfloat16)[1] == 2
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.float32, cuda) == "cublas_mm"
+    # With full-step times, one implementation for both directions (sum of fwd, bwd, full).
+    table["entries"][0]["full_ms"] = {"cublas": 3.0, "triton": 2.5}
+    L._CHOICES.clear()
+    if L.triton is not None:
+        assert functional._lora_linear_impl("backward", 8000, 4096, 4096, 16, torch.bfloat16, cuda) == "triton"
+    L._CHOICES.clear()
     with pytest.raises(ValueError, match="unknown implementation"):
         L._resolve("forward", "nope", 4, 4, 4, 1, torch.float32, cpu)
 
@@ -386,19 +418,23 @@ def test_gpu_peak_memory_not_above_unfused():
     assert p_ours <= p_unfused, f"peak {p_ours / 2**20:.1f} MiB > unfused {p_unfused / 2**20:.1f} MiB"
 
 
-@gpu
-@needs_cuda
-def test_gpu_compile_fullgraph_and_cuda_graph():
-    torch._dynamo.reset()
+def _small_layer():
     torch.manual_seed(0)
     layer = bk.BaLoRALinear(1024, 1536, 16, bias=True, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(layer.lora_B, std=0.02)
     x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(4, 300, 1536, device="cuda", dtype=torch.bfloat16)
+    return layer, x, dy
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    layer, x, dy = _small_layer()
     params = (x, layer.lora_A, layer.lora_B)
     y_eager = layer(x)
     g_eager = torch.autograd.grad(y_eager, params, dy)
-
     compiled = torch.compile(layer, fullgraph=True)
     y_c = compiled(x)
     g_c = torch.autograd.grad(y_c, params, dy)
@@ -406,21 +442,29 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
     for a, e in zip(g_c, g_eager):
         torch.testing.assert_close(a, e)
 
-    # CUDA graph: capture forward + backward, replay on new inputs.
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_capture():
+    """Forward + backward captured in one CUDA graph, replayed on new inputs (no autograd graph
+    from an earlier eager step is alive, as torch's whole-network capture recipe requires)."""
+    layer, x, dy = _small_layer()
     static_x = x.detach().clone().requires_grad_(True)
+    params = (static_x, layer.lora_A, layer.lora_B)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
-            y = layer(static_x)
-            torch.autograd.grad(y, (static_x, layer.lora_A, layer.lora_B), dy)
+        for _ in range(3):
+            grads = torch.autograd.grad(layer(static_x), params, dy)
+    del grads
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = layer(static_x)
-        static_g = torch.autograd.grad(static_y, (static_x, layer.lora_A, layer.lora_B), dy)
-    new_x = torch.randn_like(x)
-    static_x.data.copy_(new_x)
+        static_g = torch.autograd.grad(static_y, params, dy)
+    new_x = torch.randn_like(static_x)
+    with torch.no_grad():
+        static_x.copy_(new_x)
     graph.replay()
     torch.cuda.synchronize()
     xe = new_x.clone().requires_grad_(True)

@@ -1,6 +1,7 @@
 """Property-based checks of the balancing invariants (hypothesis): shapes, ranks, scales 1e-8..1e4,
 dtypes and degenerate patterns drawn at random; every draw must keep the product, stay finite,
 balance what is live, leave zero products bit-identical and be idempotent."""
+import os
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -48,7 +49,10 @@ def _make(dtype, r, in_f, out_f, sa, sb, pattern, seed):
     return (A * sa).to(dtype), (B * sb).to(dtype)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same draws on every run (CI stays deterministic); run with
+# --hypothesis-seed=N and derandomize off to explore (seeds 4 and 6 found the dominant-dead-component cases in
+# test_reference.py).
+@settings(max_examples=120, deadline=None, derandomize=not os.environ.get("BALORA_EXPLORE"), suppress_health_check=[HealthCheck.too_slow])
 @given(pairs())
 def test_balancing_invariants(case):
     dtype, r, in_f, out_f, sa, sb, pattern, seed, mode = case
@@ -70,11 +74,16 @@ def test_balancing_invariants(case):
         return
 
     S = torch.linalg.svdvals(P)[:r]
-    # a singular value right at the rank threshold may fall either side: not a property of the draw
-    ratio = S / S[0]
-    assume(not ((ratio > R.RANK_RTOL / 8) & (ratio < R.RANK_RTOL * 8)).any())
-    k = int((ratio > R.RANK_RTOL).sum())
-    eps = torch.finfo(dtype).eps
+    # the documented noise floor (reference module docstring), from the factors' own SVDs
+    eps, eps64 = torch.finfo(dtype).eps, torch.finfo(torch.float64).eps
+    norms = (torch.linalg.matrix_norm(f64(B), 2) * torch.linalg.matrix_norm(f64(A), 2)).item()
+    floor = max(eps * S[0].item(), (r * eps64) ** 0.5 * norms)
+    # a singular value right at the floor may fall either side: not a property of the draw
+    ratio = S / floor
+    assume(not ((ratio > 1 / 8) & (ratio < 8)).any())
+    k = int((ratio > 1).sum())
+    t = R.balancing_transforms(*R.grams(A, B), mode, factor_dtypes=(dtype, dtype))
+    assert t.rank.item() == k, f"rank {t.rank.item()} but BA has {k} singular values above the noise floor {case}"
 
     # product kept: as well as rounding the exact balanced pair once (it is the one computation);
     # a floor of the product error of the input rounding itself covers a tiny exact product error.
@@ -82,6 +91,13 @@ def test_balancing_invariants(case):
     rounded = product_rel_err(A, B, Ao.to(dtype), Bo.to(dtype))
     pe = product_rel_err(A, B, A1, B1)
     limit = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * rounded + 4 * eps)
+    if k < r:
+        # A dead component much larger than the product: balancing grows one factor while the other
+        # keeps its dead part, so the output pair's own rounding sensitivity eps ||B'|| ||A'|| / ||BA||
+        # bounds the product error (test_reference: *_within_inherent_error). Bound it by that.
+        spread = (torch.linalg.matrix_norm(f64(B1), 2) * torch.linalg.matrix_norm(f64(A1), 2)
+                  / torch.linalg.matrix_norm(P, 2)).item()
+        limit = max(limit, 4 * r * torch.finfo(torch.float64).eps * spread)
     assert pe <= max(limit, 2 * rounded), f"product rel. error {pe:.2e} (rounded oracle {rounded:.2e}) {case}"
 
     if dtype in (torch.float64, torch.float32):
@@ -93,10 +109,20 @@ def test_balancing_invariants(case):
                 An, Bn = nearest_pair64(A, B)
                 assert rel_err(A1, An) <= 1e-6 and rel_err(B1, Bn) <= 1e-6
         else:
-            check_live_block(A1, B1, A, B, k, 1e-8 if dtype == torch.float64 else 1e-4, f"k={k} {case}")
+            # A live component far smaller than a dead one is held in the output dtype to a
+            # relative eps * sqrt(||G|| / S_k) only: the live subspace is known to that accuracy.
+            scale = max(torch.linalg.matrix_norm(f64(B1)).item(), torch.linalg.matrix_norm(f64(A1)).item()) ** 2
+            res = 16 * eps * (scale / S[k - 1].item()) ** 0.5
+            check_live_block(A1, B1, A, B, k, max(1e-8 if dtype == torch.float64 else 1e-5, res), f"k={k} {case}")
         A2, B2 = R.balance(A1, B1, mode)
         change = max(rel_err(A2, A1), rel_err(B2, B1))
-        idem = 1e-8 if dtype == torch.float64 else (1e-5 if mode == "nearest" else 1e-3)
+        if mode == "nearest" or k < r:
+            idem = 1e-8 if dtype == torch.float64 else 1e-5
+            if k < r:   # the live subspace itself is known to eps * sqrt(||G|| / S_k) only (above)
+                idem = max(idem, res)
+        else:   # the svd pair's vectors move with a perturbation by ~eps * S_1 / (smallest singular gap)
+            sep = (S[:-1] - S[1:]).min().item() if r > 1 else S[0].item()
+            idem = max(1e-8 if dtype == torch.float64 else 1e-5, 4 * eps * (1 + S[0].item() / sep))
         assert change <= idem, f"not idempotent: second projection moved it by {change:.2e} {case}"
     elif k == r and mode == "nearest":
         A2, B2 = R.balance(A1, B1, mode)

@@ -147,4 +147,6 @@ def load_packed_model(folder: Path, part_dirs: Sequence[Path] = (), device="cpu"
     if missing or unexpected:
         raise ValueError(f"packed: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    return model.to(dtype=dtype)
+    for p in model.parameters():          # parameters only: buffers (rotary frequencies) stay float32
+        p.data = p.data.to(dtype)
+    return model

@@ -120,11 +120,12 @@ def _mesh_key(mesh) -> tuple:
 class _Factor:
     """One factor of one pair: its kind, its full (or local) value for this run, where it goes back."""
 
-    __slots__ = ("param", "role", "kind")
+    __slots__ = ("param", "role", "kind", "mesh")
 
     def __init__(self, param: torch.Tensor, role: str):
         self.param, self.role = param, role
         self.kind = _kind(param, role)
+        self.mesh = param.device_mesh if is_dtensor(param) else None
 
 
 class ShardedProjectionPlan:
@@ -144,16 +145,19 @@ class ShardedProjectionPlan:
         plain = [i for i in range(len(self.pairs)) if i not in set(dt)]
         self._plain_plan = functional.make_projection_plan([self.pairs[i] for i in plain]) if plain else None
         self._entries = [(i, _Factor(self.pairs[i][0], "A"), _Factor(self.pairs[i][1], "B")) for i in dt]
-        meshes = {}
-        for i, fa, fb in self._entries:
-            for f in (fa, fb):
-                if is_dtensor(f.param):
-                    meshes.setdefault(_mesh_key(f.param.device_mesh), f.param.device_mesh)
-        # A pair with a "generic" factor, or several meshes: gather that pair whole (correct, slower).
-        self._mesh = next(iter(meshes.values())) if len(meshes) == 1 else None
+        # Each pair works on the 1-D mesh of its DTensor factors. A pair with a "generic" factor, or
+        # with factors on different meshes, is gathered whole (correct, slower).
+        self._meshes: Dict[tuple, object] = {}
+        self._entry_mesh: List[Optional[tuple]] = []
         for _, fa, fb in self._entries:
-            if self._mesh is None or "generic" in (fa.kind, fb.kind):
+            ms = {_mesh_key(f.param.device_mesh): f.param.device_mesh for f in (fa, fb) if is_dtensor(f.param)}
+            if len(ms) != 1 or "generic" in (fa.kind, fb.kind):
                 fa.kind = fb.kind = "generic"
+                self._entry_mesh.append(None)
+            else:
+                (key, mesh), = ms.items()
+                self._meshes[key] = mesh
+                self._entry_mesh.append(key)
         self._signature = self._sig()
 
     def _sig(self):
@@ -172,15 +176,16 @@ class ShardedProjectionPlan:
 
     # ---- gathering ---------------------------------------------------------------------------
     def _gather_shard(self, factors: List[_Factor]) -> List[torch.Tensor]:
-        """Full values of 1-D-mesh ``Shard(d)`` factors: one all-gather per dtype, padded chunks."""
+        """Full values of 1-D-mesh ``Shard(d)`` factors: one all-gather per (mesh, dtype), padded chunks."""
         import torch.distributed as dist
-        group = self._mesh.get_group()
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         out: List[Optional[torch.Tensor]] = [None] * len(factors)
-        by_dtype: Dict[torch.dtype, List[int]] = {}
+        by_key: Dict[tuple, List[int]] = {}
         for j, f in enumerate(factors):
-            by_dtype.setdefault(f.param.dtype, []).append(j)
-        for dtype, idx in by_dtype.items():
+            by_key.setdefault((_mesh_key(f.mesh), f.param.dtype), []).append(j)
+        for (mkey, _), idx in by_key.items():
+            group = self._meshes[mkey].get_group()
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
             pieces, sizes = [], []
             for j in idx:
                 p = factors[j].param
@@ -199,7 +204,7 @@ class ShardedProjectionPlan:
                 sizes.append(pieces[-1].numel())
             buf = torch.cat(pieces)
             gathered = buf.new_empty(world * buf.numel())
-            dist.all_gather_into_tensor(gathered, buf, group=group)
+            all_gather(gathered, buf, group=group)
             gathered = gathered.view(world, buf.numel())
             off = 0
             for j, s in zip(idx, sizes):
@@ -267,12 +272,15 @@ class ShardedProjectionPlan:
                 partial_slots.append((k, 0))
             if fa.kind == "long":
                 partial_slots.append((k, 1))
-        # 2. ONE all-reduce over every partial Gram of every layer.
-        if partial_slots:
-            buf = torch.cat([G[k][s].reshape(-1) for k, s in partial_slots])
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._mesh.get_group())
+        # 2. ONE all-reduce over every partial Gram of every layer (per mesh; FSDP2 uses one).
+        for mkey, mesh in self._meshes.items():
+            slots = [(k, s) for k, s in partial_slots if self._entry_mesh[k] == mkey]
+            if not slots:
+                continue
+            buf = torch.cat([G[k][s].reshape(-1) for k, s in slots])
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=mesh.get_group())
             off = 0
-            for k, s in partial_slots:
+            for k, s in slots:
                 r = G[k][s].shape[-1]
                 G[k][s] = buf[off:off + r * r].view(r, r)
                 off += r * r
@@ -356,24 +364,21 @@ def shard_placement_fn(model: nn.Module, world_size: Optional[int] = None
 
 
 def fully_shard_lora(model: nn.Module, layers: Iterable[nn.Module] = (), *, mesh=None,
-                     long_dim_placement: bool = True, **fsdp_kwargs):
-    """The recommended FSDP2 setup: ``fully_shard`` each of ``layers`` then ``model``, adapters
-    sharded along their long dimension; returns a ``BalancedProjector`` over the sharded adapters.
+                     long_dim_placement: bool = True, **fsdp_kwargs) -> nn.Module:
+    """The recommended FSDP2 setup: ``fully_shard`` each of ``layers``, then ``model``, with every
+    adapter sharded along its long dimension (:func:`shard_placement_fn`). Returns ``model``.
 
-    ``layers``: the blocks to shard separately (e.g. ``model.model.layers`` of a Llama);
-    ``fsdp_kwargs`` go to ``fully_shard`` (``mp_policy``, ``reshard_after_forward``, ...);
-    ``long_dim_placement=False`` keeps FSDP2's default ``Shard(0)`` everywhere (lora_A gathered at
-    each projection). Pass ``mode=`` / ``every=`` for the projector in ``fsdp_kwargs``.
+    ``layers``: the blocks to shard separately (e.g. ``model.base_model.model.model.layers`` of a
+    PEFT Llama); ``fsdp_kwargs`` go to ``fully_shard`` (``mp_policy``, ``reshard_after_forward``,
+    ...); ``long_dim_placement=False`` keeps FSDP2's default ``Shard(0)`` (lora_A is then gathered at
+    each projection). Build the projector afterwards (``to_balora(model)`` or
+    ``BalancedProjector(model)``) so that it holds the sharded parameters.
     """
     from torch.distributed.fsdp import fully_shard
-
-    from ..projector import BalancedProjector
-    mode = fsdp_kwargs.pop("mode", "nearest")
-    every = fsdp_kwargs.pop("every", 1)
     if long_dim_placement:
         world = mesh.size() if mesh is not None else None
         fsdp_kwargs["shard_placement_fn"] = shard_placement_fn(model, world)
     for layer in layers:
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
-    return BalancedProjector(model, mode=mode, every=every)
+    return model

@@ -195,6 +195,15 @@ def _conv_pairs(name: str, layer, not_projected: Dict[str, str]) -> List[Tuple[s
     return out
 
 
+def _is_quantised_linear_lora(m) -> bool:
+    """PEFT's LoRA layers over quantised linear bases (bnb, GPTQ, HQQ, AWQ, torchao, ...): their
+    adapters are ordinary ``nn.Linear`` pairs."""
+    return (type(m).__module__.startswith("peft.tuners.lora.")
+            and type(m).__name__ not in ("MultiheadAttention", "ParamWrapper")
+            and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+            and all(isinstance(x, nn.Linear) for x in m.lora_A.values()))
+
+
 def _scan(model: nn.Module):
     """``(patchable layers, report, pair sources)`` without changing anything."""
     lora_layer = _lora_classes()
@@ -217,9 +226,7 @@ def _scan(model: nn.Module):
         elif isinstance(m, lora_layer._ConvNd):
             report.left[label] = "conv LoRA"
             sources += _conv_pairs(label, m, report.not_projected)
-        elif type(m).__module__.startswith("peft.tuners.lora.") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict) \
-                and all(isinstance(x, nn.Linear) for x in m.lora_A.values()) and type(m).__name__ not in (
-                    "MultiheadAttention", "ParamWrapper"):
+        elif _is_quantised_linear_lora(m):
             report.left[label] = f"quantised base ({type(m).__name__})"
             sources += _linear_pairs(label, m)
         else:

@@ -56,6 +56,11 @@ def _k_chunk(R: int) -> int:
     return max(1024, 32 * R)
 
 
+def _num_warps(R: int) -> int:
+    """Enough warps that the R x R fp32 accumulator (or transform) stays in registers."""
+    return 4 if R <= 32 else (8 if R <= 64 else 16)
+
+
 def _dot_precision(R: int) -> str:
     """fp32 dot precision: exact FMA for small r, 3xTF32 (tensor cores, ~fp32 accuracy) for r >= 32."""
     return "ieee" if R <= 16 else "tf32x3"
@@ -185,6 +190,7 @@ def _stats_kernel(
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
+    n_all = tl.zeros((BLOCK,), dtype=tl.int64)
     n_proj = tl.zeros((BLOCK,), dtype=tl.int64)
     n_nf = tl.zeros((BLOCK,), dtype=tl.int64)
     n_zero = tl.zeros((BLOCK,), dtype=tl.int64)
@@ -196,6 +202,7 @@ def _stats_kernel(
         m = idx < P
         s = tl.load(status_ptr + idx, mask=m, other=1)
         done = m & ((s & 3) == 0)
+        n_all += m.to(tl.int64)
         n_proj += done.to(tl.int64)
         n_nf += (m & ((s & 1) != 0)).to(tl.int64)
         n_zero += (m & ((s & 2) != 0)).to(tl.int64)
@@ -204,7 +211,7 @@ def _stats_kernel(
         a = tl.load(gaps_ptr + 2 * idx + 1, mask=done, other=0.0)
         g0 = tl.maximum(g0, tl.where(done, b, 0.0))
         g1 = tl.maximum(g1, tl.where(done, a, 0.0))
-    tl.store(counts_ptr + 0, tl.full((), P, tl.int64))
+    tl.store(counts_ptr + 0, tl.sum(n_all))
     tl.store(counts_ptr + 1, tl.sum(n_proj))
     tl.store(counts_ptr + 2, tl.sum(n_nf))
     tl.store(counts_ptr + 3, tl.sum(n_zero))
@@ -240,10 +247,12 @@ class _RankGroup:
     ``first`` is the group's offset in the plan-wide per-pair arrays (status, gaps).
     """
 
-    def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device):
+    def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device,
+                 k_chunk: Optional[int] = None):
         self.r, self.R = r, padded_rank(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
-        self.block_k, self.k_chunk, self.precision = _block_k(self.R), _k_chunk(self.R), _dot_precision(self.R)
+        self.block_k, self.precision, self.num_warps = _block_k(self.R), _dot_precision(self.R), _num_warps(self.R)
+        self.k_chunk = k_chunk or _k_chunk(self.R)
         by_dtype: Dict[torch.dtype, Tuple[list, list]] = {}
         ranges, slot = [], 0
         for p, i in enumerate(pair_ids):
@@ -289,12 +298,12 @@ class TritonProjectionPlan:
 
     ``transforms``: ``"cuda"`` (the compiled extension), ``"torch"`` (reference math on the device) or
     None (the extension when it loads, else torch). Pairs are grouped by rank; within a rank group each
-    parameter dtype gets its own Gram and rescale launch.
+    parameter dtype gets its own Gram and rescale launch. ``k_chunk`` (tests) overrides the rows per tile.
     """
 
     backend = "triton"
 
-    def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None):
+    def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None):
         self.pairs = list(pairs)
         reason = supports(self.pairs)
         if reason is not None:
@@ -312,7 +321,7 @@ class TritonProjectionPlan:
             by_rank.setdefault(int(A.shape[0]), []).append(i)
         self.groups, first = [], 0
         for r, ids in by_rank.items():
-            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device))
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk))
             first += len(ids)
         self.n_pairs = first
         self._signature = _signature(self.pairs)
@@ -334,7 +343,7 @@ class TritonProjectionPlan:
                 _gram_partial_kernel[(lg.num_programs,)](
                     lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
-                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS)
+                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS, num_warps=g.num_warps)
             _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
 
     def transforms_(self, mode: str, status: torch.Tensor, gaps: torch.Tensor) -> None:
@@ -356,7 +365,7 @@ class TritonProjectionPlan:
                     lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
                     NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
-                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO)
+                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, num_warps=g.num_warps)
 
     def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:
         counts = torch.empty(5, dtype=torch.int64, device=self.device)
@@ -385,9 +394,10 @@ def torch_transforms(grams: torch.Tensor, r: int, mode: str, tw: torch.Tensor, s
                      gaps: torch.Tensor) -> None:
     """The fallback r x r step: :func:`reference.balancing_transforms` (float64) on the Grams' device.
 
-    grams [P, 2, R, R] fp32 in; tw [P, 2, R, R] fp32, status int32 [P], gaps fp64 [P, 2] out.
+    grams [P, 2, R, R] fp32 in (passed as float32, so the reference applies its float32-Gram rank
+    threshold, as the CUDA kernel does); tw [P, 2, R, R] fp32, status int32 [P], gaps fp64 [P, 2] out.
     """
-    G = grams[:, :, :r, :r].to(torch.float64)
+    G = grams[:, :, :r, :r]
     t = reference.balancing_transforms(G[:, 0], G[:, 1], mode)
     tw.zero_()
     tw[:, 0, :r, :r] = t.T.to(torch.float32)

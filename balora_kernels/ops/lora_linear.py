@@ -13,8 +13,8 @@ Implementations (one is chosen per call and per direction by
   term ``s u B^T + b`` (``s (v A) * m`` backward) is written by a Triton kernel into the output buffer
   and cuBLAS accumulates ``x W^T`` (``dy W``) into it with beta=1, so the big output is written once by
   the GEMM and never re-read by an elementwise pass; ``v`` and ``dB`` come from one pass over ``dy``;
-* ``"cublas_mm"`` — the same order of operations with every product a cuBLAS call (fewest launches:
-  best where launch overhead dominates, e.g. a few hundred tokens);
+* ``"cublas_mm"`` — every product one cuBLAS call (fewest launches): the big GEMM written with
+  beta=0, the rank-r term added in place by a K=r GEMM (alpha=s); ``v``, ``dB``, ``dA`` by cuBLAS;
 * ``"triton"``    — one Triton GEMM per big product with the rank-r term folded into its accumulator
   (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator.
 
@@ -430,6 +430,11 @@ def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_d
         out = torch.empty(M, N, device=p.device, dtype=out_dtype or p.dtype)
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     BK = cfg.pop("BLOCK_K", 16)
+    BR = _block_r(R)
+    # Fewer pipeline stages when the rank-r operands would push shared memory past Hopper's 227 KB.
+    while has_base and cfg["num_stages"] > 2 and \
+            (cfg["num_stages"] * (BM * BK + BK * BN) + BM * BR + BR * BN) * p.element_size() > 200 * 1024:
+        cfg["num_stages"] -= 1
     m, smm, smn = _mask_args(mask)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     _lora_gemm_kernel[grid](
@@ -438,7 +443,7 @@ def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_d
         wt.stride(0) if has_base else 0, wt.stride(1) if has_base else 0,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), smm, smn, out.stride(0), out.stride(1),
         HAS_BASE=has_base, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
         DOT_PRECISION=_dot_precision(p.dtype), **cfg)
     return out
 
@@ -458,10 +463,12 @@ def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: flo
         y = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask)
         return y, _x_l(x, mask) @ lora_A.to(dt).T
     if impl == "cublas_mm":
+        # The big GEMM with beta=0 (cuBLAS is measurably slower accumulating into a prefilled
+        # output), then the rank-r term added in place by a K=r GEMM: few launches, no N x out
+        # temporary.
         u = _x_l(x, mask) @ lora_A.to(dt).T
-        Bs = (lora_B * scaling).to(dt)
-        y = torch.addmm(bias, u, Bs.T) if bias is not None else u @ Bs.T
-        return y.addmm_(x, weight.T), u
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        return y.addmm_(u, lora_B.to(dt).T, alpha=scaling), u
     u = xa_forward(x, lora_A, mask)
     if impl == "cublas":
         y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
@@ -481,15 +488,15 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
                                               need_x_grad=need_x, need_weight_grad=need_weight,
                                               need_bias_grad=need_bias)
     dx = None
-    if impl == "cublas_mm":
+    if impl == "cublas_mm":  # every product one cuBLAS call; the fewest launches
         v = dy @ lora_B.to(dt)
-        dB = (torch.mm(dy.T, u) * scaling).to(lora_B.dtype)
-        dA = (torch.mm(v.T, _x_l(x, mask)) * scaling).to(lora_A.dtype)
+        dB = torch.mm(dy.T, u).mul_(scaling).to(lora_B.dtype)
+        dA = torch.mm(v.T, _x_l(x, mask)).mul_(scaling).to(lora_A.dtype)
         if need_x:
-            dx = v @ (lora_A * scaling).to(dt)
-            if mask is not None:
-                dx.mul_(mask)
-            dx.addmm_(dy, weight)
+            if mask is None:
+                dx = torch.mm(dy, weight).addmm_(v, lora_A.to(dt), alpha=scaling)
+            else:
+                dx = torch.addmm(torch.mm(v, lora_A.to(dt)).mul_(mask), dy, weight, beta=scaling)
     elif impl in ("cublas", "triton"):
         v, dB = dyb_backward(dy, lora_B, u, scaling)
         if dB is None:  # rank too large for fused dB partials to pay: a second read of dy
@@ -528,15 +535,27 @@ def tuning_table() -> dict:
 def reload_tuning_table() -> dict:
     global _TUNING
     _TUNING = None
+    _CHOICES.clear()
     return tuning_table()
+
+
+_CHOICES: dict = {}  # (direction, N, in, out, r, dtype) -> measured_choice(...) for the current table
 
 
 def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype) -> Tuple[str, int, Optional[dict]]:
     """``(impl, gemm_config, entry)``: the fastest implementation measured for the nearest shape.
 
     Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
-    (half-weighted) r. Without measurements: ``("cublas", 0, None)``.
+    (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions (see
+    below). Without measurements: ``("cublas", 0, None)``.
     """
+    key = (direction, N, in_f, out_f, r, dtype, id(tuning_table()))
+    if key not in _CHOICES:
+        _CHOICES[key] = _measured_choice(direction, N, in_f, out_f, r, dtype)
+    return _CHOICES[key]
+
+
+def _measured_choice(direction, N, in_f, out_f, r, dtype):
     entries = tuning_table().get("entries", [])
     name = str(dtype).replace("torch.", "")
     cands = [e for e in entries if e["dtype"] == name] or \
@@ -549,8 +568,16 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
                 + 0.5 * abs(math.log(r / e["r"])))
 
     e = min(cands, key=dist)
-    times = e[f"{direction}_ms"]
-    impl = min((t, k) for k, t in times.items() if k in IMPLS and t == t)[1]
+    if "full_ms" in e:
+        # One implementation for both directions, by the sum of its forward, backward and full
+        # medians: forward and backward timed alone miss interactions between the two passes
+        # (measured: the cublas path's full step cost more than its two halves).
+        tot = {k: e["full_ms"][k] + e["forward_ms"][k] + e["backward_ms"][k]
+               for k in e["full_ms"] if k in IMPLS and k in e["forward_ms"] and k in e["backward_ms"]}
+        impl = min((t, k) for k, t in tot.items() if t == t)[1]
+    else:
+        times = e[f"{direction}_ms"]
+        impl = min((t, k) for k, t in times.items() if k in IMPLS and t == t)[1]
     return impl, int(e.get("triton_config", {}).get(direction, 0)), e
 
 

@@ -1,0 +1,122 @@
+"""The optional compiled extension (``csrc/``): import it, or JIT-build and cache it; keep why it failed.
+
+Nothing happens at import time. :func:`load` is called by the projection dispatcher the first time a CUDA
+plan is built:
+
+1. ``balora_kernels._C`` (built by ``setup.py`` on a machine with CUDA torch and nvcc) is imported;
+2. otherwise, when CUDA torch and a CUDA toolkit are present, ``csrc/*.cpp|*.cu`` are compiled with
+   ``torch.utils.cpp_extension.load`` into ``$BALORA_KERNELS_CACHE_DIR`` (default
+   ``~/.cache/balora_kernels``), in a folder named by a hash of the sources, torch and CUDA versions; a
+   later process loads the cached library without compiling;
+3. otherwise the extension is unavailable and :func:`error` says why; callers fall back.
+
+``BALORA_KERNELS_DISABLE_EXT=1`` disables the extension (to exercise the fallback).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from typing import Optional
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_state = {"tried": False, "ok": False, "error": None, "how": None}
+
+
+def cache_dir() -> str:
+    """Where JIT builds are kept (``BALORA_KERNELS_CACHE_DIR`` or ``~/.cache/balora_kernels``)."""
+    root = os.environ.get("BALORA_KERNELS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "balora_kernels")
+    return os.path.abspath(root)
+
+
+def _sources():
+    return sorted(glob.glob(os.path.join(_CSRC, "*.cpp")) + glob.glob(os.path.join(_CSRC, "*.cu")))
+
+
+def _build_tag() -> str:
+    h = hashlib.sha256()
+    for path in _sources() + sorted(glob.glob(os.path.join(_CSRC, "*.cuh"))):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(f"{torch.__version__}|{torch.version.cuda}".encode())
+    return h.hexdigest()[:16]
+
+
+def _have_op() -> bool:
+    try:
+        return hasattr(torch.ops.balora, "balance_transforms")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _try_load() -> None:
+    if os.environ.get("BALORA_KERNELS_DISABLE_EXT", "0") not in ("", "0"):
+        raise RuntimeError("disabled by BALORA_KERNELS_DISABLE_EXT")
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is not a CUDA build")
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.balora.*)
+        if _have_op():
+            _state["how"] = "prebuilt balora_kernels._C"
+            return
+    except ImportError as e:
+        prebuilt_error = e
+    else:
+        prebuilt_error = "balora_kernels._C has no balance_transforms op"
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError(f"no prebuilt extension ({prebuilt_error}) and no CUDA toolkit (CUDA_HOME) to JIT-build it")
+    build_dir = os.path.join(cache_dir(), _build_tag())
+    lib = os.path.join(build_dir, "balora_kernels_C.so")
+    if os.path.exists(lib):
+        torch.ops.load_library(lib)
+        _state["how"] = f"cached JIT build {lib}"
+    else:
+        os.makedirs(build_dir, exist_ok=True)
+        cpp_extension.load(
+            name="balora_kernels_C", sources=_sources(), build_directory=build_dir, is_python_module=False,
+            extra_cflags=["-O3"], extra_include_paths=[_CSRC],
+            extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
+            verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
+        _state["how"] = f"JIT build {lib}"
+    if not _have_op():
+        raise RuntimeError("extension loaded but torch.ops.balora.balance_transforms is missing")
+
+
+def load() -> Optional[object]:
+    """``torch.ops.balora`` when the extension is available (building it once if needed), else None."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _try_load()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001  (any build/import failure means: fall back, and say why)
+            _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return torch.ops.balora if _state["ok"] else None
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def error() -> Optional[str]:
+    """Why the extension is unavailable (None when it loaded or was not tried yet)."""
+    return _state["error"]
+
+
+def how() -> Optional[str]:
+    """How the extension was obtained (prebuilt, cached or fresh JIT build)."""
+    return _state["how"]
+
+
+def reset() -> None:
+    """Forget the last attempt (tests; after changing BALORA_KERNELS_DISABLE_EXT)."""
+    _state.update(tried=False, ok=False, error=None, how=None)
+
+
+def balance_transforms(grams, r: int, mode: int, tw, status, gaps, _scratch_cache=None) -> None:
+    """``torch.ops.balora.balance_transforms``: see csrc/bindings.cpp for the shapes."""
+    torch.ops.balora.balance_transforms(grams, r, mode, tw, status, gaps)

@@ -1,0 +1,349 @@
+"""Benchmark of the LoRA linear layer: ours against the frozen layer, unfused LoRA, PEFT, torch.compile.
+
+    python bench/bench_lora_linear.py [--out DIR] [--write-tuning] [--cases 8k_4096x4096_r16,...]
+
+Providers (bf16, one run, side by side):
+  frozen     nn.Linear with a frozen weight (grads: x)
+  unfused    x W^T + s (x A^T) B^T in plain PyTorch (the math PEFT runs; grads: x, A, B)
+  peft       PEFT's LoRA Linear, made with get_peft_model on a one-layer module
+  compiled   torch.compile of the unfused LoRA
+  ours       balora_kernels.lora_linear, the dispatcher's choice (after the tuning below)
+  ours:IMPL  each implementation forced (torch, cublas_mm, cublas, triton@<gemm config>); their
+             forward, backward and full medians are the tuning table the dispatcher reads
+Modes: forward, backward (autograd.grad of a retained graph), full (both). Speed: median of
+triton.testing.do_bench (L2 flushed between runs). Memory: peak allocated above the inputs during
+one full step. Ratios are to the frozen layer of the same run.
+
+The forced implementations' forward and backward times are the measurements the dispatcher reads:
+with --write-tuning they go to balora_kernels/ops/lora_linear_tuning.json before "ours" is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import balora_kernels as bk  # noqa: E402
+from balora_kernels.ops import lora_linear as L  # noqa: E402
+
+CASES = {  # name: (tokens, in, out, r)
+    "8k_4096x4096_r16": (8192, 4096, 4096, 16),
+    "8k_4096to11008_r16": (8192, 4096, 11008, 16),
+    "8k_11008to4096_r16": (8192, 11008, 4096, 16),
+    "8k_4096x4096_r64": (8192, 4096, 4096, 64),
+    "1k_4096x4096_r16": (1024, 4096, 4096, 16),
+}
+GOALS = {"8k_4096x4096_r16": 1.10, "8k_4096to11008_r16": 1.08, "8k_4096x4096_r64": 1.15,
+         "1k_4096x4096_r16": 1.5}
+SMOKE_CASES = {"smoke_37x72to40_r3": (37, 72, 40, 3), "smoke_64x48to80_r16": (64, 48, 80, 16)}
+MODES = ("forward", "backward", "full")
+SCALING = 2.0
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --smoke only (TRITON_INTERPRET=1)
+
+
+def median_ms(fn):
+    if DEV == "cpu":  # smoke run of the script's logic: a few host-timed calls
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[1]
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def peak_since(base):
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) if DEV == "cuda" else 0
+
+
+def measure(f, x, params, gy):
+    """{mode: ms} and the peak memory (bytes above what is allocated before) of one full step."""
+    inputs = [x, *params]
+    out = {}
+    out["forward"] = median_ms(lambda: f(x))
+    y = f(x)
+    out["backward"] = median_ms(lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True))
+    del y
+    out["full"] = median_ms(lambda: torch.autograd.grad(f(x), inputs, gy))
+    base = reset_peak()
+    g = torch.autograd.grad(f(x), inputs, gy)
+    out["peak_MB"] = peak_since(base) / 2**20
+    del g
+    return out
+
+
+def make_peft(W, A, B, r):
+    from peft import LoraConfig, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    out_f, in_f = W.shape
+    lin = nn.Linear(in_f, out_f, bias=False, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    # autocast_adapter_dtype=False keeps the adapters in bf16, like every other provider here.
+    model = get_peft_model(One(lin), LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["lin"],
+                                                lora_dropout=0.0), autocast_adapter_dtype=False)
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    assert layer.scaling["default"] == SCALING
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+def run_case(name, N, in_f, out_f, r, log):
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(N, in_f, device=dev, dtype=dt, requires_grad=True)
+    gy = torch.randn(N, out_f, device=dev, dtype=dt)
+    W = torch.randn(out_f, in_f, device=dev, dtype=dt) / in_f ** 0.5
+    A = (torch.randn(r, in_f, device=dev, dtype=dt) / in_f ** 0.5).requires_grad_(True)
+    B = (torch.randn(out_f, r, device=dev, dtype=dt) * 1e-2).requires_grad_(True)
+    base = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(W)
+
+    def unfused(x):
+        return base(x) + SCALING * ((x @ A.T) @ B.T)
+
+    res = {"shape": dict(N=N, in_features=in_f, out_features=out_f, r=r), "providers": {}}
+    P = res["providers"]
+    t0 = time.time()
+    P["frozen"] = measure(base, x, [], gy)
+    P["unfused"] = measure(unfused, x, [A, B], gy)
+    try:
+        layer, pparams = make_peft(W, A.detach(), B.detach(), r)
+        P["peft"] = measure(layer, x, pparams, gy)
+    except Exception as e:  # recorded, not hidden
+        P["peft"] = {"error": repr(e)}
+        log(f"  peft failed: {e!r}")
+    torch._dynamo.reset()
+    P["compiled"] = measure(torch.compile(unfused, backend="inductor" if DEV == "cuda" else "aot_eager"),
+                            x, [A, B], gy)
+    for impl in L.IMPLS:
+        configs = range(len(L.GEMM_CONFIGS)) if impl == "triton" else [None]
+        for c in configs:
+            key = f"ours:{impl}" + (f"@{c}" if c is not None else "")
+            cfg_impl = impl
+
+            def ours_forced(x, impl=cfg_impl, c=c):
+                return _forced(x, W, A, B, impl, c)
+            try:
+                P[key] = measure(ours_forced, x, [A, B], gy)
+            except Exception as e:
+                P[key] = {"error": repr(e)}
+                log(f"  {key} failed: {e!r}")
+    log(f"  {name}: baselines and forced implementations in {time.time() - t0:.1f} s")
+    return res, (x, W, A, B, gy, base, unfused)
+
+
+def _forced(x, W, A, B, impl, config):
+    """Our op with the implementation (and Triton GEMM config) forced in both directions."""
+    if impl == "triton":
+        return _TritonAt.apply(x, W, A, B, config)
+    return L.lora_linear(x, W, None, A, B, SCALING, None, impl=impl)
+
+
+class _TritonAt(torch.autograd.Function):
+    """The triton implementation at a given GEMM config (the op itself reads it from the table)."""
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, config):
+        y, u = L.lora_linear_forward("triton", x, W, None, A, B, SCALING, None, config)
+        ctx.save_for_backward(x, u, W, A, B)
+        ctx.config = config
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, W, A, B = ctx.saved_tensors
+        g = L.lora_linear_backward("triton", dy, x, u, W, A, B, SCALING, None, True, False, False, ctx.config)
+        return g.x, None, g.lora_A, g.lora_B, None
+
+
+def tuning_entry(res):
+    s = res["shape"]
+    P = res["providers"]
+    entry = {"dtype": "bfloat16", "N": s["N"], "in": s["in_features"], "out": s["out_features"], "r": s["r"],
+             "forward_ms": {}, "backward_ms": {}, "full_ms": {}, "triton_config": {}}
+    for d in ("forward", "backward", "full"):
+        for impl in L.IMPLS:
+            if impl == "triton":
+                ts = [(P[k][d], int(k.split("@")[1])) for k in P if k.startswith("ours:triton@") and d in P[k]]
+                if ts:
+                    t, c = min(ts)
+                    entry[f"{d}_ms"]["triton"] = round(t, 5)
+                    if d != "full":
+                        entry["triton_config"][d] = c
+            elif d in P.get(f"ours:{impl}", {}):
+                entry[f"{d}_ms"][impl] = round(P[f"ours:{impl}"][d], 5)
+    return entry
+
+
+def thin_kernels(log):
+    """Times of the rank-r kernels alone at 8192 x 4096 -> 4096, r=16, against their memory floor."""
+    dev, dt = DEV, torch.bfloat16
+    N, K, M, r = (8192, 4096, 4096, 16) if DEV == "cuda" else (64, 48, 80, 16)
+    x = torch.randn(N, K, device=dev, dtype=dt)
+    dy = torch.randn(N, M, device=dev, dtype=dt)
+    A = torch.randn(r, K, device=dev, dtype=dt)
+    B = torch.randn(M, r, device=dev, dtype=dt)
+    W = torch.randn(M, K, device=dev, dtype=dt)
+    u = L.xa_forward(x, A)
+    v, _ = L.dyb_backward(dy, B, u, 1.0)
+    src = torch.empty(2 * 1024 ** 3 // 4 if DEV == "cuda" else 1024, device=dev)
+    dst = torch.empty_like(src)
+    copy_TBps = 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e9
+    del src, dst
+    mbytes = N * K * 2
+    out = {"copy_TBps": copy_TBps, "floor_one_read_of_x_ms": mbytes / copy_TBps / 1e9}
+    items = {
+        "xa u=xA^T (Triton)": lambda: L.xa_forward(x, A),
+        "xa u=xA^T (cuBLAS)": lambda: x @ A.T,
+        "dyb v=dyB + dB (Triton, one read of dy)": lambda: L.dyb_backward(dy, B, u, 1.0),
+        "dyB + dy^T u (cuBLAS, two reads)": lambda: (dy @ B, dy.T @ u),
+        "vx dA=v^T x (Triton)": lambda: L.vx_backward(v, x, 1.0),
+        "vx dA=v^T x (cuBLAS)": lambda: v.T @ x,
+        "rank-r write s u B^T (Triton)": lambda: L.lora_gemm(None, None, u, B.T, 1.0),
+        "x W^T (cuBLAS)": lambda: x @ W.T,
+        "x W^T into prefilled C (cuBLAS beta=1)": lambda: torch.empty(N, M, device=dev, dtype=dt).addmm_(x, W.T),
+        "x W^T + s u B^T (Triton GEMM cfg 0)": lambda: L.lora_gemm(x, W.T, u, B.T, 1.0, config=0),
+        "dy W (cuBLAS)": lambda: dy @ W,
+    }
+    for k, fn in items.items():
+        out[k + " ms"] = median_ms(fn)
+    log("  thin kernels: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
+    ap.add_argument("--write-tuning", action="store_true",
+                    help="write the forced implementations' times to balora_kernels/ops/lora_linear_tuning.json")
+    ap.add_argument("--cases", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU under TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        CASES.clear()
+        CASES.update(SMOKE_CASES)
+    elif DEV != "cuda":
+        raise SystemExit("bench_lora_linear.py needs a CUDA device (or --smoke with TRITON_INTERPRET=1)")
+    args.cases = args.cases or ",".join(CASES)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    import triton
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu-smoke"
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    try:
+        import peft
+        peft_v = peft.__version__
+    except Exception:
+        peft_v = None
+    meta = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "peft": peft_v, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "dtype": "bfloat16",
+            "scaling": SCALING, "timing": "triton.testing.do_bench median (warmup 10 ms, rep 40 ms)"}
+    log(f"{gpu} torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__} peft {peft_v}")
+    results = {"meta": meta, "cases": {}}
+    tensors = {}
+    for name in args.cases.split(","):
+        res, t = run_case(name, *CASES[name], log)
+        results["cases"][name] = res
+        tensors[name] = t
+    results["thin_kernels"] = thin_kernels(log)
+
+    tuning = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": meta["date"],
+              "command": meta["command"],
+              "note": "per shape and direction: median ms of each implementation (bench_lora_linear.py); "
+                      "the dispatcher takes the fastest of the nearest shape",
+              "entries": [tuning_entry(results["cases"][n]) for n in results["cases"]]}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "lora_linear_tuning.json"), "w") as f:
+        json.dump(tuning, f, indent=1)
+    if args.write_tuning:
+        with open(L.TUNING_FILE, "w") as f:
+            json.dump(tuning, f, indent=1)
+    L._TUNING = tuning
+    L._CHOICES.clear()
+    # "ours" is timed last, so the frozen layer and the unfused LoRA are timed again right beside
+    # it (the GPU's clocks drift over a run; ratios compare neighbours).
+    for name, (x, W, A, B, gy, base, unfused) in tensors.items():
+        P = results["cases"][name]["providers"]
+        P["frozen_final"] = measure(base, x, [], gy)
+        P["unfused_final"] = measure(unfused, x, [A, B], gy)
+        P["ours"] = measure(lambda x: bk.lora_linear(x, W, None, A, B, SCALING), x, [A, B], gy)
+        N, in_f, out_f, r = CASES[name]
+        P["ours"]["impl"] = {d: L.measured_choice(d, N, in_f, out_f, r, torch.bfloat16)[0]
+                             for d in ("forward", "backward")}
+    # Ratios to the frozen layer timed beside each provider (first pass, or the final pass).
+    for name, res in results["cases"].items():
+        P = res["providers"]
+        final = ("ours", "frozen_final", "unfused_final")
+        res["ratio_to_frozen"] = {
+            k: {m: round(v[m] / P["frozen_final" if k in final else "frozen"][m], 4) for m in MODES if m in v}
+            for k, v in P.items() if "full" in v}
+        if name in GOALS:
+            res["goal_full_ratio"] = GOALS[name]
+            res["goal_met"] = res["ratio_to_frozen"]["ours"]["full"] <= GOALS[name]
+        res["never_slower_than_unfused"] = all(P["ours"][m] <= P["unfused_final"][m] for m in MODES)
+    tag = "".join(c for c in gpu.replace("NVIDIA ", "") if c.isalnum() or c in "-_") or "gpu"
+    path = os.path.join(args.out, f"lora_linear-{tag}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+    # Table (printed last).
+    cols = ("frozen", "unfused", "peft", "compiled", "unfused_final", "ours")
+    log(f"\nwritten {path}\nratio to frozen nn.Linear (bf16, median); frozen in ms; ours' choice fwd/bwd;\n"
+        f"unfused_final and ours: ratio to the frozen layer timed again beside them")
+    log(f"{'case':<20}{'mode':<9}{'frozen ms':>10}" + "".join(f"{c:>14}" for c in cols[1:]) +
+        f"{'best forced':>22}{'ours impl':>22}{'peak MB frozen/unf/ours':>26}")
+    for name, res in results["cases"].items():
+        P, R = res["providers"], res["ratio_to_frozen"]
+        for m in MODES:
+            forced = {k: v for k, v in R.items() if k.startswith("ours:")}
+            best = min(forced, key=lambda k: forced[k][m]) if forced else "-"
+            row = f"{name:<20}{m:<9}{P['frozen'][m]:>10.4f}"
+            row += "".join(f"{R[c][m]:>14.3f}" if c in R else f"{'n/a':>14}" for c in cols[1:])
+            row += f"{best + ' ' + format(forced[best][m], '.3f') if forced else '-':>22}"
+            if m == "full":
+                row += f"{P['ours']['impl']['forward'] + '/' + P['ours']['impl']['backward']:>22}"
+                row += f"{P['frozen']['peak_MB']:>10.0f}/{P['unfused']['peak_MB']:.0f}/{P['ours']['peak_MB']:.0f}"
+            log(row)
+        if "goal_full_ratio" in res:
+            log(f"{'':<20}goal full <= {res['goal_full_ratio']}: {'MET' if res['goal_met'] else 'MISSED'}; "
+                f"never slower than unfused: {res['never_slower_than_unfused']}")
+
+
+if __name__ == "__main__":
+    main()

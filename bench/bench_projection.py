@@ -1,0 +1,233 @@
+"""Projection of every adapter of a model: ours vs the paper's per-module loop vs plain batched PyTorch.
+
+One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which flushes L2 between calls):
+
+* shapes: Llama-2-7B (32 layers x q,k,v,o 4096x4096, gate,up 4096->11008, down 11008->4096: 224 adapters)
+  and a 1B Llama (hidden 2048, 16 layers, intermediate 5632: 112 adapters); r in {8, 16, 64}; fp32 and
+  bf16 adapters (the baselines run on fp32 only: the paper's SVDs need fp32);
+* providers: ``ours`` (TritonProjectionPlan: grouped Gram + CUDA r x r kernel + grouped rescale),
+  ``ours_torch_eigh`` (the same with the torch.linalg fallback for the r x r step, 7B r=16 fp32 only),
+  ``paper_loop`` (the anchors' ref_project per module), ``torch_batched`` (the anchors' batched_project),
+  ``floor`` (read both factors twice, write once, at the copy rate measured in this run);
+* per-kernel times of ours (gram / eig / rescale);
+* one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
+  linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters.
+
+Timed runs of ``ours`` project adapters that earlier runs already balanced (what training sees when
+projecting every step); the first projection of fresh adapters is timed separately (``first_call_ms``).
+Writes ``bench/results/projection-<gpu>.json`` (or ``$OUT``) and prints a table.
+Usage: ``python bench/bench_projection.py [--quick] [--out PATH]``
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def llama_shapes(layers, h, f):
+    """(out, in) of every adapted linear: q, k, v, o (h x h), gate, up (h -> f), down (f -> h)."""
+    return ([(h, h)] * 4 + [(f, h), (f, h), (h, f)]) * layers
+
+
+MODELS = {"llama2-7b": dict(layers=32, h=4096, f=11008), "llama-1b": dict(layers=16, h=2048, f=5632)}
+
+
+def make_adapters(shapes, r, dtype):
+    out = []
+    for (o, i) in shapes:
+        A = torch.randn(r, i, device="cuda") / math.sqrt(i)
+        B = torch.randn(o, r, device="cuda") * 1e-2
+        out.append((A.to(dtype), B.to(dtype)))
+    return out
+
+
+# ---- the anchors' baselines (copied from ../shared/anchors/anchor_bench.py) ----
+def ref_project(A, B):
+    UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
+    SA, RA = (UA * DA) @ UA.T, UA @ VA
+    UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
+    SB, RB = (VB.T * DB) @ VB, UB @ VB
+    U, S, V = torch.linalg.svd(SB @ SA)
+    s = S.sqrt()
+    return (s[:, None] * V) @ RA, RB @ (U * s)
+
+
+def batched_project(groups):
+    outs = []
+    for A, B in groups:
+        GB = B.transpose(1, 2) @ B
+        GA = A @ A.transpose(1, 2)
+        d, Q = torch.linalg.eigh(GB.double())
+        d = d.clamp_min(0)
+        sq = (Q * d.sqrt()[:, None, :]) @ Q.transpose(1, 2)
+        isq = (Q * (d.clamp_min(1e-30).rsqrt())[:, None, :]) @ Q.transpose(1, 2)
+        M = sq @ GA.double() @ sq
+        lam, V = torch.linalg.eigh(M)
+        sig = lam.clamp_min(0).sqrt()
+        T = isq @ V * sig.sqrt()[:, None, :]
+        Tinv = (sig.clamp_min(1e-30).rsqrt()[:, :, None]) * (V.transpose(1, 2) @ sq)
+        outs.append((Tinv.float() @ A, B @ T.float()))
+    return outs
+
+
+def events_ms(fn, warm=1, rep=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return sorted(ts)[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no paper loop on bf16")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-step", action="store_true", help="skip the 1B Llama training step")
+    args = ap.parse_args()
+    import triton
+    from triton.testing import do_bench
+
+    import balora_kernels as bk
+    from balora_kernels.ops.grouped_projection import TritonProjectionPlan
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_name()
+    res = {"gpu": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+           "backend_info": bk.backend_info()["projection"], "timing": "median ms, triton.testing.do_bench (L2 flushed)",
+           "cases": []}
+    bench = lambda fn, rep=50: do_bench(fn, warmup=10, rep=rep, return_mode="median")  # noqa: E731
+
+    x = torch.empty(1024 ** 3 // 4, device="cuda")
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    res["copy_TBps"] = 2 * x.numel() * 4 / t / 1e9
+    del x, y
+    print(f"GPU {dev}; copy {res['copy_TBps']:.2f} TB/s; projection backend {res['backend_info']}", flush=True)
+
+    rows = []
+    for model, cfg in MODELS.items():
+        shapes = llama_shapes(**cfg)
+        for r in (8, 16, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                ad = make_adapters(shapes, r, dtype)
+                nbytes = sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B in ad)
+                case = {"model": model, "r": r, "dtype": str(dtype).replace("torch.", ""), "adapters": len(ad),
+                        "adapter_MB": nbytes / 1e6, "floor_ms": 3 * nbytes / (res["copy_TBps"] * 1e9)}
+                plan = TritonProjectionPlan(ad)
+                plan.run("nearest")                              # compile
+                fresh = make_adapters(shapes, r, dtype)
+                for (A, B), (A2, B2) in zip(ad, fresh):
+                    A.copy_(A2)
+                    B.copy_(B2)
+                torch.cuda.synchronize()
+                case["first_call_ms"] = events_ms(lambda: plan.run("nearest"), warm=0, rep=1)
+                case["ours_ms"] = bench(lambda: plan.run("nearest"))
+                case["ours_svd_ms"] = bench(lambda: plan.run("svd"))
+                status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
+                gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
+                case["gram_ms"] = bench(plan.gram)
+                case["eig_ms"] = bench(lambda: plan.transforms_("nearest", status, gaps))
+                case["rescale_ms"] = bench(lambda: plan.rescale(status))
+                case["stats_ms"] = bench(lambda: plan.stats(status, gaps))
+                case["ours_over_floor"] = case["ours_ms"] / case["floor_ms"]
+                case["backend"] = plan.backend
+                if model == "llama2-7b" and r == 16 and dtype == torch.float32:
+                    fb = TritonProjectionPlan(ad, transforms="torch")
+                    fb.run("nearest")
+                    case["ours_torch_eigh_ms"] = events_ms(lambda: fb.run("nearest"), warm=1, rep=5)
+                if dtype == torch.float32:
+                    case["paper_loop_ms"] = events_ms(lambda: [ref_project(A, B) for A, B in ad], warm=1,
+                                                      rep=1 if args.quick else 3)
+                    by = {}
+                    for A, B in ad:
+                        by.setdefault((A.shape, B.shape), []).append((A, B))
+                    groups = [(torch.stack([a for a, _ in v]), torch.stack([b for _, b in v])) for v in by.values()]
+                    case["torch_batched_ms"] = events_ms(lambda: batched_project(groups), warm=1,
+                                                         rep=1 if (args.quick or r == 64) else 3)
+                    case["speedup_vs_paper"] = case["paper_loop_ms"] / case["ours_ms"]
+                    case["speedup_vs_torch_batched"] = case["torch_batched_ms"] / case["ours_ms"]
+                res["cases"].append(case)
+                rows.append(case)
+                print(json.dumps(case), flush=True)
+                del ad, fresh, plan
+
+    if not args.skip_step:
+        try:
+            from peft import LoraConfig, get_peft_model
+            from transformers import LlamaConfig, LlamaForCausalLM
+            cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)
+            model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+            lc = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"])
+            model = get_peft_model(model, lc)
+            for _, p in model.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            ids = torch.randint(0, 32000, (8, 1024), device="cuda")
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t_step = events_ms(step, warm=2, rep=5)
+            proj = bk.BalancedProjector(model)
+            for _, A, B in proj.named_pairs:
+                torch.nn.init.normal_(B, std=1e-2)
+            proj.project()
+            t_proj = bench(proj.project)
+            pairs = [(A, B) for _, A, B in proj.named_pairs]
+            t_paper = events_ms(lambda: [ref_project(A.data, B.data) for A, B in pairs], warm=1, rep=1 if args.quick else 2)
+            res["llama1b_step"] = {"adapters": len(pairs), "step_ms": t_step, "ours_projection_ms": t_proj,
+                                   "ours_over_step": t_proj / t_step, "paper_loop_ms": t_paper,
+                                   "paper_over_step": t_paper / t_step, "plan": type(proj._plan).__name__,
+                                   "backend": getattr(proj._plan, "backend", "torch")}
+            print(json.dumps(res["llama1b_step"]), flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["llama1b_step"] = {"error": f"{type(e).__name__}: {e}"}
+            print("1B step failed:", e, flush=True)
+
+    slug = "".join(ch if ch.isalnum() else "-" for ch in dev.lower().replace("nvidia", "")).strip("-")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"projection-{slug}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+    hdr = f"{'model':10} {'r':>3} {'dtype':8} {'ours':>8} {'gram':>7} {'eig':>7} {'rescale':>7} {'floor':>7} {'torch_b':>9} {'paper':>9} {'x_paper':>8}"
+    print("\nprojection, median ms (" + dev + ")\n" + hdr)
+    for c in rows:
+        f = lambda k: f"{c[k]:.3f}" if k in c else "-"  # noqa: E731
+        print(f"{c['model']:10} {c['r']:>3} {c['dtype']:8} {f('ours_ms'):>8} {f('gram_ms'):>7} {f('eig_ms'):>7} "
+              f"{f('rescale_ms'):>7} {f('floor_ms'):>7} {f('torch_batched_ms'):>9} {f('paper_loop_ms'):>9} "
+              f"{(c['speedup_vs_paper'] if 'speedup_vs_paper' in c else float('nan')):>8.0f}")
+    if "step_ms" in res.get("llama1b_step", {}):
+        s = res["llama1b_step"]
+        print(f"1B Llama AdamW step {s['step_ms']:.1f} ms; ours {s['ours_projection_ms']:.3f} ms = "
+              f"{100 * s['ours_over_step']:.2f}% of the step (paper loop {100 * s['paper_over_step']:.0f}%)")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
