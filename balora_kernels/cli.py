@@ -84,6 +84,9 @@ def _demo_real(args, out: Path) -> int:
 
     from .demo import assets, train
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("balora demo: --device cuda asked for, but torch sees no CUDA device here", file=sys.stderr)
+        return EXIT_MISSING
     d = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -94,6 +97,8 @@ def _demo_real(args, out: Path) -> int:
             print(f"balora demo: unknown mode {m!r}; choose from {', '.join(train.METHODS)}", file=sys.stderr)
             return EXIT_MISSING
     assets.check_demo_dependencies()
+    import warnings
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # transformers 5 via peft
     t0 = time.perf_counter()
     print(f"loading SmolLM2-135M-Instruct and the King James Bible (cache: {assets.cache_dir()}) ...", flush=True)
     model, tok = assets.load_model_and_tokenizer(progress=not args.quiet)

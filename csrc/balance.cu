@@ -12,7 +12,7 @@ namespace {
 
 constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
 
-__global__ void balance_transforms_kernel(const float* __restrict__ grams, int P, int n, int R, int mode,
+__global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float* __restrict__ grams, int P, int n, int R, int mode,
                                           float* __restrict__ tw, int* __restrict__ status,
                                           double* __restrict__ gaps, double* __restrict__ scratch,
                                           int mats_in_smem) {
@@ -21,6 +21,7 @@ __global__ void balance_transforms_kernel(const float* __restrict__ grams, int P
   c.tid = threadIdx.x;
   c.nt = blockDim.x;
   c.n = n;
+  c.pair_eig = mats_in_smem == bk::NUM_MATS;
   bk::carve_small(c, smem, n);
   double* fast = smem + (bk::small_bytes(n) + 7) / 8;
   const long long nn = (long long)n * n;
@@ -43,7 +44,7 @@ extern "C" {
 // the float64 global scratch elements the launch needs.
 void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* smem_bytes, int* mats_in_smem,
                        long long* scratch_doubles) {
-  *threads = n <= 16 ? 64 : (n <= 32 ? 128 : 256);
+  *threads = n <= 8 ? 64 : (n <= 32 ? 128 : 256);
   const long long small = (bk::small_bytes(n) + 7) / 8 * 8;
   const long long mat = 8LL * n * n;
   int in_smem = 0;
@@ -64,9 +65,16 @@ int bk_balance_launch(const float* grams, int P, int n, int R, int mode, float* 
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream) {
   if (P == 0) return 0;
-  cudaError_t err = cudaFuncSetAttribute(balance_transforms_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         smem_bytes);
+  // Raise the dynamic shared-memory limit once per device (not again while a CUDA graph is captured).
+  static int configured[64] = {0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
+  if (dev < 0 || dev >= 64 || smem_bytes > configured[dev]) {
+    err = cudaFuncSetAttribute(balance_transforms_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
+    if (err != cudaSuccess) return (int)err;
+    if (dev >= 0 && dev < 64) configured[dev] = kMaxSmemBytes;
+  }
   balance_transforms_kernel<<<grid, threads, smem_bytes, stream>>>(grams, P, n, R, mode, tw, status, gaps,
                                                                     scratch, mats_in_smem);
   return (int)cudaGetLastError();

@@ -55,8 +55,9 @@ constexpr int NUM_MATS = 11;                       // r x r float64 buffers per 
 struct Ctx {
   int tid, nt, n;     // thread index, threads in the block (a multiple of 32 on the GPU), rank
   double* red;        // [32] reduction scratch
-  double* rc;         // [n/2+1] rotation cosines of one Jacobi step
-  double* rs;         // [n/2+1] rotation sines
+  double* rc;         // [2 (n/2+1)] rotation cosines of one Jacobi step (two matrices)
+  double* rs;         // [2 (n/2+1)] rotation sines
+  bool pair_eig;      // diagonalize G_B and G_A together (all matrices in shared memory)
   int* rp;            // [n/2+1] rotation index p
   int* rq;            // [n/2+1] rotation index q
   int* perm;          // [n]
@@ -161,46 +162,68 @@ BK_DEV void mm(Ctx& c, double* C, const double* A, bool tA, const double* B, boo
 }
 
 // ---- symmetric eigensolver: cyclic Jacobi, round-robin (parallel) ordering ----
-// S [n x n] symmetric (destroyed), V [n x n] workspace. Writes eigenvectors as columns of `vec` and
-// eigenvalues to `val`, ascending.
-BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int n) {
-  // Scale by a power of two (exact) so that max |S| is in [0.5, 1): float32 rotations stay in range.
-  double amax = 0.0;
-  for (int idx = c.tid; idx < n * n; idx += c.nt) amax = fmax(amax, fabs(S[idx]));
-  amax = block_max(c, amax);
-  int ex = 0;
-  if (amax > 0.0 && isfinite(amax)) frexp(amax, &ex);
-  const double down = ldexp(1.0, -ex), up = ldexp(1.0, ex);
-  for (int idx = c.tid; idx < n * n; idx += c.nt) S[idx] *= down;
-  set_identity(c, V, n);
+// cnt (1 or 2) independent matrices are diagonalized in lockstep: the same steps and barriers serve both,
+// which halves the latency of the two Gram eigendecompositions. For each t < cnt: S[t] [n x n] symmetric
+// (destroyed), V[t] [n x n] workspace; writes eigenvectors as columns of vec[t] and eigenvalues to val[t],
+// ascending.
+BK_DEV void sym_eig_multi(Ctx& c, int cnt, double* const* Sa, double* const* Va, double* const* veca,
+                          double* const* vala, int n) {
+  double up[2] = {1.0, 1.0};
+  bool active[2] = {false, false}, precise[2] = {false, false};
+  for (int t = 0; t < cnt; ++t) {
+    // Scale by a power of two (exact) so that max |S| is in [0.5, 1): float32 rotations stay in range.
+    double* S = Sa[t];
+    double amax = 0.0;
+    for (int idx = c.tid; idx < n * n; idx += c.nt) amax = fmax(amax, fabs(S[idx]));
+    amax = block_max(c, amax);
+    int ex = 0;
+    if (amax > 0.0 && isfinite(amax)) frexp(amax, &ex);
+    const double down = ldexp(1.0, -ex);
+    up[t] = ldexp(1.0, ex);
+    for (int idx = c.tid; idx < n * n; idx += c.nt) S[idx] *= down;
+    set_identity(c, Va[t], n);
+  }
   const int N = n + (n & 1);      // even size; index n is a dummy when n is odd (identity rotations)
   const int m = N / 2;
   for (int sweep = 0; sweep < MAX_SWEEPS; ++sweep) {
-    double off = 0.0, tot = 0.0;
-    for (int idx = c.tid; idx < n * n; idx += c.nt) {
-      const double v = S[idx] * S[idx];
-      tot += v;
-      if (idx / n != idx % n) off += v;
+    bool any = false;
+    for (int t = 0; t < cnt; ++t) {
+      const double* S = Sa[t];
+      double off = 0.0, tot = 0.0;
+      for (int idx = c.tid; idx < n * n; idx += c.nt) {
+        const double v = S[idx] * S[idx];
+        tot += v;
+        if (idx / n != idx % n) off += v;
+      }
+      off = block_sum(c, off);
+      tot = block_sum(c, tot);
+      active[t] = off > 1e-28 * tot;          // not converged (false also for tot == 0 / NaN)
+      precise[t] = !(off > 1e-16 * tot);
+      any = any || active[t];
     }
-    off = block_sum(c, off);
-    tot = block_sum(c, tot);
-    if (!(off > 1e-28 * tot)) break;          // converged (also tot == 0)
-    const bool precise = !(off > 1e-16 * tot);
+    if (!any) break;
     for (int s = 0; s < N - 1; ++s) {
-      for (int k = c.tid; k < m; k += c.nt) {
+      for (int kk = c.tid; kk < cnt * m; kk += c.nt) {
+        const int t = kk >= m ? 1 : 0, k = kk - t * m;
         int p, q;
         if (k == 0) { p = s; q = N - 1; }
         else { p = (s + k) % (N - 1); q = (s - k + N - 1) % (N - 1); }
         double cs = 1.0, sn = 0.0;
-        if (q < n) jacobi_rotation(S[p * n + p], S[q * n + q], S[p * n + q], precise, &cs, &sn);
-        c.rp[k] = p; c.rq[k] = q; c.rc[k] = cs; c.rs[k] = sn;
+        const double* S = Sa[t];
+        if (q < n && active[t]) jacobi_rotation(S[p * n + p], S[q * n + q], S[p * n + q], precise[t], &cs, &sn);
+        if (t == 0) { c.rp[k] = p; c.rq[k] = q; }
+        c.rc[kk] = cs; c.rs[kk] = sn;
       }
       BK_SYNC();
       // S <- J^T S J, one 2x2 block per (pair a, pair b); V <- V J.
-      for (int idx = c.tid; idx < m * m; idx += c.nt) {
-        const int a = idx / m, b = idx % m;
+      const int mm2 = m * m;
+      for (int idx = c.tid; idx < cnt * mm2; idx += c.nt) {
+        const int t = idx >= mm2 ? 1 : 0, rem = idx - t * mm2;
+        if (!active[t]) continue;
+        double* S = Sa[t];
+        const int a = rem / m, b = rem - (rem / m) * m;
         const int p1 = c.rp[a], q1 = c.rq[a], p2 = c.rp[b], q2 = c.rq[b];
-        const double c1 = c.rc[a], s1 = c.rs[a], c2 = c.rc[b], s2 = c.rs[b];
+        const double c1 = c.rc[t * m + a], s1 = c.rs[t * m + a], c2 = c.rc[t * m + b], s2 = c.rs[t * m + b];
         const bool h1 = q1 < n, h2 = q2 < n;
         const double m00 = S[p1 * n + p2];
         const double m01 = h2 ? S[p1 * n + q2] : 0.0;
@@ -213,11 +236,15 @@ BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int 
         if (h1) S[q1 * n + p2] = c2 * l10 - s2 * l11;
         if (h1 && h2) S[q1 * n + q2] = s2 * l10 + c2 * l11;
       }
-      for (int idx = c.tid; idx < n * m; idx += c.nt) {
-        const int i = idx / m, b = idx % m;
+      const int nm = n * m;
+      for (int idx = c.tid; idx < cnt * nm; idx += c.nt) {
+        const int t = idx >= nm ? 1 : 0, rem = idx - t * nm;
+        if (!active[t]) continue;
+        double* V = Va[t];
+        const int i = rem / m, b = rem - (rem / m) * m;
         const int p2 = c.rp[b], q2 = c.rq[b];
         if (q2 < n) {
-          const double c2 = c.rc[b], s2 = c.rs[b];
+          const double c2 = c.rc[t * m + b], s2 = c.rs[t * m + b];
           const double vp = V[i * n + p2], vq = V[i * n + q2];
           V[i * n + p2] = c2 * vp - s2 * vq;
           V[i * n + q2] = s2 * vp + c2 * vq;
@@ -226,19 +253,33 @@ BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int 
       BK_SYNC();
     }
   }
-  for (int i = c.tid; i < n; i += c.nt) {       // rank sort, ties by index: a permutation
-    const double w = S[i * n + i];
-    int rank = 0;
-    for (int j = 0; j < n; ++j) {
-      const double u = S[j * n + j];
-      rank += (u < w) || (u == w && j < i);
+  for (int t = 0; t < cnt; ++t) {
+    const double* S = Sa[t];
+    const double* V = Va[t];
+    for (int i = c.tid; i < n; i += c.nt) {       // rank sort, ties by index: a permutation
+      const double w = S[i * n + i];
+      int rank = 0;
+      for (int j = 0; j < n; ++j) {
+        const double u = S[j * n + j];
+        rank += (u < w) || (u == w && j < i);
+      }
+      c.perm[rank] = i;
     }
-    c.perm[rank] = i;
+    BK_SYNC();
+    double* vec = veca[t];
+    double* val = vala[t];
+    for (int idx = c.tid; idx < n * n; idx += c.nt) vec[idx] = V[(idx / n) * n + c.perm[idx % n]];
+    for (int j = c.tid; j < n; j += c.nt) val[j] = S[c.perm[j] * n + c.perm[j]] * up[t];
+    BK_SYNC();
   }
-  BK_SYNC();
-  for (int idx = c.tid; idx < n * n; idx += c.nt) vec[idx] = V[(idx / n) * n + c.perm[idx % n]];
-  for (int j = c.tid; j < n; j += c.nt) val[j] = S[c.perm[j] * n + c.perm[j]] * up;
-  BK_SYNC();
+}
+
+BK_DEV void sym_eig(Ctx& c, double* S, double* V, double* vec, double* val, int n) {
+  double* Sa[1] = {S};
+  double* Va[1] = {V};
+  double* veca[1] = {vec};
+  double* vala[1] = {val};
+  sym_eig_multi(c, 1, Sa, Va, veca, vala, n);
 }
 
 // Normalize the columns of U [m x m] in place; columns with norm <= rtol * max norm are zeroed and flagged
@@ -400,13 +441,25 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
   }
   const double gap_before = rel_gap(c, b.GB, b.GA, n);
 
-  // 1. square-root factors of both Grams.
-  copy_mat(c, b.AW, b.GB, n);
-  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
-  sqrt_factor(c, b.X, b.M1, c.v1, n);
-  copy_mat(c, b.AW, b.GA, n);
-  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
-  sqrt_factor(c, b.Y, b.M1, c.v1, n);
+  // 1. square-root factors of both Grams (diagonalized together when both fit in shared memory).
+  if (c.pair_eig) {
+    copy_mat(c, b.AW, b.GB, n);
+    copy_mat(c, b.M2, b.GA, n);
+    double* Sa[2] = {b.AW, b.M2};
+    double* Va[2] = {b.VW, b.M3};
+    double* veca[2] = {b.M1, b.T};
+    double* vala[2] = {c.v1, c.v2};
+    sym_eig_multi(c, 2, Sa, Va, veca, vala, n);
+    sqrt_factor(c, b.X, b.M1, c.v1, n);
+    sqrt_factor(c, b.Y, b.T, c.v2, n);
+  } else {
+    copy_mat(c, b.AW, b.GB, n);
+    sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+    sqrt_factor(c, b.X, b.M1, c.v1, n);
+    copy_mat(c, b.AW, b.GA, n);
+    sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+    sqrt_factor(c, b.Y, b.M1, c.v1, n);
+  }
 
   // 2. H = X^T Y; right singular vectors from eig(H^T H), descending; U_j = H v_j / S_j.
   mm(c, b.M2, b.X, true, b.Y, false, n);                       // M2 = H
@@ -530,14 +583,14 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
 }
 
 // Layout of the per-block scratch: vectors and indices (always in shared memory on the GPU).
-BK_HD int small_doubles(int n) { return 32 + 2 * (n / 2 + 1) + 4 * n; }
+BK_HD int small_doubles(int n) { return 32 + 4 * (n / 2 + 1) + 4 * n; }
 BK_HD int small_ints(int n) { return 2 * (n / 2 + 1) + n + 4; }
 
 BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
   c.red = dbl;
   c.rc = c.red + 32;
-  c.rs = c.rc + (n / 2 + 1);
-  c.v0 = c.rs + (n / 2 + 1);
+  c.rs = c.rc + 2 * (n / 2 + 1);
+  c.v0 = c.rs + 2 * (n / 2 + 1);
   c.v1 = c.v0 + n;
   c.v2 = c.v1 + n;
   c.v3 = c.v2 + n;

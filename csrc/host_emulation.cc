@@ -14,6 +14,7 @@ extern "C" void bk_host_balance_transforms(const float* grams, int P, int n, int
   c.tid = 0;
   c.nt = 1;
   c.n = n;
+  c.pair_eig = true;                // the GPU path for r <= 33 (the single-matrix solver runs for the other eighs)
   bk::carve_small(c, small.data(), n);
   const bk::Mats m = bk::carve_mats(mats.data(), mats.data(), bk::NUM_MATS, n);
   const long long RR = (long long)R * R;

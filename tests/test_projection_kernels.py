@@ -315,6 +315,11 @@ def _check_against_reference(pairs, before, mode, dtype, what):
         A_ref, B_ref = reference.balance(f64(A0), f64(B0), mode)
         perr, gap, finite = invariants(A0, B0, A, B)
         assert finite, what
+        if min(A.shape[1], B.shape[0]) < A.shape[0]:
+            # rank-deficient by shape (e.g. out=37 < r): invariants only (the rest basis is arbitrary)
+            assert perr <= (1e-5 if dtype == torch.float32 else 3e-2), (what, tuple(A.shape), tuple(B.shape), perr)
+            worst["prod"] = max(worst["prod"], perr)
+            continue
         if dtype == torch.float32:
             assert perr <= 1e-5 and gap <= 1e-4, (what, tuple(A.shape), tuple(B.shape), perr, gap)
             out = max(rel(A, A_ref), rel(B, B_ref))
@@ -393,8 +398,11 @@ def test_gpu_degenerate_pairs(r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("transforms", ["cuda", "torch"])
-def test_gpu_cuda_graph_capture_and_replay(transforms):
+def test_gpu_cuda_graph_capture_and_replay():
+    _graph_capture_and_replay("cuda")
+
+
+def _graph_capture_and_replay(transforms):
     specs = llama_layer_specs(16, torch.float32) + [(16, 2048, 5632, torch.bfloat16)]
     pairs = make_pairs(specs, device="cuda", seed=30)
     plan = _cuda_plan(pairs, transforms=transforms)
@@ -404,9 +412,9 @@ def test_gpu_cuda_graph_capture_and_replay(transforms):
     try:
         with torch.cuda.graph(g):
             stats = plan.run("nearest")
-    except Exception as e:  # noqa: BLE001
-        if transforms == "torch":
-            pytest.xfail(f"torch.linalg fallback is not graph-capturable here: {type(e).__name__}: {e}")
+    except RuntimeError as e:
+        if transforms == "torch" and "cannot be captured in a CUDA graph" in str(e):
+            return "refused"
         raise
     for it in range(2):
         fresh = make_pairs(specs, device="cuda", seed=31 + it)
@@ -473,3 +481,12 @@ def test_gpu_projector_uses_grouped_plan():
     for m, (A0, B0) in zip(net, before):
         perr, gap, _ = invariants(A0, B0, m.lora_A.detach(), m.lora_B.detach())
         assert perr <= 1e-5 and gap <= 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_zz_fallback_graph_capture_refused_cleanly():
+    """The torch.linalg fallback refuses a capture before recording anything, with a clear error, and
+    the device stays usable (random numbers and a later capture of the extension path work)."""
+    assert _graph_capture_and_replay("torch") == "refused"
+    torch.randn(8, device="cuda").uniform_()          # the generator's state is intact
+    _graph_capture_and_replay("cuda")

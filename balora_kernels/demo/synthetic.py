@@ -18,7 +18,7 @@ All seeds and learning rates are trained together as one batch of independent pa
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 

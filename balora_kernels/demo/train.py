@@ -202,7 +202,6 @@ def train_run(base_model, data: TokenData, cfg: RunConfig, device, progress: Opt
     if projector is not None and projector.last_stats is not None:
         curve.projection = projector.last_stats.as_dict()
         projector.detach()
-    del model, opt
     return curve
 
 

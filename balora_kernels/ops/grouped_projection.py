@@ -61,9 +61,11 @@ def _num_warps(R: int) -> int:
     return 4 if R <= 32 else (8 if R <= 64 else 16)
 
 
-def _dot_precision(R: int) -> str:
-    """fp32 dot precision: exact FMA for small r, 3xTF32 (tensor cores, ~fp32 accuracy) for r >= 32."""
-    return "ieee" if R <= 16 else "tf32x3"
+def _dot_precision(R: int, kernel: str) -> str:
+    """fp32 dot precision: exact fp32 FMA dots for r <= 16 (the 7B Grams ran in ~0.27 ms at r = 8 and
+    16 on an H200, against 3.7 / 0.44 ms with 3xTF32), 3xTF32 on the tensor cores above (~2^-21
+    relative per product; FMA dots do not keep up with memory there)."""
+    return "tf32x3" if R > 16 else "ieee"
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +253,8 @@ class _RankGroup:
                  k_chunk: Optional[int] = None):
         self.r, self.R = r, padded_rank(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
-        self.block_k, self.precision, self.num_warps = _block_k(self.R), _dot_precision(self.R), _num_warps(self.R)
+        self.block_k, self.num_warps = _block_k(self.R), _num_warps(self.R)
+        self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
         self.k_chunk = k_chunk or _k_chunk(self.R)
         by_dtype: Dict[torch.dtype, Tuple[list, list]] = {}
         ranges, slot = [], 0
@@ -342,7 +345,7 @@ class TritonProjectionPlan:
             for lg in g.launches:
                 _gram_partial_kernel[(lg.num_programs,)](
                     lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
-                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.gram_precision,
                     NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS, num_warps=g.num_warps)
             _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
 
@@ -363,7 +366,7 @@ class TritonProjectionPlan:
             for lg in g.launches:
                 _rescale_kernel[(lg.num_programs,)](
                     lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
-                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.precision,
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.rescale_precision,
                     NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
                     SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, num_warps=g.num_warps)
 
@@ -375,9 +378,15 @@ class TritonProjectionPlan:
 
     @torch.no_grad()
     def run(self, mode: str = "nearest") -> ProjectionStats:
-        """Balance every pair in place; returns device-side counters. No host sync, graph-capturable."""
+        """Balance every pair in place; returns device-side counters. No host sync, graph-capturable
+        with the compiled extension (the torch.linalg fallback is not: it refuses a capture up front,
+        before anything is recorded, so a failed capture never leaves the device's state broken)."""
         if mode not in MODE_CODES:
             raise ValueError(f"mode must be one of {tuple(MODE_CODES)}, got {mode!r}")
+        if self.transforms == "torch" and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("TritonProjectionPlan: the torch.linalg fallback for the r x r step cannot be "
+                               "captured in a CUDA graph (torch.linalg synchronises with the host); build the "
+                               "extension (see balora_kernels.backend_info()) to capture the projection")
         status = torch.empty(self.n_pairs, dtype=torch.int32, device=self.device)
         gaps = torch.empty((self.n_pairs, 2), dtype=torch.float64, device=self.device)
         if self.n_pairs == 0:
