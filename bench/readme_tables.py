@@ -1,0 +1,54 @@
+"""Print the README's result tables (markdown) from the committed JSON in bench/results/.
+
+    python bench/readme_tables.py
+
+Every number in the README's results section is printed here from those files.
+"""
+import json
+import os
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def projection(path=os.path.join(HERE, "projection-h200.json")):
+    d = json.load(open(path))
+    print(f"Projection — {d['gpu']}, torch {d['torch']}, triton {d['triton']}, CUDA {d['cuda']}, {d['date'][:10]}; "
+          f"copy rate {d['copy_TBps']:.2f} TB/s; median ms\n")
+    print("| model (adapters) | r | dtype | ours | gram | r x r | rescale | floor | ours / floor | plain batched | paper loop | paper / ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    f = lambda c, k: f"{c[k]:.3f}" if k in c else "-"  # noqa: E731
+    for c in d["cases"]:
+        print(f"| {c['model']} ({c['adapters']}) | {c['r']} | {c['dtype']} | {f(c, 'ours_ms')} | {f(c, 'gram_ms')} | "
+              f"{f(c, 'eig_ms')} | {f(c, 'rescale_ms')} | {f(c, 'floor_ms')} | {c['ours_over_floor']:.1f} | "
+              f"{f(c, 'torch_batched_ms')} | {c['paper_loop_ms']:.0f} | {c['speedup_vs_paper']:.0f}x |"
+              if "paper_loop_ms" in c else
+              f"| {c['model']} ({c['adapters']}) | {c['r']} | {c['dtype']} | {f(c, 'ours_ms')} | {f(c, 'gram_ms')} | "
+              f"{f(c, 'eig_ms')} | {f(c, 'rescale_ms')} | {f(c, 'floor_ms')} | {c['ours_over_floor']:.1f} | - | - | - |")
+    s = d.get("llama1b_step", {})
+    if "step_ms" in s:
+        print(f"\n1B Llama, one AdamW step (8 x 1024 tokens, bf16 autocast, PEFT LoRA r=16 on all linear layers): "
+              f"{s['step_ms']:.1f} ms; projecting its {s['adapters']} adapters: ours {s['ours_projection_ms']:.2f} ms "
+              f"= {100 * s['ours_over_step']:.2f}% of the step; the paper's loop {s['paper_loop_ms']:.0f} ms "
+              f"= {100 * s['paper_over_step']:.0f}%.")
+
+
+def lora_linear(path=os.path.join(HERE, "lora_linear-H200.json")):
+    d = json.load(open(path))
+    m = d["meta"]
+    print(f"\nLoRA linear, {m['dtype']} — {m['gpu']}, torch {m['torch']}, triton {m['triton']}, {m['date'][:10]}; "
+          f"forward + backward (input and adapter gradients), ratio to the frozen nn.Linear of the same run\n")
+    print("| case | frozen ms | unfused | PEFT | torch.compile | ours | goal | peak MB frozen / unfused / ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, c in d["cases"].items():
+        sh, rt, pr = c["shape"], c["ratio_to_frozen"], c["providers"]
+        goal = c.get("goal_full_ratio")
+        goal_s = f"<= {goal} ({'met' if c.get('goal_met') else 'missed'})" if goal else "-"
+        print(f"| {sh['N']} tok, {sh['in_features']}->{sh['out_features']}, r{sh['r']} | {pr['frozen']['full']:.3f} | "
+              f"{rt['unfused']['full']:.2f} | {rt['peft']['full']:.2f} | {rt['compiled']['full']:.2f} | "
+              f"{rt['ours']['full']:.2f} | {goal_s} | {pr['frozen']['peak_MB']:.0f} / {pr['unfused']['peak_MB']:.0f} / "
+              f"{pr['ours']['peak_MB']:.0f} |")
+
+
+if __name__ == "__main__":
+    projection()
+    lora_linear()
