@@ -51,33 +51,8 @@ def make_adapters(shapes, r, dtype):
     return out
 
 
-# ---- the anchors' baselines (copied from ../shared/anchors/anchor_bench.py) ----
-def ref_project(A, B):
-    UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
-    SA, RA = (UA * DA) @ UA.T, UA @ VA
-    UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
-    SB, RB = (VB.T * DB) @ VB, UB @ VB
-    U, S, V = torch.linalg.svd(SB @ SA)
-    s = S.sqrt()
-    return (s[:, None] * V) @ RA, RB @ (U * s)
-
-
-def batched_project(groups):
-    outs = []
-    for A, B in groups:
-        GB = B.transpose(1, 2) @ B
-        GA = A @ A.transpose(1, 2)
-        d, Q = torch.linalg.eigh(GB.double())
-        d = d.clamp_min(0)
-        sq = (Q * d.sqrt()[:, None, :]) @ Q.transpose(1, 2)
-        isq = (Q * (d.clamp_min(1e-30).rsqrt())[:, None, :]) @ Q.transpose(1, 2)
-        M = sq @ GA.double() @ sq
-        lam, V = torch.linalg.eigh(M)
-        sig = lam.clamp_min(0).sqrt()
-        T = isq @ V * sig.sqrt()[:, None, :]
-        Tinv = (sig.clamp_min(1e-30).rsqrt()[:, :, None]) * (V.transpose(1, 2) @ sq)
-        outs.append((Tinv.float() @ A, B @ T.float()))
-    return outs
+# ---- the anchors' baselines (the paper's per-module loop, plain batched PyTorch) --------------------
+from balora_kernels.baselines import batched_project, paper_project as ref_project  # noqa: E402
 
 
 def events_ms(fn, warm=1, rep=3):

@@ -194,14 +194,8 @@ def nearest_pair64(A, B):
 def paper_ref_project(A, B):
     """The paper's reference callback math (anchor_bench.py ``ref_project``), in float64:
     polar parts of the thin SVDs of A and B, then the SVD of the r x r core. Returns ``(A', B')``."""
-    A, B = f64(A), f64(B)
-    UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
-    SA, RA = (UA * DA) @ UA.T, UA @ VA
-    UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
-    SB, RB = (VB.T * DB) @ VB, UB @ VB
-    U, S, V = torch.linalg.svd(SB @ SA)
-    s = S.sqrt()
-    return (s[:, None] * V) @ RA, RB @ (U * s)
+    from balora_kernels.baselines import paper_project
+    return paper_project(f64(A), f64(B))
 
 
 def random_orthogonal(r: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional
+from ..baselines import batched_project, paper_project
 from ..projector import BalancedProjector
 
 SHAPES = {
@@ -64,35 +65,7 @@ def _timer(device: torch.device, reps: int, warm: int = 1) -> Callable[[Callable
     return run
 
 
-# ---- projection baselines --------------------------------------------------------------------
-def paper_project(A: torch.Tensor, B: torch.Tensor):
-    """The paper's ProjectionCallback math for one module: SVD-aligned balanced pair via polar parts."""
-    UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
-    SA, RA = (UA * DA) @ UA.T, UA @ VA
-    UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
-    SB, RB = (VB.T * DB) @ VB, UB @ VB
-    U, S, V = torch.linalg.svd(SB @ SA)
-    s = S.sqrt()
-    return (s[:, None] * V) @ RA, RB @ (U * s)
-
-
-def batched_project(groups):
-    """Plain PyTorch, batched by shape: Grams, float64 eigh of G_B^1/2 G_A G_B^1/2, rescale."""
-    outs = []
-    for A, B in groups:
-        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
-        d, Q = torch.linalg.eigh(GB.double())
-        d = d.clamp_min(0)
-        sq = (Q * d.sqrt()[:, None, :]) @ Q.transpose(1, 2)
-        isq = (Q * d.clamp_min(1e-30).rsqrt()[:, None, :]) @ Q.transpose(1, 2)
-        lam, V = torch.linalg.eigh(sq @ GA.double() @ sq)
-        sig = lam.clamp_min(0).sqrt()
-        T = isq @ V * sig.sqrt()[:, None, :]
-        Tinv = sig.clamp_min(1e-30).rsqrt()[:, :, None] * (V.transpose(1, 2) @ sq)
-        outs.append((Tinv.to(A.dtype) @ A, B @ T.to(B.dtype)))
-    return outs
-
-
+# ---- projection baselines: balora_kernels.baselines ----------------------------------------
 def bench_projection(shape: str, rank: int, device: torch.device, reps: int, paper_loop: bool = True) -> List[dict]:
     cfg = SHAPES[shape]
     shapes = adapter_shapes(**cfg)

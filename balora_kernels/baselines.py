@@ -1,0 +1,42 @@
+"""What users run without this package: the baselines every benchmark measures beside our ops.
+
+* :func:`paper_project` — the paper's ``ProjectionCallback`` math for one module (vcastin/balora,
+  callbacks.py; re-implemented from its formula, as ``../shared/anchors/anchor_bench.py`` does):
+  polar parts of the thin SVDs of A and B, then the SVD of the r x r core;
+* :func:`batched_project` — plain PyTorch batched by shape: Grams, float64 ``torch.linalg.eigh`` of
+  ``G_B^1/2 G_A G_B^1/2``, rescale (the anchors' "plain batched" baseline; no degenerate-pair policy).
+
+Neither is used by the package's own projection; the test suite uses :func:`paper_project` as the
+paper's oracle.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def paper_project(A: torch.Tensor, B: torch.Tensor):
+    """The paper's SVD-aligned balanced pair ``(A', B')`` for one module, A [r, in], B [out, r]."""
+    UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
+    SA, RA = (UA * DA) @ UA.T, UA @ VA
+    UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
+    SB, RB = (VB.T * DB) @ VB, UB @ VB
+    U, S, V = torch.linalg.svd(SB @ SA)
+    s = S.sqrt()
+    return (s[:, None] * V) @ RA, RB @ (U * s)
+
+
+def batched_project(groups):
+    """``[(A' [G, r, in], B' [G, out, r])]`` for stacked groups ``[(A [G, r, in], B [G, out, r])]``."""
+    outs = []
+    for A, B in groups:
+        GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
+        d, Q = torch.linalg.eigh(GB.double())
+        d = d.clamp_min(0)
+        sq = (Q * d.sqrt()[:, None, :]) @ Q.transpose(1, 2)
+        isq = (Q * d.clamp_min(1e-30).rsqrt()[:, None, :]) @ Q.transpose(1, 2)
+        lam, V = torch.linalg.eigh(sq @ GA.double() @ sq)
+        sig = lam.clamp_min(0).sqrt()                      # singular values of B A
+        T = isq @ V * sig.sqrt()[:, None, :]
+        Tinv = sig.clamp_min(1e-30).rsqrt()[:, :, None] * (V.transpose(1, 2) @ sq)
+        outs.append((Tinv.to(A.dtype) @ A, B @ T.to(B.dtype)))
+    return outs
