@@ -32,5 +32,21 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+def with_csrc_copy(cmdclass):
+    """Ship csrc/ inside the package (balora_kernels/_csrc) so a regular install can JIT-build it."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithCsrc(build_py):
+        def run(self):
+            super().run()
+            dst = os.path.join(self.build_lib, "balora_kernels", "_csrc")
+            os.makedirs(dst, exist_ok=True)
+            for path in glob.glob("csrc/*"):
+                if os.path.isfile(path):
+                    self.copy_file(path, os.path.join(dst, os.path.basename(path)))
+
+    return {**cmdclass, "build_py": BuildPyWithCsrc}
+
+
 ext_modules, cmdclass = cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=with_csrc_copy(cmdclass))

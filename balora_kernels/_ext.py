@@ -21,7 +21,11 @@ from typing import Optional
 
 import torch
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# The CUDA sources: the copy that setup.py ships inside the package (balora_kernels/_csrc, regular
+# installs), else the repository's csrc/ (a checkout or an editable install).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = next((d for d in (os.path.join(_HERE, "_csrc"), os.path.join(os.path.dirname(_HERE), "csrc"))
+              if os.path.isdir(d)), os.path.join(os.path.dirname(_HERE), "csrc"))
 _state = {"tried": False, "ok": False, "error": None, "how": None}
 
 
