@@ -10,8 +10,15 @@ def describe(t) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B) -> None:
-    """Raise a ValueError naming ``where`` and every shape when the LoRA operands do not fit."""
+def check_dropout(where: str, p) -> None:
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{where}: dropout_p must be a number in [0, 1), got {p!r}")
+
+
+def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B, same_dtype: bool = True) -> None:
+    """Raise a ValueError naming ``where`` and every shape when the LoRA operands do not fit.
+
+    ``same_dtype=False`` (under autocast, before casting) skips the rules that tie dtypes together."""
     problems = []
     if weight.dim() != 2:
         problems.append("weight must be 2-D [out, in]")
@@ -31,11 +38,11 @@ def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             problems.append(f"{name} must be floating point")
-    if not problems and weight.dtype != x.dtype:
+    if not problems and same_dtype and weight.dtype != x.dtype:
         problems.append(f"weight dtype {weight.dtype} != x dtype {x.dtype} (use torch.autocast to mix)")
-    if not problems and bias is not None and bias.dtype != x.dtype:
+    if not problems and same_dtype and bias is not None and bias.dtype != x.dtype:
         problems.append(f"bias dtype {bias.dtype} != x dtype {x.dtype}")
-    if not problems:
+    if not problems and same_dtype:
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if t.dtype not in (x.dtype, torch.float32):
                 problems.append(f"{name} dtype {t.dtype} must be x's dtype {x.dtype} or float32")
@@ -47,3 +54,14 @@ def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B) -> None:
             f"{where}: " + "; ".join(problems) + f". Got x {describe(x)}, weight {describe(weight)}, "
             f"bias {describe(bias)}, lora_A {describe(lora_A)}, lora_B {describe(lora_B)}."
         )
+
+
+def check_pairs(where: str, named_pairs) -> None:
+    """Every ``(name, lora_A, lora_B)`` must be floating ``[r, in]`` / ``[out, r]`` tensors on one device."""
+    for name, A, B in named_pairs:
+        ok = (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and A.dim() == 2 and B.dim() == 2
+              and A.shape[0] == B.shape[1] and A.is_floating_point() and B.is_floating_point()
+              and A.device == B.device)
+        if not ok:
+            raise ValueError(f"{where}: adapter {name!r} must have lora_A [r, in] and lora_B [out, r] floating "
+                             f"tensors on one device; got lora_A {describe(A)}, lora_B {describe(B)}")

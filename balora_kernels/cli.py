@@ -79,14 +79,29 @@ GPU_DEFAULTS = dict(steps=200, batch_size=8, seq_len=128, eval_every=10, eval_se
                     target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", lr=1e-3, alpha=16.0)
 
 
+class UsageError(Exception):
+    """A bad option value: reported as one line (exit status 2), never a traceback."""
+
+
+def _device(spec: str):
+    """``torch.device(spec)`` for cpu / cuda[:N] only, and only when torch can use it here."""
+    import torch
+    try:
+        d = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {spec!r} is not a device name torch knows (use cpu or cuda)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec!r} asked for, but torch sees no CUDA device here")
+    return d
+
+
 def _demo_real(args, out: Path) -> int:
     import torch
 
     from .demo import assets, train
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("balora demo: --device cuda asked for, but torch sees no CUDA device here", file=sys.stderr)
-        return EXIT_MISSING
+    device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -198,6 +213,8 @@ def cmd_bench(args) -> int:
         if s not in bench.SHAPES:
             print(f"balora bench: unknown shapes {s!r}; choose from {', '.join(bench.SHAPES)}", file=sys.stderr)
             return EXIT_MISSING
+    if args.device:
+        _device(args.device)
     res = bench.run_bench(shapes, rank=args.rank, device=args.device, tokens=args.tokens, reps=args.reps,
                           compile_=not args.no_compile, paper_loop=not args.no_paper_loop)
     res["env"]["command"] = "balora " + " ".join(sys.argv[1:])
@@ -209,6 +226,8 @@ def cmd_bench(args) -> int:
 def cmd_check(args) -> int:
     from .demo import check
     devices = args.device.split(",") if args.device else None
+    for dev in devices or ():
+        _device(dev)
     rep = check.run_check(devices)
     print(check.format_report(rep))
     if args.json:
@@ -268,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .demo import MissingDependency
     try:
         return args.fn(args)
-    except MissingDependency as e:
+    except (MissingDependency, UsageError) as e:
         print(f"balora {args.cmd}: {e}", file=sys.stderr)
         return EXIT_MISSING
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from .ops import lora_linear as _lora_ops
 from .ops import projection as _proj_ops
 
 IMPLS = ("torch", "triton", "cuda")
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def requested_impl() -> Optional[str]:
@@ -53,12 +54,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     operands are cast to the autocast dtype as ``F.linear`` would be (adapters keep their own
     dtype; their gradients come back in it). ``name`` appears in error messages.
     """
+    _errors.check_dropout(name, dropout_p)
     if torch.is_autocast_enabled(x.device.type):
+        # Checked before casting, so that errors name the caller's tensors; then, like F.linear,
+        # float32 / float16 / bfloat16 operands run in the autocast dtype (float64 stays float64).
+        _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B, same_dtype=False)
         dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, name)
+            return lora_linear(cast(x), cast(weight), cast(bias), lora_A, lora_B, scaling, dropout_p,
+                               training, name)
     _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -86,6 +91,8 @@ def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dty
     """
     req = requested_impl()
     have_triton = _lora_ops.triton is not None
+    if N == 0:
+        return "torch"                      # an empty batch: nothing to launch
     if device.type != "cuda":
         interp = os.environ.get("TRITON_INTERPRET", "") == "1"
         return {"triton": "triton", "cuda": "cublas"}.get(req, "torch") if (have_triton and interp) else "torch"
@@ -116,18 +123,29 @@ def _lora_linear_backend_info() -> dict:
 # Projection
 # --------------------------------------------------------------------------------------------
 def make_projection_plan(pairs: Sequence[_proj_ops.Pair]):
-    """A reusable plan that balances ``pairs`` in place, on the backend chosen for their device."""
-    return _projection_plan_class(pairs)(pairs)
+    """A reusable plan that balances ``pairs`` in place, on the backend chosen for their device.
+
+    The plan carries ``why``: the reason this backend was chosen (e.g. why CUDA pairs took the
+    torch path); :attr:`BalancedProjector.backend` shows it."""
+    cls, why = _projection_choice(pairs)
+    plan = cls(pairs)
+    plan.why = why
+    return plan
 
 
 def _projection_plan_class(pairs):
     """The one choice of projection backend for these pairs."""
+    return _projection_choice(pairs)[0]
+
+
+def _projection_choice(pairs):
+    """(plan class, reason)."""
     if torch.distributed.is_available():
         # DTensor factors (FSDP2): Grams of local shards, one all-reduce, local rescale.
         from .integrations import distributed as _dist
         if _dist.has_dtensor(pairs):
-            return _dist.ShardedProjectionPlan
-    return _grouped_projection_choice(pairs)[0]
+            return _dist.ShardedProjectionPlan, "DTensor (FSDP2) factors"
+    return _grouped_projection_choice(pairs)
 
 
 def _grouped_projection_choice(pairs):
@@ -180,5 +198,7 @@ def balance_(pairs: Sequence[_proj_ops.Pair], mode: str = "nearest") -> _proj_op
     """
     from .reference import MODES
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"balance_: mode must be one of {MODES}, got {mode!r}")
+    pairs = list(pairs)
+    _errors.check_pairs("balance_", [(f"pair{i}", A, B) for i, (A, B) in enumerate(pairs)])
     return make_projection_plan(pairs).run(mode)

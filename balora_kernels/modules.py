@@ -76,8 +76,8 @@ class BaLoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` [out, in] in float32 (or float64 for float64 adapters)."""
-        dt = torch.promote_types(self.lora_A.dtype, torch.float32)
+        """``s * B A`` [out, in] in float32, or float64 when the adapters or the weight are float64."""
+        dt = torch.promote_types(torch.promote_types(self.lora_A.dtype, self.weight.dtype), torch.float32)
         return self.scaling * (self.lora_B.to(dt) @ self.lora_A.to(dt))
 
     @torch.no_grad()

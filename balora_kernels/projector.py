@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from ._errors import describe
+from ._errors import check_pairs
 from .ops.projection import ProjectionStats
 from .reference import MODES
 
@@ -18,7 +18,8 @@ def find_adapters(module: nn.Module, prefix: str = "") -> List[NamedPair]:
     """Every LoRA pair below ``module``: BaLoRALinear layers and PEFT LoRA ``Linear`` layers.
 
     A PEFT layer contributes one pair per adapter name present in both ``lora_A`` and ``lora_B``
-    whose weights are 2-D (linear LoRA; embedding and conv LoRA are not linear pairs).
+    whose weights are 2-D (linear LoRA; embedding and conv LoRA are not linear pairs). Pairs whose
+    factors both have ``requires_grad`` off (frozen or inactive adapters) are left out.
     """
     from .modules import BaLoRALinear
     found, seen = [], set()
@@ -35,7 +36,8 @@ def find_adapters(module: nn.Module, prefix: str = "") -> List[NamedPair]:
         else:
             continue
         for p in pairs:
-            if id(p[1]) not in seen:
+            # frozen adapters (requires_grad off: e.g. PEFT's inactive adapters) are not projected
+            if id(p[1]) not in seen and (p[1].requires_grad or p[2].requires_grad):
                 seen.add(id(p[1]))
                 found.append(p)
     return found
@@ -55,16 +57,6 @@ def _collect(source) -> List[NamedPair]:
         else:
             raise TypeError(f"BalancedProjector: item {i} is neither a module nor an (A, B) pair: {type(item).__name__}")
     return pairs
-
-
-def _validate(pairs: List[NamedPair]) -> None:
-    for name, A, B in pairs:
-        ok = (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and A.dim() == 2 and B.dim() == 2
-              and A.shape[0] == B.shape[1] and A.is_floating_point() and B.is_floating_point()
-              and A.device == B.device)
-        if not ok:
-            raise ValueError(f"BalancedProjector: adapter {name!r} must have lora_A [r, in] and lora_B [out, r] "
-                             f"floating tensors on one device; got lora_A {describe(A)}, lora_B {describe(B)}")
 
 
 class BalancedProjector:
@@ -90,7 +82,7 @@ class BalancedProjector:
         self.named_pairs = _collect(model_or_modules)
         if not self.named_pairs:
             raise ValueError("BalancedProjector: no LoRA adapters found (expected BaLoRALinear or PEFT LoRA Linear layers, or (A, B) pairs)")
-        _validate(self.named_pairs)
+        check_pairs("BalancedProjector", self.named_pairs)
         self.mode, self.every = mode, every
         self.steps = 0              # optimizer steps seen while attached
         self.projections = 0        # projections run
@@ -104,9 +96,16 @@ class BalancedProjector:
 
     def _current_plan(self):
         if self._plan is None or self._plan.is_stale():
-            _validate(self.named_pairs)    # a parameter may have changed shape since __init__
+            check_pairs("BalancedProjector", self.named_pairs)    # a parameter may have changed shape since __init__
             self._plan = functional.make_projection_plan([(A, B) for _, A, B in self.named_pairs])
         return self._plan
+
+    @property
+    def backend(self) -> dict:
+        """Which plan runs and why (``{"plan", "backend", "why"}``); builds the plan if needed."""
+        plan = self._current_plan()
+        return {"plan": type(plan).__name__, "backend": getattr(plan, "backend", "torch"),
+                "why": getattr(plan, "why", None)}
 
     def project(self) -> ProjectionStats:
         """Balance every adapter now (in place). Returns device-side stats; read with ``.as_dict()``."""
@@ -137,9 +136,13 @@ class BalancedProjector:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore counters (so ``every`` keeps its phase on resume); adapter names must match."""
-        if list(state.get("names", [])) != self.names:
-            raise ValueError(f"BalancedProjector.load_state_dict: adapters differ: saved {len(state.get('names', []))} "
-                             f"names, this projector has {len(self.names)} (first mismatch shown by comparing .names)")
+        saved = list(state.get("names", []))
+        if saved != self.names:
+            i = next((i for i, (a, b) in enumerate(zip(saved, self.names)) if a != b), min(len(saved), len(self.names)))
+            first = (f"first difference at index {i}: saved {saved[i] if i < len(saved) else '(none)'!r}, "
+                     f"here {self.names[i] if i < len(self.names) else '(none)'!r}")
+            raise ValueError(f"BalancedProjector.load_state_dict: adapters differ: {len(saved)} saved, "
+                             f"{len(self.names)} here; {first}")
         missing = [k for k in ("mode", "every", "steps", "projections") if k not in state]
         if missing:
             raise ValueError(f"BalancedProjector.load_state_dict: missing keys {missing} in {state!r}")

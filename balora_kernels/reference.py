@@ -85,13 +85,20 @@ def gram_rtol(gram_dtype: torch.dtype) -> float:
     return GRAM_RTOL_FP64 if gram_dtype == torch.float64 else RANK_RTOL
 
 
+def factor_eps(lora_A: torch.Tensor, lora_B: torch.Tensor) -> float:
+    """The rounding unit ``eps_f`` of a pair: that of its less precise factor."""
+    return max(torch.finfo(lora_A.dtype).eps, torch.finfo(lora_B.dtype).eps)
+
+
 def product_floor(S_1: torch.Tensor, d_max: torch.Tensor, e_max: torch.Tensor, r: int,
-                  gram_dtype: torch.dtype, factor_dtypes=()) -> torch.Tensor:
+                  gram_dtype: torch.dtype, factor_dtypes=(), eps_f=None) -> torch.Tensor:
     """The product singular value [...] under which a component is noise (module docstring):
     ``max(eps_f S_1, sqrt(r eps_g) ||B||_2 ||A||_2)`` from the largest singular value of ``BA`` and
-    the Grams' largest eigenvalues."""
+    the Grams' largest eigenvalues. ``eps_f``: per pair [...] or one number; by default the least
+    precise of ``factor_dtypes`` (the Grams' dtype when none is given)."""
     eps_g = torch.finfo(gram_dtype).eps
-    eps_f = max(torch.finfo(d).eps for d in (tuple(factor_dtypes) or (gram_dtype,)))
+    if eps_f is None:
+        eps_f = max(torch.finfo(d).eps for d in (tuple(factor_dtypes) or (gram_dtype,)))
     norms = (d_max.clamp_min(0) * e_max.clamp_min(0)).sqrt()
     return torch.maximum(eps_f * S_1, (r * eps_g) ** 0.5 * norms)
 
@@ -196,12 +203,13 @@ def _polar(C: torch.Tensor) -> torch.Tensor:
 
 
 def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "nearest",
-                         factor_dtypes=()) -> Transforms:
+                         factor_dtypes=(), eps_f=None) -> Transforms:
     """Transforms ``T``, ``T^-1`` that balance each pair, from its Grams only.
 
     G_B, G_A: [..., r, r] symmetric PSD (any float dtype; the math runs in float64).
     factor_dtypes: the dtypes of the factors the Grams came from (they set the product noise
-    floor; pass them: without, the Grams' dtype stands for the factors').
+    floor; pass them: without, the Grams' dtype stands for the factors'); or ``eps_f`` [...], the
+    rounding unit of each pair's factors (:func:`factor_eps`), for batches of mixed dtypes.
     Returns :class:`Transforms`; ``B' = B T`` and ``A' = T^-1 A``. Skipped pairs get identities.
     """
     if mode not in MODES:
@@ -222,7 +230,7 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     X, d_max = _psd_sqrt_factor(G_B, gram_rtol(gram_dtype))
     Y, e_max = _psd_sqrt_factor(G_A, gram_rtol(gram_dtype))
     U, S, Vh = torch.linalg.svd(X.transpose(-1, -2) @ Y)          # S descending
-    live = S > product_floor(S[..., 0], d_max, e_max, r, gram_dtype, factor_dtypes).unsqueeze(-1)
+    live = S > product_floor(S[..., 0], d_max, e_max, r, gram_dtype, factor_dtypes, eps_f).unsqueeze(-1)
     rank = live.sum(-1)
     zero = (rank == 0) & ~nonfinite
 

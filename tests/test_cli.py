@@ -255,3 +255,21 @@ def test_demo_real_model(tmp_path, capsys):
     assert res["curves"][0]["eval_loss"][0] == res["curves"][1]["eval_loss"][0]   # same start, same eval batch
     assert res["curves"][1]["projection"]["projected"] > 0
     assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--device", "foo"], "--device 'foo' is not a device name torch knows"),
+    (["demo", "--device", "mps"], "--device 'mps': only cpu and cuda are supported"),
+])
+def test_bad_device_is_one_line_not_a_traceback(argv, message, capsys):
+    from balora_kernels.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_bench_cuda_without_cuda_is_one_line(capsys):
+    from balora_kernels.cli import main
+    assert main(["bench", "--device", "cuda", "--shapes", "tiny"]) == 2
+    assert "torch sees no CUDA device here" in capsys.readouterr().err

@@ -32,7 +32,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(backend, out_dir):
+def _launch(backend, out_dir, attempts=3):
+    """Run the workers; the free port is found before they bind it, so another process can take it in
+    between: on "address already in use" only, try again on a new port."""
+    for attempt in range(attempts):
+        try:
+            return _launch_once(backend, out_dir)
+        except _PortTaken:
+            if attempt == attempts - 1:
+                raise
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _launch_once(backend, out_dir):
     env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                PYTHONWARNINGS="ignore")
@@ -54,6 +69,9 @@ def _launch(backend, out_dir):
             p.wait()
             log.close()
     failed = [r for r, (p, _) in enumerate(procs) if p.returncode != 0]
+    if failed and any("ddress already in use" in open(os.path.join(out_dir, f"log{r}.txt")).read()
+                      for r in range(WORLD)):
+        raise _PortTaken()
     if failed:
         tails = "\n".join(f"--- rank {r} ---\n" + open(os.path.join(out_dir, f"log{r}.txt")).read()[-3000:]
                           for r in range(WORLD))

@@ -110,3 +110,31 @@ def test_callback_skips_skipped_steps_and_refuses_double_projection():
         cb.on_train_begin(None, State(), None)
     with pytest.raises(TypeError):
         BaLoRACallback(model)
+
+
+def test_load_checkpoint_refused_by_the_optimizer_leaves_everything_as_it_was(tmp_path):
+    """An optimizer whose parameter groups do not match the file's raises, and the model's tensors,
+    the optimizer and the projector are left exactly as they were (nothing half-loaded)."""
+    import balora_kernels as bk
+    from balora_kernels.integrations.checkpoint import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(bk.BaLoRALinear(12, 10, 3), bk.BaLoRALinear(10, 12, 3))
+    for m in net:
+        torch.nn.init.normal_(m.lora_B)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    proj = bk.BalancedProjector(net).attach(opt)
+    net(torch.randn(4, 12)).sum().backward()
+    opt.step()
+    path = str(tmp_path / "ckpt.safetensors")
+    save_checkpoint(path, net, opt, proj)
+    for p in params:                                   # move away from the saved values
+        p.data.add_(1.0)
+    other = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)  # 2 groups, file has 1
+    before = [p.detach().clone() for p in params]
+    opt_before, proj_before = other.state_dict(), proj.state_dict()
+    with pytest.raises(ValueError):
+        load_checkpoint(path, net, other, proj)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b), "a model tensor was written before the optimizer refused the file"
+    assert other.state_dict() == opt_before and proj.state_dict() == proj_before

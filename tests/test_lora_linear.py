@@ -150,3 +150,30 @@ def test_bad_operands_raise_named_errors(case):
     msg = str(e.value)
     assert msg.startswith("layers.3.q_proj:"), msg
     assert f"x {tuple(x.shape)}" in msg and f"weight {tuple(W.shape)}" in msg and f"lora_A {tuple(A.shape)}" in msg, msg
+
+
+@pytest.mark.parametrize("p", [1.0, -0.5, 1.5])
+def test_bad_dropout_p_raises_naming_the_op(p):
+    x, W = torch.randn(3, 8), torch.randn(5, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^my_layer: dropout_p must be a number in \[0, 1\), got " + repr(p)):
+        bk.lora_linear(x, W, None, A, B, 2.0, dropout_p=p, name="my_layer")
+
+
+def test_autocast_errors_name_the_callers_tensors():
+    """Under autocast the operands are checked before casting: the message shows the caller's dtypes."""
+    x, W = torch.randn(3, 8), torch.randn(5, 7)           # in_features mismatch
+    A, B = torch.randn(2, 8), torch.randn(5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"lora_linear: .*x's last dim 8 != in_features 7.*x \(3, 8\) float32"):
+            bk.lora_linear(x, W, None, A, B, 2.0)
+
+
+def test_empty_batch_gives_empty_output_and_zero_adapter_grads():
+    x = torch.randn(0, 8)
+    W = torch.randn(5, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = bk.lora_linear(x, W, None, A, B, 2.0)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))

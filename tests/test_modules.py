@@ -140,3 +140,22 @@ def test_fp32_adapters_on_bf16_layer():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.dtype == torch.float32
+
+
+def test_merge_float64_weight_with_float32_adapters_keeps_float64_accuracy():
+    """The merged delta is formed in the wider of the weight's and the adapters' dtypes."""
+    m = bk.BaLoRALinear(40, 24, r=6, alpha=12, dtype=torch.float64, adapter_dtype=torch.float32)
+    nn.init.normal_(m.lora_B, std=0.1)
+    w0 = m.weight.detach().clone()
+    exact = w0 + m.scaling * m.lora_B.double() @ m.lora_A.double()
+    m.merge()
+    assert_rel_close(m.weight, exact, 1e-14, "merged float64 weight")
+    m.unmerge()
+    assert_rel_close(m.weight, w0, 1e-14, "float64 weight after unmerge")
+
+
+def test_rank_limit_is_min_of_in_and_out_both_ways():
+    """r <= min(in, out) whichever of in and out is smaller (8 -> 16 here: in is the limit)."""
+    with pytest.raises(ValueError, match=r"^BaLoRALinear\(8->16\): r must be an integer in .*\[1, 8\], got 9"):
+        bk.BaLoRALinear(8, 16, r=9)
+    assert bk.BaLoRALinear(8, 16, r=8).r == 8

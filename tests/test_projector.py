@@ -106,6 +106,11 @@ def _tiny_peft_model():
 
 def test_peft_model_discovery_and_projection():
     model = _tiny_peft_model()
+    # the added adapter "second" is inactive: PEFT froze it, so it is not projected
+    assert sorted(n.split(".")[-1] for n, _, _ in bk.find_adapters(model)) == ["q[default]", "v[default]"]
+    for name, p in model.named_parameters():
+        if ".second." in name:
+            p.requires_grad_(True)
     found = bk.find_adapters(model)
     names = [n for n, _, _ in found]
     assert len(names) == 3, names                      # q[default], v[default], v[second]; not the embedding
@@ -279,3 +284,43 @@ def test_balance_functional_in_place():
         assert_balanced_like_oracle(A0, B0, A1, B1, "svd", f"pair {i}")
     with pytest.raises(ValueError, match="mode must be one of"):
         bk.balance_(pairs, mode="bad")
+
+
+def test_frozen_adapters_are_not_projected():
+    """A pair whose factors do not require grad (a frozen or inactive adapter) is left out."""
+    net = nn.Sequential(bk.BaLoRALinear(12, 10, 3), bk.BaLoRALinear(10, 12, 3))
+    for m in net:
+        nn.init.normal_(m.lora_B)
+    net[1].lora_A.requires_grad_(False)
+    net[1].lora_B.requires_grad_(False)
+    A1, B1 = net[1].lora_A.detach().clone(), net[1].lora_B.detach().clone()
+    proj = bk.BalancedProjector(net)
+    assert proj.names == ["0"]
+    proj.project()
+    assert_bitwise_equal(net[1].lora_A, A1, "frozen A")
+    assert_bitwise_equal(net[1].lora_B, B1, "frozen B")
+
+
+def test_balance_bad_pair_names_it_and_leaves_all_untouched():
+    good = (torch.randn(3, 10), torch.randn(7, 3))
+    bad = (torch.randn(3, 10), torch.randn(7, 4))          # r mismatch
+    before = [t.clone() for t in good + bad]
+    with pytest.raises(ValueError, match=r"^balance_: adapter 'pair1' must have lora_A \[r, in\] and lora_B "
+                                         r"\[out, r\].*lora_A \(3, 10\) float32 on cpu, lora_B \(7, 4\)"):
+        bk.balance_([good, bad])
+    for t, b in zip(good + bad, before):
+        assert_bitwise_equal(t, b, "pair after a refused balance_")
+
+
+def test_load_state_dict_names_the_first_differing_adapter():
+    net = nn.Sequential(bk.BaLoRALinear(12, 10, 3), bk.BaLoRALinear(10, 12, 3))
+    state = bk.BalancedProjector(net).state_dict()
+    state["names"] = ["0", "other"]
+    with pytest.raises(ValueError, match=r"first difference at index 1: saved 'other', here '1'"):
+        bk.BalancedProjector(net).load_state_dict(state)
+
+
+def test_backend_says_which_plan_runs_and_why():
+    net = nn.Sequential(bk.BaLoRALinear(12, 10, 3))
+    b = bk.BalancedProjector(net).backend
+    assert b == {"plan": "TorchProjectionPlan", "backend": "torch", "why": "cpu tensors take the torch path"}

@@ -17,6 +17,7 @@ use ``torch.distributed.checkpoint`` for FSDP2 runs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Dict, Optional
@@ -149,11 +150,26 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         raise ValueError(f"load_checkpoint: projector adapters differ from the checkpoint's "
                          f"({len(meta['projector'].get('names', []))} saved, {len(projector.names)} here)")
 
-    with torch.no_grad():
-        for k, v in saved.items():
-            current[k].copy_(v)
-    if optimizer is not None:
-        optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
-    if projector is not None:
-        projector.load_state_dict(meta["projector"])
+    # Write model, optimizer and projector state; if any part refuses (e.g. an optimizer with other
+    # parameter groups, a bad projector state), restore all three: nothing is left half-loaded.
+    backup_model = {k: current[k].detach().clone() for k in saved}
+    backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    backup_proj = projector.state_dict() if projector is not None else None
+    try:
+        with torch.no_grad():
+            for k, v in saved.items():
+                current[k].copy_(v)
+        if optimizer is not None:
+            optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
+        if projector is not None:
+            projector.load_state_dict(meta["projector"])
+    except Exception:
+        with torch.no_grad():
+            for k, v in backup_model.items():
+                current[k].copy_(v)
+        if optimizer is not None:
+            optimizer.load_state_dict(backup_opt)
+        if projector is not None:
+            projector.load_state_dict(backup_proj)
+        raise
     return meta.get("extra")

@@ -292,8 +292,10 @@ class ShardedProjectionPlan:
         trans: Dict[int, Tuple[torch.Tensor, torch.Tensor, bool]] = {}
         all_t = []
         for r, ks in by_r.items():
+            eps_f = torch.tensor([reference.factor_eps(self._entries[k][1].param, self._entries[k][2].param)
+                                  for k in ks], dtype=torch.float64, device=G[ks[0]][0].device)
             t = reference.balancing_transforms(torch.stack([G[k][0] for k in ks]),
-                                               torch.stack([G[k][1] for k in ks]), mode)
+                                               torch.stack([G[k][1] for k in ks]), mode, eps_f=eps_f)
             all_t.append(t)
             skip = (t.nonfinite | t.zero).tolist()
             for j, k in enumerate(ks):

@@ -256,6 +256,9 @@ class _RankGroup:
         self.block_k, self.num_warps = _block_k(self.R), _num_warps(self.R)
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
         self.k_chunk = k_chunk or _k_chunk(self.R)
+        # each pair's factor rounding unit: the product noise floor of the r x r step
+        self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
+                                  device=device)
         by_dtype: Dict[torch.dtype, Tuple[list, list]] = {}
         ranges, slot = [], 0
         for p, i in enumerate(pair_ids):
@@ -357,7 +360,7 @@ class TritonProjectionPlan:
                 from .. import _ext
                 _ext.balance_transforms(g.grams, g.r, MODE_CODES[mode], g.tw, st, gp, self._scratch)
             else:
-                torch_transforms(g.grams, g.r, mode, g.tw, st, gp)
+                torch_transforms(g.grams, g.r, mode, g.tw, st, gp, g.eps_f)
 
     def rescale(self, status: torch.Tensor) -> None:
         """``B <- B T``, ``A <- T^-1 A`` in place for every pair whose status allows it."""
@@ -400,14 +403,15 @@ class TritonProjectionPlan:
 
 
 def torch_transforms(grams: torch.Tensor, r: int, mode: str, tw: torch.Tensor, status: torch.Tensor,
-                     gaps: torch.Tensor) -> None:
+                     gaps: torch.Tensor, eps_f: torch.Tensor) -> None:
     """The fallback r x r step: :func:`reference.balancing_transforms` (float64) on the Grams' device.
 
     grams [P, 2, R, R] fp32 in (passed as float32, so the reference applies its float32-Gram rank
-    threshold, as the CUDA kernel does); tw [P, 2, R, R] fp32, status int32 [P], gaps fp64 [P, 2] out.
+    threshold, as the CUDA kernel does); eps_f [P] fp64 each pair's factor rounding unit; tw [P, 2, R, R]
+    fp32, status int32 [P], gaps fp64 [P, 2] out.
     """
     G = grams[:, :, :r, :r]
-    t = reference.balancing_transforms(G[:, 0], G[:, 1], mode)
+    t = reference.balancing_transforms(G[:, 0], G[:, 1], mode, eps_f=eps_f)
     tw.zero_()
     tw[:, 0, :r, :r] = t.T.to(torch.float32)
     tw[:, 1, :r, :r] = t.T_inv.to(torch.float32)
