@@ -4,7 +4,8 @@
   callbacks.py; re-implemented from its formula, as ``../shared/anchors/anchor_bench.py`` does):
   polar parts of the thin SVDs of A and B, then the SVD of the r x r core;
 * :func:`batched_project` — plain PyTorch batched by shape: Grams, float64 ``torch.linalg.eigh`` of
-  ``G_B^1/2 G_A G_B^1/2``, rescale (the anchors' "plain batched" baseline; no degenerate-pair policy).
+  ``G_B^1/2 G_A G_B^1/2``, rescale (the anchors' "plain batched" baseline; no degenerate-pair policy);
+* :func:`peft_lora_layer` — PEFT's LoRA ``Linear`` (the layer PEFT users train), around a linear layer.
 
 Neither is used by the package's own projection; the test suite uses :func:`paper_project` as the
 paper's oracle.
@@ -40,3 +41,28 @@ def batched_project(groups):
         Tinv = sig.clamp_min(1e-30).rsqrt()[:, :, None] * (V.transpose(1, 2) @ sq)
         outs.append((Tinv.to(A.dtype) @ A, B @ T.to(B.dtype)))
     return outs
+
+
+def peft_lora_layer(base: "torch.nn.Linear", lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+    """PEFT's LoRA ``Linear`` wrapping ``base`` (``get_peft_model`` on a one-layer module), its adapters
+    set to copies of ``lora_A`` [r, in] / ``lora_B`` [out, r] and ``lora_alpha = scaling * r``; the
+    adapters keep their dtype (``autocast_adapter_dtype=False``). Raises ImportError without peft."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    r = lora_A.shape[0]
+    model = get_peft_model(One(base), LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"],
+                                                 lora_dropout=0.0), autocast_adapter_dtype=False)
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    return layer

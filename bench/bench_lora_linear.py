@@ -96,28 +96,14 @@ def measure(f, x, params, gy):
 
 
 def make_peft(W, A, B, r):
-    from peft import LoraConfig, get_peft_model
-
-    class One(nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x):
-            return self.lin(x)
-
+    """PEFT's LoRA Linear (bf16 adapters, like every other provider here) over a copy of W."""
+    from balora_kernels.baselines import peft_lora_layer
     out_f, in_f = W.shape
     lin = nn.Linear(in_f, out_f, bias=False, device=W.device, dtype=W.dtype)
     with torch.no_grad():
         lin.weight.copy_(W)
-    # autocast_adapter_dtype=False keeps the adapters in bf16, like every other provider here.
-    model = get_peft_model(One(lin), LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["lin"],
-                                                lora_dropout=0.0), autocast_adapter_dtype=False)
-    layer = model.base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    assert layer.scaling["default"] == SCALING
+    layer = peft_lora_layer(lin, A, B, SCALING)
+    assert layer.scaling["default"] == SCALING and A.shape[0] == r
     return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 

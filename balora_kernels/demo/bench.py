@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional
-from ..baselines import batched_project, paper_project
+from ..baselines import batched_project, paper_project, peft_lora_layer
 from ..projector import BalancedProjector
 
 SHAPES = {
@@ -97,27 +97,11 @@ def bench_projection(shape: str, rank: int, device: torch.device, reps: int, pap
 
 def _peft_layer(base: nn.Linear, A, B, rank: int, scaling: float):
     """PEFT's LoRA ``Linear`` around a copy of ``base`` with the same adapters (None without peft)."""
+    import copy
     try:
-        from peft import LoraConfig, get_peft_model
+        return peft_lora_layer(copy.deepcopy(base), A, B, scaling)
     except ImportError:
         return None
-    import copy
-
-    class One(nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x):
-            return self.lin(x)
-
-    model = get_peft_model(One(copy.deepcopy(base)), LoraConfig(r=rank, lora_alpha=scaling * rank, target_modules=["lin"],
-                                                                 lora_dropout=0.0), autocast_adapter_dtype=False)
-    layer = model.base_model.model.lin
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    return layer
 
 
 # ---- fused linear -----------------------------------------------------------------------------
