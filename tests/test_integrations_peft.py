@@ -378,3 +378,39 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         load_checkpoint(path, other)
     assert all(torch.equal(p, snapshot[n]) for n, p in other.named_parameters())
+
+
+def test_fan_in_fan_out_layer_left_as_peft_and_inactive_adapter_not_projected():
+    """A Conv1D (fan_in_fan_out) LoRA layer keeps PEFT's forward, with the reason in the report, and
+    is still balanced; an inactive (frozen) adapter is reported as not projected and left untouched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = Conv1D(12, 10)              # GPT-2 style: weight [in, out]
+            self.q = nn.Linear(12, 12)
+
+        def forward(self, x):
+            return self.q(self.c(x))                 # c: 10 -> 12, q: 12 -> 12
+
+    model = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["c", "q"], fan_in_fan_out=True))
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    second = {n: p.detach().clone() for n, p in model.named_parameters() if ".second." in n}
+    x = torch.randn(3, 10)
+    y0 = model(x)
+    patch = to_balora(model)
+    left = {k.split(".")[-1]: v for k, v in patch.report.left.items()}
+    assert "fan_in_fan_out" in left.get("c", ""), patch.report
+    assert any(k.endswith("c[default]") for k in patch.report.projected), patch.report
+    assert any("second" in k for k in patch.report.not_projected), patch.report
+    patch.projector.project()
+    torch.testing.assert_close(model(x), y0, rtol=1e-5, atol=1e-6)      # products kept
+    for n, p in model.named_parameters():
+        if n in second:
+            assert torch.equal(p, second[n]), f"inactive adapter {n} was written"
+    patch.undo()
