@@ -196,9 +196,8 @@ def balance_(pairs: Sequence[_proj_ops.Pair], mode: str = "nearest") -> _proj_op
     For repeated calls over the same parameters use :class:`~balora_kernels.BalancedProjector`,
     which keeps the plan.
     """
-    from .reference import MODES
-    if mode not in MODES:
-        raise ValueError(f"balance_: mode must be one of {MODES}, got {mode!r}")
+    from .reference import check_mode
+    check_mode("balance_", mode)
     pairs = list(pairs)
     _errors.check_pairs("balance_", [(f"pair{i}", A, B) for i, (A, B) in enumerate(pairs)])
     return make_projection_plan(pairs).run(mode)

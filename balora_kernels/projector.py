@@ -9,7 +9,7 @@ import torch.nn as nn
 from . import functional
 from ._errors import check_pairs
 from .ops.projection import ProjectionStats
-from .reference import MODES
+from .reference import MODES, check_mode
 
 NamedPair = Tuple[str, torch.Tensor, torch.Tensor]   # (name, lora_A [r, in], lora_B [out, r])
 
@@ -75,8 +75,7 @@ class BalancedProjector:
     """
 
     def __init__(self, model_or_modules: Union[nn.Module, Iterable], mode: str = "nearest", every: int = 1):
-        if mode not in MODES:
-            raise ValueError(f"BalancedProjector: mode must be one of {MODES}, got {mode!r}")
+        check_mode("BalancedProjector", mode)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"BalancedProjector: every must be a positive integer, got {every!r}")
         self.named_pairs = _collect(model_or_modules)

@@ -80,6 +80,12 @@ RANK_RTOL = 2.0**-16
 GRAM_RTOL_FP64 = 2.0**-44
 
 
+def check_mode(where: str, mode) -> None:
+    """Raise a ValueError naming ``where`` unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
+
+
 def gram_rtol(gram_dtype: torch.dtype) -> float:
     """The Gram-eigenvalue threshold (relative to the largest) for Grams accumulated in ``gram_dtype``."""
     return GRAM_RTOL_FP64 if gram_dtype == torch.float64 else RANK_RTOL
@@ -212,8 +218,7 @@ def balancing_transforms(G_B: torch.Tensor, G_A: torch.Tensor, mode: str = "near
     rounding unit of each pair's factors (:func:`factor_eps`), for batches of mixed dtypes.
     Returns :class:`Transforms`; ``B' = B T`` and ``A' = T^-1 A``. Skipped pairs get identities.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode("balancing_transforms", mode)
     gram_dtype = torch.promote_types(G_B.dtype, G_A.dtype)
     G_B = G_B.to(torch.float64)
     G_A = G_A.to(torch.float64)
