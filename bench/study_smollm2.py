@@ -211,6 +211,31 @@ def print_grid_table(res: dict) -> None:
     for m, p in best_points(res).items():
         log(f"  {T.METHOD_LABELS[m]:<18} lr {p['lr']:.2e}  a {p['a']:g} (alpha {p['alpha']:g}, scale {p['scaling']:g})"
             f"  final {p['final_eval_loss']:.4f}")
+    log("\ncells (the README's grid table):")
+    for m, row in grid_summary(res).items():
+        vs = "" if m == "lora" else f"; better / worse than LoRA at the same (lr, a): {row['better']} / {row['worse']}"
+        log(f"  {T.METHOD_LABELS[m]:<18} within 0.03 / 0.1 of the overall best: {row['within_0.03']} / "
+            f"{row['within_0.1']}{vs}")
+
+
+def grid_summary(res: dict) -> dict:
+    """Per method: cells within 0.03 / 0.1 of the best final loss of any method, and (balanced modes) cells
+    better / worse than LoRA at the same (lr, a); a diverged cell is worse than a finite one."""
+    def final(p):
+        v = p["final_eval_loss"]
+        return math.inf if v is None or math.isnan(v) or p["diverged_at"] else v
+    cells = {m: {(p["lr"], p["a"]): final(p) for p in res["points"] if p["method"] == m} for m in res["methods"]}
+    best = min(v for c in cells.values() for v in c.values())
+    out = {}
+    for m, c in cells.items():
+        row = {"within_0.03": sum(v <= best + 0.03 for v in c.values()),
+               "within_0.1": sum(v <= best + 0.1 for v in c.values())}
+        if m != "lora" and "lora" in cells:
+            both = [(v, cells["lora"][k]) for k, v in c.items() if not (math.isinf(v) and math.isinf(cells["lora"][k]))]
+            row["better"] = sum(v < ref for v, ref in both)
+            row["worse"] = sum(v > ref for v, ref in both)
+        out[m] = row
+    return out
 
 
 # --------------------------------------------------------------------------------------------

