@@ -121,6 +121,7 @@ def reset() -> None:
     _state.update(tried=False, ok=False, error=None, how=None)
 
 
-def balance_transforms(grams, r: int, mode: int, tw, status, gaps, _scratch_cache=None) -> None:
-    """``torch.ops.balora.balance_transforms``: see csrc/bindings.cpp for the shapes."""
-    torch.ops.balora.balance_transforms(grams, r, mode, tw, status, gaps)
+def balance_transforms(grams, eps_f, r: int, mode: int, tw, status, gaps) -> None:
+    """``torch.ops.balora.balance_transforms``: grams fp32 [P, 2, R, R], eps_f fp64 [P] (each pair's factor
+    rounding unit) in; tw fp32 [P, 2, R, R], status int32 [P], gaps fp64 [P, 2] out (csrc/bindings.cpp)."""
+    torch.ops.balora.balance_transforms(grams, eps_f, r, mode, tw, status, gaps)

@@ -55,27 +55,84 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     dtype; their gradients come back in it). ``name`` appears in error messages.
     """
     _errors.check_dropout(name, dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
-        # Checked before casting, so that errors name the caller's tensors; then, like F.linear,
-        # float32 / float16 / bfloat16 operands run in the autocast dtype (float64 stays float64).
-        _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B, same_dtype=False)
-        dt = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t  # noqa: E731
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(cast(x), cast(weight), cast(bias), lora_A, lora_B, scaling, dropout_p,
-                               training, name)
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, name)
+    # Checked before casting, so that errors name the caller's tensors; then, like F.linear,
+    # float32 / float16 / bfloat16 operands run in the autocast dtype (float64 stays float64).
+    _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B, same_dtype=False)
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t  # noqa: E731
+    args = (cast(x), cast(weight), cast(bias), lora_A, lora_B, scaling, dropout_p, training, name)
+    if torch.compiler.is_compiling():
+        with torch.autocast(dev, enabled=False):
+            return _lora_linear(*args)
+    # Eagerly, autocast is switched off around the op by its flag (the context manager's
+    # bookkeeping costs more than the rest of the call's Python).
+    torch.set_autocast_enabled(dev, False)
+    try:
+        return _lora_linear(*args)
+    finally:
+        torch.set_autocast_enabled(dev, True)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, name):
+    """:func:`lora_linear` with autocast off: checks, flattening to 2-D, the dropout mask, the op."""
     _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    flat = x.dim() != 2
+    x2 = x.reshape(-1, x.shape[-1]) if flat else x
     # Dropout (LoRA branch only): the scaled mask is drawn here, in x's dtype, and the kernels read
     # it where x * mask is needed; x * mask itself is never materialised on the kernel paths.
     mask = None
     if dropout_p > 0.0 and training:
         mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-    # The implementation is chosen inside the op, per call and per direction, by _lora_linear_impl
+    # The implementation is chosen inside the op, per call and per direction, by _lora_linear_plan
     # (so torch.compile sees one opaque op and the choice adds no guard or graph break).
     y = _lora_ops.lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
-    return y.reshape(*lead, weight.shape[0])
+    return y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y
+
+
+# Cached dispatch decisions: key -> ((forward impl, gemm config), (backward impl, gemm config)),
+# valid for the tuning table object in _PLAN_TABLE (use_tuning_table / reload replace that object).
+_PLANS: dict = {}
+_PLAN_TABLE = None
+_PLAN_CACHE_SIZE = 4096
+
+
+def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl: str = "auto"):
+    """``((forward impl, gemm config), (backward impl, gemm config))`` for one 2-D call.
+
+    ``impl`` 'auto': :func:`_lora_linear_impl`'s choice per direction; otherwise that
+    implementation (with the Triton GEMM config measured for the nearest shape). Cached per
+    (impl, N, in, out, r, dtype, device, ``BALORA_KERNELS_IMPL``, ``TRITON_INTERPRET``, Triton
+    present) for the current tuning table: a call costs a dict lookup, the nearest-shape search
+    runs once per key.
+    """
+    global _PLAN_TABLE
+    table = _lora_ops.tuning_table()
+    if table is not _PLAN_TABLE or len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.clear()
+        _PLAN_TABLE = table
+    env = os.environ
+    key = (impl, N, in_f, out_f, r, dtype, device, env.get("BALORA_KERNELS_IMPL"), env.get("TRITON_INTERPRET"),
+           _lora_ops.triton is not None)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl)
+                     for d in ("forward", "backward"))
+        _PLANS[key] = plan
+    return plan
+
+
+def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
+    """``(impl, gemm config)`` for one direction, uncached."""
+    if impl == "auto":
+        impl = _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device)
+    elif impl not in _lora_ops.IMPLS:
+        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of "
+                         f"{_lora_ops.IMPLS}")
+    cfg = _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
+    return impl, cfg
 
 
 def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device) -> str:
@@ -85,10 +142,15 @@ def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dty
     ``BALORA_KERNELS_IMPL`` overrides: torch -> reference math; triton -> fused Triton GEMMs;
     cuda -> cuBLAS GEMMs + fused Triton rank-r kernels (this op has no csrc kernel). Otherwise,
     on CUDA in bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
-    (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py); fp32/fp64 take cuBLAS
-    (which applies torch's TF32 setting). CPU tensors take the reference math (the Triton path runs
-    on CPU only when forced, under ``TRITON_INTERPRET=1``).
+    (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py; never one measured
+    slower than the plain PyTorch math there); fp32/fp64 take cuBLAS (which applies torch's TF32
+    setting). CPU tensors take the reference math (the Triton path runs on CPU only when forced,
+    under ``TRITON_INTERPRET=1``). Cached (see :func:`_lora_linear_plan`).
     """
+    return _lora_linear_plan(N, in_f, out_f, r, dtype, device)[0 if direction == "forward" else 1][0]
+
+
+def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> str:
     req = requested_impl()
     have_triton = _lora_ops.triton is not None
     if N == 0:

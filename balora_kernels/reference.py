@@ -118,12 +118,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     x [..., in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r];
     dropout_mask [..., in] or None: the LoRA branch's dropout mask, already scaled by 1/(1-p).
     """
+    return lora_linear_and_u(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)[0]
+
+
+def lora_linear_and_u(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=None):
+    """``(y, u)``: :func:`lora_linear`'s output and its rank-r intermediate ``u = (x * mask) A^T``
+    [..., r] (what the backward needs), both in x's dtype."""
     xl = x if dropout_mask is None else x * dropout_mask
     y = x @ weight.transpose(-1, -2)
     if bias is not None:
         y = y + bias
     u = xl @ lora_A.to(x.dtype).transpose(-1, -2)
-    return y + scaling * (u @ lora_B.to(x.dtype).transpose(-1, -2))
+    return y + scaling * (u @ lora_B.to(x.dtype).transpose(-1, -2)), u
 
 
 class LoraLinearGrads(NamedTuple):

@@ -9,7 +9,7 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
   ``ours_torch_eigh`` (the same with the torch.linalg fallback for the r x r step, 7B r=16 fp32 only),
   ``paper_loop`` (the anchors' ref_project per module), ``torch_batched`` (the anchors' batched_project),
   ``floor`` (read both factors twice, write once, at the copy rate measured in this run);
-* per-kernel times of ours (gram / eig / rescale);
+* per-kernel times of ours (gram / eig / rescale; for float32 adapters also the other Gram method);
 * one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
   linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters.
 
@@ -121,6 +121,10 @@ def main():
                 status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
                 gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
                 case["gram_ms"] = bench(plan.gram)
+                if dtype == torch.float32:      # the other float32 Gram method, for the record
+                    case["fp32_gram"] = plan.groups[0].fp32_gram
+                    alt = "dot" if case["fp32_gram"] == "fp16x3" else "fp16x3"
+                    case[f"gram_{alt}_ms"] = bench(TritonProjectionPlan(ad, fp32_gram=alt).gram)
                 case["eig_ms"] = bench(lambda: plan.transforms_("nearest", status, gaps))
                 case["rescale_ms"] = bench(lambda: plan.rescale(status))
                 case["stats_ms"] = bench(lambda: plan.stats(status, gaps))

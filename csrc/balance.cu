@@ -1,7 +1,9 @@
 // Batched balancing transforms: one thread block per (lora_A, lora_B) pair, float64, r <= 128.
 //
 // Input  grams  fp32 [P, 2, R, R]  ([p, 0] = G_B = B^T B, [p, 1] = G_A = A A^T, top-left r x r used)
-// Output tw     fp32 [P, 2, R, R]  ([p, 0] = T, [p, 1] = T^-1, zero-padded), status int32 [P], gaps fp64 [P, 2]
+//        eps_f  fp64 [P]           (each pair's factor rounding unit: the product noise floor)
+// Output tw     fp32 [P, 2, R, R]  ([p, 0] = T, [p, 1] = T^-1, zero-padded), gaps fp64 [P, 2],
+//        status int32 [P]          (bits 0-2: nonfinite / zero / rank-deficient, bits 8+: live components k)
 // The math is in balance_math.cuh. This file needs only the CUDA runtime (no torch headers), so that
 // tools/check_cuda_build.sh can compile it with plain nvcc; csrc/bindings.cpp is the torch-facing side.
 #include <cuda_runtime.h>
@@ -12,7 +14,8 @@ namespace {
 
 constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
 
-__global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float* __restrict__ grams, int P, int n, int R, int mode,
+__global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float* __restrict__ grams,
+                                          const double* __restrict__ eps_f, int P, int n, int R, int mode,
                                           float* __restrict__ tw, int* __restrict__ status,
                                           double* __restrict__ gaps, double* __restrict__ scratch,
                                           int mats_in_smem) {
@@ -29,7 +32,7 @@ __global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float*
   const bk::Mats m = bk::carve_mats(fast, slow, mats_in_smem, n);
   const long long RR = (long long)R * R;
   for (int p = blockIdx.x; p < P; p += gridDim.x) {
-    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, tw + (2 * p) * RR,
+    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, eps_f[p], tw + (2 * p) * RR,
                      tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
     __syncthreads();
   }
@@ -61,7 +64,7 @@ void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* 
 }
 
 // Returns a cudaError_t (0 on success). `scratch` must hold the config's scratch_doubles.
-int bk_balance_launch(const float* grams, int P, int n, int R, int mode, float* tw, int* status, double* gaps,
+int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int R, int mode, float* tw, int* status, double* gaps,
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream) {
   if (P == 0) return 0;
@@ -75,7 +78,7 @@ int bk_balance_launch(const float* grams, int P, int n, int R, int mode, float* 
     if (err != cudaSuccess) return (int)err;
     if (dev >= 0 && dev < 64) configured[dev] = kMaxSmemBytes;
   }
-  balance_transforms_kernel<<<grid, threads, smem_bytes, stream>>>(grams, P, n, R, mode, tw, status, gaps,
+  balance_transforms_kernel<<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
                                                                     scratch, mats_in_smem);
   return (int)cudaGetLastError();
 }

@@ -9,15 +9,25 @@
 //
 // Algorithm (see reference.py's docstring; n = r):
 //   1. G_B = P diag(d) P^T, G_A = R diag(e) R^T (cyclic Jacobi, round-robin order);
-//      X = P sqrt(d live), Y = R sqrt(e live), live = eigenvalue > RANK_RTOL * largest.
-//   2. H = X^T Y; H^T H = V diag(lambda) V^T (descending); U_j = H v_j, S_j = ||H v_j||; live = S_j > RTOL S_max.
+//      X = P sqrt(d live), Y = R sqrt(e live), live = eigenvalue > RANK_RTOL * largest (reference.gram_rtol of
+//      float32 Grams: the Grams this kernel receives are float32).
+//   2. H = X^T Y; H^T H = V diag(lambda) V^T (descending); U_j = H v_j, S_j = ||H v_j||; live = S_j above
+//      reference.product_floor = max(eps_f S_1, sqrt(n eps_g) sqrt(d_max e_max)), eps_f the pair's factor
+//      rounding unit (passed in), eps_g = FLT_EPSILON.
 //   3. T[:, j<k] = Y v_j S_j^-1/2; if k < n: T[:, k+j] = j-th eigenvector (ascending) of Z Z^T, Z = X U_live.
 //   4. T^-1 by Gauss-Jordan with partial pivoting (equals the reference's block formula, exactly invertible).
-//   5. C = T^T G_B + T^-1 G_A; Q = blockdiag(Q_live, polar(C_rest)), Q_live = polar(C_live) (nearest) or
-//      sign(diag C_live) (svd): never a rotation across live and rest components.
+//   5. C = T^T G_B + T^-1 G_A (rows: components, live first; columns: slots of the pair). nearest: the live
+//      components take the k slots with the largest live share of ||C[:, j]||^2 (ties: lower slot), the
+//      rest the others, Q = polar of each block; svd: live component i keeps slot i with sign(C_ii), the
+//      rest block its polar factor. Never a rotation across live and rest components.
 //      polar(C) = U V^T from eig(C^T C), dead directions completed from eig(I - U U^T), then two
 //      Newton-Schulz steps Q <- Q (3I - Q^T Q) / 2 so that Q is orthogonal to rounding.
 //   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
+// Fast path (full_rank_transforms): when bounds from one eigendecomposition prove that the reference keeps every
+// component (the usual case), steps 1-4 are replaced by a Cholesky factor of G_B and the eigendecomposition of
+// L^T G_A L (one Jacobi solve instead of three, no inversion); the polar factor of step 5 is computed by
+// Newton-Schulz iterations (polar_ns, matrix products only), falling back to eig(C^T C) when they do not
+// converge. Both give the same transforms as the general path (to float64 rounding).
 #pragma once
 
 #ifdef BK_HOST_EMULATION
@@ -45,10 +55,12 @@ __device__ __forceinline__ float bk_rsqrtf(float x) { return rsqrtf(x); }
 
 namespace bk {
 
-constexpr double RANK_RTOL = 1.52587890625e-05;   // 2^-16, reference.RANK_RTOL
+constexpr double RANK_RTOL = 1.52587890625e-05;   // 2^-16, reference.RANK_RTOL (gram_rtol of float32 Grams)
+constexpr double GRAM_EPS = 1.1920928955078125e-07; // 2^-23, torch.finfo(float32).eps: eps_g of the Grams
 constexpr int STATUS_NONFINITE = 1;
 constexpr int STATUS_ZERO = 2;
 constexpr int STATUS_RANK_DEFICIENT = 4;
+constexpr int STATUS_RANK_SHIFT = 8;               // status >> 8: the live components k (0 for skipped pairs)
 constexpr int MAX_SWEEPS = 24;
 constexpr int NUM_MATS = 11;                       // r x r float64 buffers per pair
 
@@ -61,6 +73,7 @@ struct Ctx {
   int* rp;            // [n/2+1] rotation index p
   int* rq;            // [n/2+1] rotation index q
   int* perm;          // [n]
+  int* slot;          // [n] slot j -> index in the live block (< k) or k + index in the rest block
   int* iflag;         // [4]
   double* v0;         // [n] vectors
   double* v1;
@@ -341,6 +354,61 @@ BK_DEV void polar(Ctx& c, const double* Cm, double* Q, double* Vc, double* U, do
   }
 }
 
+// Orthogonal polar factor Q [m x m] of a nonsingular Cm [m x m] by Newton-Schulz, Q <- Q (3I - Q^T Q) / 2 from
+// Q = Cm / (a bound on ||Cm||_2): matrix products only, no eigendecomposition. Converges (quadratically at
+// the end) to the same factor as polar() whenever Cm is nonsingular; stops one step after ||Q^T Q - I||_F
+// < 1e-8 (then Q is orthogonal to float64 rounding). Returns false, Q unspecified, when it has not converged
+// in NS_MAX_ITERS steps (Cm singular or condition number beyond ~1e10): the caller then uses polar().
+// Workspaces A, Qn [m x m].
+constexpr int NS_MAX_ITERS = 64;
+BK_DEV bool polar_ns(Ctx& c, const double* Cm, double* Q, double* A, double* Qn, int m) {
+  double fro = 0.0;
+  for (int idx = c.tid; idx < m * m; idx += c.nt) fro += Cm[idx] * Cm[idx];
+  double cmax = 0.0, rmax = 0.0;
+  for (int j = c.tid; j < m; j += c.nt) {
+    double cs = 0.0, rs = 0.0;
+    for (int i = 0; i < m; ++i) { cs += fabs(Cm[i * m + j]); rs += fabs(Cm[j * m + i]); }
+    cmax = fmax(cmax, cs);
+    rmax = fmax(rmax, rs);
+  }
+  fro = block_sum(c, fro);
+  cmax = block_max(c, cmax);
+  rmax = block_max(c, rmax);
+  const double bound = fmin(sqrt(fro), sqrt(cmax * rmax));   // >= ||Cm||_2: singular values of Q0 in (0, 1]
+  if (!(bound > 0.0) || !isfinite(bound)) return false;
+  const double inv = 1.0 / bound;
+  for (int idx = c.tid; idx < m * m; idx += c.nt) Q[idx] = Cm[idx] * inv;
+  BK_SYNC();
+  double* cur = Q;
+  double* nxt = Qn;
+  for (int it = 0; it < NS_MAX_ITERS; ++it) {
+    double res = 0.0;
+    for (int idx = c.tid; idx < m * m; idx += c.nt) {          // A = Q^T Q and ||A - I||_F^2
+      const int i = idx / m, j = idx % m;
+      double s = 0.0;
+      for (int k = 0; k < m; ++k) s = fma(cur[k * m + i], cur[k * m + j], s);
+      A[idx] = s;
+      const double e = s - (i == j ? 1.0 : 0.0);
+      res += e * e;
+    }
+    res = block_sum(c, res);                                    // (also the barrier after A)
+    if (!(res < 1e30)) return false;                            // NaN / divergence
+    for (int idx = c.tid; idx < m * m; idx += c.nt) {          // Qn = 1.5 Q - 0.5 Q A
+      const int i = idx / m, j = idx % m;
+      double s = 0.0;
+      for (int k = 0; k < m; ++k) s = fma(cur[i * m + k], A[k * m + j], s);
+      nxt[idx] = 1.5 * cur[idx] - 0.5 * s;
+    }
+    BK_SYNC();
+    double* t = cur; cur = nxt; nxt = t;
+    if (res < 1e-16) {
+      if (cur != Q) copy_mat(c, Q, cur, m);
+      return true;
+    }
+  }
+  return false;
+}
+
 // T^-1 of T [n x n] (kept) into W; M is a workspace. Gauss-Jordan with partial pivoting.
 BK_DEV void invert(Ctx& c, const double* T, double* W, double* M, int n) {
   copy_mat(c, M, T, n);
@@ -381,8 +449,9 @@ BK_DEV void invert(Ctx& c, const double* T, double* W, double* M, int n) {
   }
 }
 
-// ||A - B||_F / max(||A||_F, ||B||_F) (0 when both are zero).
-BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n) {
+// ||A - B||_F / max(||A||_F, ||B||_F) (0 when both are zero); ||A||_F, ||B||_F into fro_a, fro_b when given.
+BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n, double* fro_a = nullptr,
+                      double* fro_b = nullptr) {
   double sa = 0.0, sb = 0.0, sd = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     sa += A[idx] * A[idx];
@@ -390,6 +459,8 @@ BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n) {
     sd += (A[idx] - B[idx]) * (A[idx] - B[idx]);
   }
   sa = block_sum(c, sa); sb = block_sum(c, sb); sd = block_sum(c, sd);
+  if (fro_a) *fro_a = sqrt(sa);
+  if (fro_b) *fro_b = sqrt(sb);
   const double den = sqrt(fmax(sa, sb));
   return den > 0.0 ? sqrt(sd) / den : 0.0;
 }
@@ -418,30 +489,69 @@ BK_DEV void write_identity(Ctx& c, float* out, int R, int n) {
   }
 }
 
-// One pair. gB, gA: fp32 Grams [R x R] (top-left n x n used). outT, outW: fp32 [R x R].
-// status: int, gaps: double[2] (before, after). mode 0 = nearest, 1 = svd.
-BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA, int R, int mode, float* outT,
-                         float* outW, int* status, double* gaps) {
-  const int n = c.n;
-  double bad = 0.0;
+// Steps 1-4 for a pair whose every component is live (see the header; the reference's decisions are the same):
+// with the Cholesky factor G_B = L L^T (a square root X = L) and M = L^T G_A L = H H^T = E diag(lambda) E^T
+// (one eigendecomposition; lambda = S^2, E = U), T^-1 = S^-1/2 U^T X^T = lambda^-1/4 E^T L^T and
+// T = L^-T E lambda^1/4 (back substitution): the same SVD-aligned transforms as steps 1-4, with one Jacobi
+// eigendecomposition instead of three and no Gauss-Jordan inversion.
+// Taken only when bounds prove that the reference keeps every Gram eigenvalue (> RANK_RTOL * largest) and
+// every product singular value (> product_floor): lambda_min(G_B) >= lambda_min(M) / lambda_max(G_A) and
+// lambda_max <= ||.||_F, so lambda_min(M) > 1.1 max(eps_f^2 lambda_max(M), max(RANK_RTOL, n eps_g) ||G_B||_F
+// ||G_A||_F) suffices. Returns false (T, T^-1 not written) otherwise, or when G_B is not numerically positive
+// definite: the general path decides then.
+BK_DEV bool full_rank_transforms(Ctx& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
+  // Cholesky, column by column: L into Y (zero above the diagonal), X the trailing working copy.
+  copy_mat(c, b.X, b.GB, n);
+  for (int j = 0; j < n; ++j) {
+    const double d = b.X[j * n + j];             // every thread reads the same value: a uniform decision
+    if (!(d > 0.0)) return false;
+    const double inv = 1.0 / sqrt(d), invd = 1.0 / d;
+    for (int i = c.tid; i < n; i += c.nt) b.Y[i * n + j] = i >= j ? b.X[i * n + j] * inv : 0.0;
+    const int m = n - 1 - j;                     // trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d
+    for (int idx = c.tid; idx < m * m; idx += c.nt) {
+      const int i = j + 1 + idx / m, l = j + 1 + idx % m;
+      if (l <= i) b.X[i * n + l] -= b.X[i * n + j] * b.X[l * n + j] * invd;
+    }
+    BK_SYNC();
+  }
+  // M = L^T G_A L, symmetrized, and its eigendecomposition (ascending).
+  mm(c, b.M2, b.GA, false, b.Y, false, n);
+  mm(c, b.M3, b.Y, true, b.M2, false, n);
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
-    const double b1 = gB[i * R + j], b2 = gB[j * R + i], a1 = gA[i * R + j], a2 = gA[j * R + i];
-    if (!(isfinite(b1) && isfinite(a1))) bad = 1.0;
-    b.GB[idx] = 0.5 * (b1 + b2);
-    b.GA[idx] = 0.5 * (a1 + a2);
+    b.AW[idx] = 0.5 * (b.M3[i * n + j] + b.M3[j * n + i]);
   }
   BK_SYNC();
-  if (block_sum(c, bad) > 0.0) {
-    write_identity(c, outT, R, n);
-    write_identity(c, outW, R, n);
-    if (c.tid == 0) { *status = STATUS_NONFINITE; gaps[0] = nan(""); gaps[1] = nan(""); }
-    BK_SYNC();
-    return;
+  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+  const double lmin = c.v1[0], lmax = c.v1[n - 1];
+  const double gate = fmax(eps_f * eps_f * lmax, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
+  if (!(lmin > 1.1 * gate)) return false;
+  // Components in descending order: component j is eigenpair n-1-j; v2[j] = lambda^1/4 = S_j^1/2.
+  for (int j = c.tid; j < n; j += c.nt) c.v2[j] = sqrt(sqrt(c.v1[n - 1 - j]));
+  BK_SYNC();
+  mm(c, b.M2, b.Y, false, b.M1, false, n);       // L E
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {   // T^-1[j][i] = (L E)[i][n-1-j] / lambda_j^1/4
+    const int j = idx / n, i = idx % n;
+    b.W[idx] = b.M2[i * n + (n - 1 - j)] / c.v2[j];
   }
-  const double gap_before = rel_gap(c, b.GB, b.GA, n);
+  for (int j = c.tid; j < n; j += c.nt) {        // L^T T[:, j] = E[:, n-1-j] lambda_j^1/4, one column per thread
+    for (int i = n - 1; i >= 0; --i) {
+      double s = b.M1[i * n + (n - 1 - j)] * c.v2[j];
+      for (int k = i + 1; k < n; ++k) s -= b.Y[k * n + i] * b.T[k * n + j];
+      b.T[i * n + j] = s / b.Y[i * n + i];
+    }
+  }
+  BK_SYNC();
+  return true;
+}
 
-  // 1. square-root factors of both Grams (diagonalized together when both fit in shared memory).
+// Steps 1-4 in general (any rank): writes T, T^-1 and returns the number of live components k (0: zero product,
+// nothing written).
+BK_DEV int general_transforms(Ctx& c, const Mats& b, double eps_f, int n) {
+
+  // 1. square-root factors of both Grams (diagonalized together when both fit in shared memory), and their
+  //    largest eigenvalues ||B||_2^2, ||A||_2^2.
+  double d_max = 0.0, e_max = 0.0;
   if (c.pair_eig) {
     copy_mat(c, b.AW, b.GB, n);
     copy_mat(c, b.M2, b.GA, n);
@@ -450,14 +560,18 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
     double* veca[2] = {b.M1, b.T};
     double* vala[2] = {c.v1, c.v2};
     sym_eig_multi(c, 2, Sa, Va, veca, vala, n);
+    d_max = c.v1[n - 1];
+    e_max = c.v2[n - 1];
     sqrt_factor(c, b.X, b.M1, c.v1, n);
     sqrt_factor(c, b.Y, b.T, c.v2, n);
   } else {
     copy_mat(c, b.AW, b.GB, n);
     sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+    d_max = c.v1[n - 1];
     sqrt_factor(c, b.X, b.M1, c.v1, n);
     copy_mat(c, b.AW, b.GA, n);
     sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
+    e_max = c.v1[n - 1];
     sqrt_factor(c, b.Y, b.M1, c.v1, n);
   }
 
@@ -477,18 +591,15 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
     c.v1[j] = sqrt(s);                                          // S_j
   }
   BK_SYNC();
+  // Live: above reference.product_floor, the noise that rounding the factors (eps_f S_1) and the Grams
+  // (sqrt(n eps_g) ||B||_2 ||A||_2) leaves in the product's singular values.
   double smax = 0.0;
   for (int j = 0; j < n; ++j) smax = fmax(smax, c.v1[j]);
+  const double floor_s = fmax(eps_f * smax, sqrt(n * GRAM_EPS) * sqrt(fmax(d_max, 0.0) * fmax(e_max, 0.0)));
   int k = 0;
-  for (int j = 0; j < n; ++j) k += (c.v1[j] > RANK_RTOL * smax);
+  for (int j = 0; j < n; ++j) k += (c.v1[j] > floor_s);
   // Live components are the leading columns (descending order); k counts them.
-  if (k == 0) {
-    write_identity(c, outT, R, n);
-    write_identity(c, outW, R, n);
-    if (c.tid == 0) { *status = STATUS_ZERO; gaps[0] = gap_before; gaps[1] = gap_before; }
-    BK_SYNC();
-    return;
-  }
+  if (k == 0) return 0;                                       // zero product: nothing written
   for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M1 = U_live (dead columns zero)
     const int j = idx % n;
     b.M1[idx] = (j < k) ? b.M1[idx] / c.v1[j] : 0.0;
@@ -515,9 +626,80 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
 
   // 4. T^-1.
   invert(c, b.T, b.W, b.M1, n);
+  return k;
+}
 
-  // 5. C = T^T G_B + T^-1 G_A. Q = blockdiag(Q_live, Q_rest): Q_live = polar(C_live) (nearest) or
-  //    sign(diag C_live) (svd); Q_rest = polar(C_rest). Never rotate across live and rest.
+// Slots of the pair for the k live components (rows 0..k-1 of C [n x n]) in "nearest" mode, as
+// reference.balancing_transforms chooses them: the k slots j with the largest live share
+// sum_{i<k} C_ij^2 / sum_i C_ij^2 (0 for a zero column), ties to the lower slot (a stable descending sort).
+// Writes c.slot[j] = index of slot j among the live slots (< k) or k + its index among the rest slots.
+BK_DEV void choose_slots(Ctx& c, const double* C, int n, int k) {
+  for (int j = c.tid; j < n; j += c.nt) {
+    double w_live = 0.0, w_all = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const double v = C[i * n + j] * C[i * n + j];
+      w_all += v;
+      if (i < k) w_live += v;
+    }
+    c.v0[j] = w_all > 0.0 ? w_live / w_all : 0.0;
+  }
+  BK_SYNC();
+  for (int j = c.tid; j < n; j += c.nt) {       // position of slot j in the stable descending order
+    const double w = c.v0[j];
+    int pos = 0;
+    for (int i = 0; i < n; ++i) pos += (c.v0[i] > w) || (c.v0[i] == w && i < j);
+    c.perm[j] = pos < k;                        // 1: a live slot
+  }
+  BK_SYNC();
+  for (int j = c.tid; j < n; j += c.nt) {
+    int live_before = 0;
+    for (int i = 0; i < j; ++i) live_before += c.perm[i];
+    c.slot[j] = c.perm[j] ? live_before : k + (j - live_before);
+  }
+  BK_SYNC();
+}
+
+// One pair. gB, gA: fp32 Grams [R x R] (top-left n x n used). eps_f: the rounding unit of the pair's factors
+// (reference.factor_eps). outT, outW: fp32 [R x R]. status: int, gaps: double[2] (before, after).
+// mode 0 = nearest, 1 = svd.
+BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA, int R, int mode, double eps_f,
+                         float* outT, float* outW, int* status, double* gaps) {
+  const int n = c.n;
+  double bad = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int i = idx / n, j = idx % n;
+    const double b1 = gB[i * R + j], b2 = gB[j * R + i], a1 = gA[i * R + j], a2 = gA[j * R + i];
+    if (!(isfinite(b1) && isfinite(a1))) bad = 1.0;
+    b.GB[idx] = 0.5 * (b1 + b2);
+    b.GA[idx] = 0.5 * (a1 + a2);
+  }
+  BK_SYNC();
+  if (block_sum(c, bad) > 0.0) {
+    write_identity(c, outT, R, n);
+    write_identity(c, outW, R, n);
+    if (c.tid == 0) { *status = STATUS_NONFINITE; gaps[0] = nan(""); gaps[1] = nan(""); }
+    BK_SYNC();
+    return;
+  }
+  double fro_b = 0.0, fro_a = 0.0;
+  const double gap_before = rel_gap(c, b.GB, b.GA, n, &fro_b, &fro_a);
+
+  // 1-4. T, T^-1 of the pair's live components (k of them) and of the rest.
+  int k = n;
+  if (!full_rank_transforms(c, b, eps_f, fro_b, fro_a, n)) {
+    k = general_transforms(c, b, eps_f, n);
+    if (k == 0) {
+      write_identity(c, outT, R, n);
+      write_identity(c, outW, R, n);
+      if (c.tid == 0) { *status = STATUS_ZERO; gaps[0] = gap_before; gaps[1] = gap_before; }
+      BK_SYNC();
+      return;
+    }
+  }
+
+  // 5. C = T^T G_B + T^-1 G_A. Q = blockdiag(Q_live, Q_rest) placed in the chosen slots: Q_live =
+  //    polar(C_live) (nearest) or sign(diag C_live) (svd); Q_rest = polar(C_rest). Never rotate across live
+  //    and rest.
   mm(c, b.M2, b.T, true, b.GB, false, n);
   mm(c, b.M3, b.W, false, b.GA, false, n);
   for (int idx = c.tid; idx < n * n; idx += c.nt) b.M2[idx] += b.M3[idx];     // M2 = C
@@ -527,25 +709,31 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
   double* C_rest = b.M3 + k * k;               // (k^2 + mr^2 <= n^2)
   double* Q_live = b.X;
   double* Q_rest = b.X + k * k;
+  if (mode == 0 && mr > 0) {
+    choose_slots(c, b.M2, n, k);
+  } else {                                     // full rank, or svd: component i keeps slot i
+    for (int j = c.tid; j < n; j += c.nt) c.slot[j] = j;
+    BK_SYNC();
+  }
   for (int j = c.tid; j < k; j += c.nt) c.v0[j] = (b.M2[j * n + j] < 0.0) ? -1.0 : 1.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
-    const int i = idx / n, j = idx % n;
-    if (i < k && j < k) C_live[i * k + j] = b.M2[idx];
-    else if (i >= k && j >= k) C_rest[(i - k) * mr + (j - k)] = b.M2[idx];
+    const int i = idx / n, s = c.slot[idx % n];
+    if (i < k && s < k) C_live[i * k + s] = b.M2[idx];
+    else if (i >= k && s >= k) C_rest[(i - k) * mr + (s - k)] = b.M2[idx];
   }
   BK_SYNC();
   if (mode == 0) {
-    polar(c, C_live, Q_live, b.Y, b.M1, b.M2, b.AW, b.VW, k);
+    if (!polar_ns(c, C_live, Q_live, b.M1, b.M2, k)) polar(c, C_live, Q_live, b.Y, b.M1, b.M2, b.AW, b.VW, k);
   } else {
     for (int idx = c.tid; idx < k * k; idx += c.nt) Q_live[idx] = (idx / k == idx % k) ? c.v0[idx / k] : 0.0;
     BK_SYNC();
   }
   if (mr > 0) polar(c, C_rest, Q_rest, b.Y, b.M1, b.M2, b.AW, b.VW, mr);
-  for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M2 = blockdiag(Q_live, Q_rest)
-    const int i = idx / n, j = idx % n;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {            // M2 = Q: the blocks, in their slots
+    const int i = idx / n, s = c.slot[idx % n];
     double q = 0.0;
-    if (i < k && j < k) q = Q_live[i * k + j];
-    else if (i >= k && j >= k) q = Q_rest[(i - k) * mr + (j - k)];
+    if (i < k && s < k) q = Q_live[i * k + s];
+    else if (i >= k && s >= k) q = Q_rest[(i - k) * mr + (s - k)];
     b.M2[idx] = q;
   }
   BK_SYNC();
@@ -575,7 +763,7 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
   write_out(c, outT, R, b.T, n);
   write_out(c, outW, R, b.W, n);
   if (c.tid == 0) {
-    *status = (k < n) ? STATUS_RANK_DEFICIENT : 0;
+    *status = ((k < n) ? STATUS_RANK_DEFICIENT : 0) | (k << STATUS_RANK_SHIFT);
     gaps[0] = gap_before;
     gaps[1] = gap_after;
   }
@@ -584,7 +772,7 @@ BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA
 
 // Layout of the per-block scratch: vectors and indices (always in shared memory on the GPU).
 BK_HD int small_doubles(int n) { return 32 + 4 * (n / 2 + 1) + 4 * n; }
-BK_HD int small_ints(int n) { return 2 * (n / 2 + 1) + n + 4; }
+BK_HD int small_ints(int n) { return 2 * (n / 2 + 1) + 2 * n + 4; }
 
 BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
   c.red = dbl;
@@ -598,7 +786,8 @@ BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
   c.rp = ints;
   c.rq = c.rp + (n / 2 + 1);
   c.perm = c.rq + (n / 2 + 1);
-  c.iflag = c.perm + n;
+  c.slot = c.perm + n;
+  c.iflag = c.slot + n;
 }
 
 BK_HD long long small_bytes(int n) { return 8LL * small_doubles(n) + 4LL * small_ints(n) + 8; }

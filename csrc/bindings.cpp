@@ -9,7 +9,7 @@
 extern "C" {
 void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* smem_bytes, int* mats_in_smem,
                        long long* scratch_doubles);
-int bk_balance_launch(const float* grams, int P, int n, int R, int mode, float* tw, int* status, double* gaps,
+int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int R, int mode, float* tw, int* status, double* gaps,
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream);
 const char* bk_error_string(int err);
@@ -17,14 +17,15 @@ const char* bk_error_string(int err);
 
 namespace {
 
-// grams fp32 [P, 2, R, R] -> tw fp32 [P, 2, R, R] (T, T^-1), status int32 [P], gaps fp64 [P, 2].
-void balance_transforms(const at::Tensor& grams, int64_t r, int64_t mode, const at::Tensor& tw,
-                        const at::Tensor& status, const at::Tensor& gaps) {
+// grams fp32 [P, 2, R, R], eps_f fp64 [P] (each pair's factor rounding unit, reference.factor_eps)
+// -> tw fp32 [P, 2, R, R] (T, T^-1), status int32 [P], gaps fp64 [P, 2].
+void balance_transforms(const at::Tensor& grams, const at::Tensor& eps_f, int64_t r, int64_t mode,
+                        const at::Tensor& tw, const at::Tensor& status, const at::Tensor& gaps) {
   const char* op = "balora::balance_transforms";
-  TORCH_CHECK(grams.is_cuda() && tw.is_cuda() && status.is_cuda() && gaps.is_cuda(), op,
+  TORCH_CHECK(grams.is_cuda() && eps_f.is_cuda() && tw.is_cuda() && status.is_cuda() && gaps.is_cuda(), op,
               ": all tensors must be CUDA tensors");
-  TORCH_CHECK(grams.device() == tw.device() && grams.device() == status.device() &&
-                  grams.device() == gaps.device(),
+  TORCH_CHECK(grams.device() == eps_f.device() && grams.device() == tw.device() &&
+                  grams.device() == status.device() && grams.device() == gaps.device(),
               op, ": all tensors must be on one device");
   TORCH_CHECK(grams.dim() == 4 && grams.size(1) == 2 && grams.size(2) == grams.size(3), op,
               ": grams must be [P, 2, R, R], got ", grams.sizes());
@@ -33,6 +34,9 @@ void balance_transforms(const at::Tensor& grams, int64_t r, int64_t mode, const 
   TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (nearest) or 1 (svd), got ", mode);
   TORCH_CHECK(grams.scalar_type() == at::kFloat && grams.is_contiguous(), op,
               ": grams must be contiguous float32, got ", grams.scalar_type());
+  TORCH_CHECK(eps_f.scalar_type() == at::kDouble && eps_f.is_contiguous() && eps_f.dim() == 1 &&
+                  eps_f.size(0) == P,
+              op, ": eps_f must be contiguous float64 [", P, "], got ", eps_f.scalar_type(), " ", eps_f.sizes());
   TORCH_CHECK(tw.scalar_type() == at::kFloat && tw.is_contiguous() && tw.sizes() == grams.sizes(), op,
               ": tw must be contiguous float32 of grams' shape ", grams.sizes(), ", got ", tw.sizes());
   TORCH_CHECK(status.scalar_type() == at::kInt && status.is_contiguous() && status.dim() == 1 &&
@@ -48,7 +52,7 @@ void balance_transforms(const at::Tensor& grams, int64_t r, int64_t mode, const 
   long long scratch_n = 0;
   bk_balance_config((int)P, (int)r, sms, &threads, &grid, &smem, &in_smem, &scratch_n);
   at::Tensor scratch = at::empty({scratch_n}, grams.options().dtype(at::kDouble));
-  const int err = bk_balance_launch(grams.data_ptr<float>(), (int)P, (int)r, (int)R, (int)mode,
+  const int err = bk_balance_launch(grams.data_ptr<float>(), eps_f.data_ptr<double>(), (int)P, (int)r, (int)R, (int)mode,
                                     tw.data_ptr<float>(), status.data_ptr<int>(), gaps.data_ptr<double>(),
                                     scratch.data_ptr<double>(), threads, grid, smem, in_smem,
                                     at::cuda::getCurrentCUDAStream());
@@ -58,7 +62,7 @@ void balance_transforms(const at::Tensor& grams, int64_t r, int64_t mode, const 
 }  // namespace
 
 TORCH_LIBRARY(balora, m) {
-  m.def("balance_transforms(Tensor grams, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()");
+  m.def("balance_transforms(Tensor grams, Tensor eps_f, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(balora, CUDA, m) { m.impl("balance_transforms", &balance_transforms); }

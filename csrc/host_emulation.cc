@@ -6,19 +6,19 @@
 
 #include "balance_math.cuh"
 
-extern "C" void bk_host_balance_transforms(const float* grams, int P, int n, int R, int mode, float* tw,
-                                           int* status, double* gaps) {
+extern "C" void bk_host_balance_transforms(const float* grams, const double* eps_f, int P, int n, int R, int mode,
+                                           int pair_eig, float* tw, int* status, double* gaps) {
   std::vector<double> small((bk::small_bytes(n) + 7) / 8);
   std::vector<double> mats((size_t)bk::NUM_MATS * n * n);
   bk::Ctx c;
   c.tid = 0;
   c.nt = 1;
   c.n = n;
-  c.pair_eig = true;                // the GPU path for r <= 33 (the single-matrix solver runs for the other eighs)
+  c.pair_eig = pair_eig != 0;       // the GPU's choice: both Grams together when all matrices fit in shared memory
   bk::carve_small(c, small.data(), n);
   const bk::Mats m = bk::carve_mats(mats.data(), mats.data(), bk::NUM_MATS, n);
   const long long RR = (long long)R * R;
   for (int p = 0; p < P; ++p)
-    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, tw + (2 * p) * RR,
+    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, eps_f[p], tw + (2 * p) * RR,
                      tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
 }

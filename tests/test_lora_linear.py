@@ -177,3 +177,18 @@ def test_empty_batch_gives_empty_output_and_zero_adapter_grads():
     assert y.shape == (0, 5)
     y.sum().backward()
     assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
+
+
+def test_autocast_stays_on_around_the_op_even_when_it_raises():
+    """Eagerly the op switches autocast off by its flag and must switch it back on: after a call,
+    and after a call whose second check (after the casts) raises."""
+    x, W = torch.randn(3, 8), torch.randn(5, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bk.lora_linear(x, W, None, A, B, 2.0)
+        assert y.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        with pytest.raises(ValueError, match="lora_A dtype torch.float64 must be x's dtype"):
+            bk.lora_linear(x, W, None, A.detach().double(), B, 2.0)   # fails only after casting x
+        assert torch.is_autocast_enabled("cpu")
+        assert (x @ W.T).dtype == torch.bfloat16    # and still casts
+    assert not torch.is_autocast_enabled("cpu")

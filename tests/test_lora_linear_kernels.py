@@ -13,6 +13,7 @@ in the same dtype). Outputs are poisoned with NaN before a kernel writes them.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -106,8 +107,22 @@ DTYPES_INTERP = (torch.float32, torch.float16)
 TINY_GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
 
 
+def _triton_version():
+    return tuple(int(p) for p in re.findall(r"\d+", L.triton.__version__)[:2]) if L.triton is not None else None
+
+
+# Triton's interpreter before 3.9 cannot run these kernels: under triton 3.6 (the GPU machine) it
+# raises "TypeError: only 0-dimensional arrays can be converted to Python scalars" in _xa_kernel;
+# 3.9 (CI) runs them all. Where the older Triton is installed, its compiled kernels are what runs,
+# and `-m gpu` tests those.
+OLD_INTERPRETER = L.triton is not None and _triton_version() < (3, 9)
+
+
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 @pytest.mark.skipif(L.triton is None, reason="Triton not installed")
+@pytest.mark.skipif(OLD_INTERPRETER, reason=f"triton {getattr(L.triton, '__version__', '')}'s interpreter cannot run "
+                    "these kernels (TypeError: only 0-dimensional arrays can be converted to Python scalars); "
+                    "interpreted runs need triton >= 3.9, the compiled kernels are tested with -m gpu")
 def test_triton_kernels_interpreted():
     """Runs this file's test_interp_* tests in a child with TRITON_INTERPRET=1 (set before import)."""
     env = dict(os.environ, TRITON_INTERPRET="1", BALORA_TEST_INTERPRET_CHILD="1")
@@ -199,21 +214,24 @@ def test_interp_lora_gemm_kernel(dtype, r, has_base, dropout):
 @pytest.mark.parametrize("dtype", DTYPES_INTERP)
 @pytest.mark.parametrize("r", (1, 3, 16))
 @pytest.mark.parametrize("impl", ("cublas", "triton"))
-def test_interp_op_paths(dtype, r, impl, monkeypatch):
-    """The whole op through functional.lora_linear (leading dims, non-contiguous x, bias, dropout,
-    fp32 adapters), forced to a kernel implementation by BALORA_KERNELS_IMPL."""
+@pytest.mark.parametrize("dropout", (True, False))
+def test_interp_op_paths(dtype, r, impl, dropout, monkeypatch):
+    """The whole op through functional.lora_linear (leading dims, non-contiguous x, bias, dropout
+    or none: the triton implementation's thin products differ, fp32 adapters), forced to a kernel
+    implementation by BALORA_KERNELS_IMPL."""
     monkeypatch.setenv("BALORA_KERNELS_IMPL", {"cublas": "cuda", "triton": "triton"}[impl])
     N, I, O = SMALL["N"], SMALL["I"], SMALL["O"]
+    p = 0.25 if dropout else 0.0
     x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, adapter_dtype=torch.float32, bias=True,
-                                    dropout=True, seed=40 + r)
+                                    seed=40 + r)
     assert functional._lora_linear_impl("forward", N, I, O, r, dtype, x.device) == impl
     xg = x.T.contiguous().T.unsqueeze(0).requires_grad_(True)     # [1, 37, 72], column-major
     assert not xg.reshape(N, I).is_contiguous()
     Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
     torch.manual_seed(7)
-    y = bk.lora_linear(xg, W, b, Ag, Bg, 0.5, dropout_p=0.25)
+    y = bk.lora_linear(xg, W, b, Ag, Bg, 0.5, dropout_p=p)
     torch.manual_seed(7)
-    mask = torch.empty_like(xg.detach().reshape(N, I)).bernoulli_(0.75).div_(0.75)  # functional's mask
+    mask = torch.empty_like(xg.detach().reshape(N, I)).bernoulli_(1 - p).div_(1 - p) if dropout else None
     y.backward(dy.reshape(1, N, O))
     (y64, g64), (yp, gp) = references(x, W, b, A, B, mask, dy, 0.5)
     assert_2x("y", y.reshape(N, O), yp, y64)
@@ -277,6 +295,17 @@ def test_compile_fullgraph_cpu():
         torch.testing.assert_close(g, ge)
 
 
+def _two_shape_table():
+    """A tuning table with per-direction times at two shapes (8k: triton forward, cublas backward;
+    1k: cublas_mm both ways)."""
+    return {"entries": [
+        {"dtype": "bfloat16", "N": 8192, "in": 4096, "out": 4096, "r": 16,
+         "forward_ms": {"cublas": 1.0, "triton": 0.9}, "backward_ms": {"cublas": 1.0, "triton": 1.1},
+         "triton_config": {"forward": 2, "backward": 1}},
+        {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+         "forward_ms": {"cublas_mm": 0.1, "cublas": 0.2}, "backward_ms": {"cublas_mm": 0.1, "torch": 0.3}}]}
+
+
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 def test_dispatcher_choice(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
@@ -291,12 +320,7 @@ def test_dispatcher_choice(monkeypatch, tmp_path):
         functional._lora_linear_impl("forward", 64, 32, 32, 4, torch.bfloat16, cuda)
     monkeypatch.delenv("BALORA_KERNELS_IMPL")
     # The measured table decides per shape and direction (nearest measured shape).
-    table = {"entries": [
-        {"dtype": "bfloat16", "N": 8192, "in": 4096, "out": 4096, "r": 16,
-         "forward_ms": {"cublas": 1.0, "triton": 0.9}, "backward_ms": {"cublas": 1.0, "triton": 1.1},
-         "triton_config": {"forward": 2, "backward": 1}},
-        {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
-         "forward_ms": {"cublas_mm": 0.1, "cublas": 0.2}, "backward_ms": {"cublas_mm": 0.1, "torch": 0.3}}]}
+    table = _two_shape_table()
     monkeypatch.setattr(L, "_TUNING", table)
     if L.triton is not None:
         assert functional._lora_linear_impl("forward", 8000, 4096, 4096, 16, torch.bfloat16, cuda) == "triton"
@@ -304,14 +328,101 @@ def test_dispatcher_choice(monkeypatch, tmp_path):
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.bfloat16, cuda) == "cublas_mm"
         assert L.measured_choice("forward", 8192, 4096, 4096, 16, torch.bfloat16)[1] == 2
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.float32, cuda) == "cublas_mm"
-    # With full-step times, one implementation for both directions (sum of fwd, bwd, full).
+    # With full-step times, one implementation for both directions (sum of fwd, bwd, full). The
+    # table is replaced, not edited in place: the dispatcher's cache is keyed on the table object.
+    table = copy.deepcopy(table)
     table["entries"][0]["full_ms"] = {"cublas": 3.0, "triton": 2.5}
-    L._CHOICES.clear()
+    L.use_tuning_table(table)
     if L.triton is not None:
         assert functional._lora_linear_impl("backward", 8000, 4096, 4096, 16, torch.bfloat16, cuda) == "triton"
-    L._CHOICES.clear()
     with pytest.raises(ValueError, match="unknown implementation"):
-        L._resolve("forward", "nope", 4, 4, 4, 1, torch.float32, cpu)
+        functional._lora_linear_plan(4, 4, 4, 1, torch.float32, cpu, "nope")
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
+def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch):
+    """An implementation whose full step was measured slower than the plain PyTorch math is not
+    chosen, even when its forward + backward + full sum is the smallest."""
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    entry = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+             "forward_ms": {"torch": 0.30, "cublas_mm": 0.10, "triton": 0.05},
+             "backward_ms": {"torch": 0.30, "cublas_mm": 0.30, "triton": 0.05},
+             "full_ms": {"torch": 0.50, "cublas_mm": 0.45, "triton": 0.55}}
+    monkeypatch.setattr(L, "_TUNING", {"entries": [entry]})
+    assert functional._lora_linear_impl("forward", 1024, 4096, 4096, 16, torch.bfloat16, cuda) == "cublas_mm"
+    assert functional._lora_linear_impl("backward", 1024, 4096, 4096, 16, torch.bfloat16, cuda) == "cublas_mm"
+    entry = dict(entry, full_ms={"torch": 0.40, "cublas_mm": 0.45, "triton": 0.55})
+    monkeypatch.setattr(L, "_TUNING", {"entries": [entry]})
+    assert functional._lora_linear_impl("forward", 1024, 4096, 4096, 16, torch.bfloat16, cuda) == "torch"
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
+def test_dispatcher_cache_is_never_stale(monkeypatch):
+    """Cached choices follow the env override, the shape, the dtype, the device and the table."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    table = _two_shape_table()
+    monkeypatch.setattr(L, "_TUNING", table)
+    impl = functional._lora_linear_impl
+    shape = (8192, 4096, 4096, 16)
+    assert impl("forward", *shape, torch.bfloat16, cuda) == "triton"            # cached now
+    assert functional._lora_linear_plan(*shape, torch.bfloat16, cuda) == (("triton", 2), ("cublas", 0))
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "torch")                           # override changes
+    assert impl("forward", *shape, torch.bfloat16, cuda) == "torch"
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "cuda")
+    assert impl("forward", *shape, torch.bfloat16, cuda) == "cublas"
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "bogus")                           # errors are not cached
+    for _ in range(2):
+        with pytest.raises(ValueError, match="BALORA_KERNELS_IMPL"):
+            impl("forward", *shape, torch.bfloat16, cuda)
+    monkeypatch.delenv("BALORA_KERNELS_IMPL")
+    assert impl("forward", *shape, torch.bfloat16, cuda) == "triton"             # back to the table
+    assert impl("forward", 1000, 4096, 4096, 16, torch.bfloat16, cuda) == "cublas_mm"   # another shape
+    assert impl("forward", *shape, torch.float32, cuda) == "cublas_mm"          # another dtype
+    assert impl("forward", *shape, torch.bfloat16, cpu) == "torch"              # another device
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "triton")
+    assert impl("forward", *shape, torch.bfloat16, cpu) == "triton"             # interpreter forced
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert impl("forward", *shape, torch.bfloat16, cpu) == "torch"
+    monkeypatch.delenv("BALORA_KERNELS_IMPL")
+    # A new table (same shapes) replaces every cached choice.
+    table2 = copy.deepcopy(table)
+    table2["entries"][0]["forward_ms"] = {"cublas": 0.5, "triton": 0.9}
+    L.use_tuning_table(table2)
+    assert impl("forward", *shape, torch.bfloat16, cuda) == "cublas"
+    # A forced implementation through the op's plan: the measured GEMM config of the new table.
+    assert functional._lora_linear_plan(*shape, torch.bfloat16, cuda, "triton") == (("triton", 2), ("triton", 1))
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+def test_backward_uses_the_forward_calls_choice(monkeypatch):
+    """The eager Function decides both directions once, in forward: an override changed between
+    forward and backward does not mix implementations within one call (and costs no lookup)."""
+    x, W, b, A, B, m, dy = operands(6, 5, 4, 2, torch.float64, bias=True, seed=4)
+    calls = []
+    real = L.lora_linear_backward
+
+    def spy(impl, *a, **k):
+        calls.append(impl)
+        return real(impl, *a, **k)
+
+    monkeypatch.setattr(L, "lora_linear_backward", spy)
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    xg = x.clone().requires_grad_(True)
+    y = L.lora_linear(xg, W, b, A, B, 0.5, None)           # 'auto' on CPU: the torch math
+    monkeypatch.setenv("BALORA_KERNELS_IMPL", "cuda")      # would be 'cublas' if chosen again
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert functional._lora_linear_impl("backward", 6, 5, 4, 2, torch.float64, x.device) == "cublas"
+    y.backward(dy)
+    assert calls == ["torch"]
+    (_, g64), _ = references(x, W, b, A, B, None, dy, 0.5)
+    torch.testing.assert_close(xg.grad, g64.x)
 
 
 # --------------------------------------------------------------------------------------------

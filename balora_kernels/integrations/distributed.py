@@ -56,14 +56,19 @@ from ..ops.projection import ProjectionStats
 __all__ = ["ShardedProjectionPlan", "fully_shard_lora", "has_dtensor", "is_dtensor", "shard_placement_fn"]
 
 
+_DTENSOR = []  # [DTensor or None], filled on first use (is_dtensor runs on every patched forward)
+
+
 def _dtensor_cls():
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None
-    return DTensor
+    if not _DTENSOR:
+        cls = None
+        if torch.distributed.is_available():
+            try:
+                from torch.distributed.tensor import DTensor as cls
+            except ImportError:  # pragma: no cover - torch without DTensor
+                cls = None
+        _DTENSOR.append(cls)
+    return _DTENSOR[0]
 
 
 def is_dtensor(t) -> bool:

@@ -253,8 +253,9 @@ def _hook_free(mod: nn.Module) -> bool:
     return not (mod._forward_hooks or mod._forward_pre_hooks or "forward" in mod.__dict__)
 
 
-def _fast_adapter(layer, x: torch.Tensor) -> Optional[str]:
-    """The adapter to run on ``lora_linear`` now, or None to let PEFT's forward run."""
+def _fast_adapter(layer, x: torch.Tensor):
+    """``(key, base, lora_A, lora_B, dropout)``: the adapter to run on ``lora_linear`` now and its
+    modules (looked up once, the forward reuses them), or None to let PEFT's forward run."""
     if layer.disable_adapters or layer.merged or not x.is_floating_point():
         return None
     keys = _active_keys(layer)
@@ -271,34 +272,34 @@ def _fast_adapter(layer, x: torch.Tensor) -> Optional[str]:
         return None
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
-    if not all(_hook_free(mod) for mod in (base, lin_a, lin_b, drop)):
+    if not (_hook_free(base) and _hook_free(lin_a) and _hook_free(lin_b) and _hook_free(drop)):
         return None
     w, A, B = base.weight, lin_a.weight, lin_b.weight
     if is_dtensor(w) or is_dtensor(A) or is_dtensor(B):
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
         ok = A.dtype in (dt, _FLOAT32) and B.dtype in (dt, _FLOAT32)
     else:
         # Outside autocast PEFT runs the branch in the adapters' dtype; take over only where
         # that is x's dtype (lora_linear computes in x's dtype).
-        ok = (w.dtype == x.dtype and (base.bias is None or base.bias.dtype == x.dtype)
-              and A.dtype == x.dtype and B.dtype == x.dtype)
-    return key if ok else None
+        xd = x.dtype
+        ok = (w.dtype == xd and (base.bias is None or base.bias.dtype == xd) and A.dtype == xd and B.dtype == xd)
+    return (key, base, lin_a, lin_b, drop) if ok else None
 
 
 def _balora_forward(self, x, *args, **kwargs):
     """PEFT LoRA ``Linear.forward`` on :func:`balora_kernels.functional.lora_linear` (see module doc)."""
-    key = None if (args or kwargs) else _fast_adapter(self, x)
-    if key is None:
+    fast = None if (args or kwargs) else _fast_adapter(self, x)
+    if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    drop = self.lora_dropout[key]
+    key, base, lin_a, lin_b, drop = fast
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
     s = self.scaling[key]
-    y = functional.lora_linear(x, base.weight, base.bias, self.lora_A[key].weight, self.lora_B[key].weight,
+    y = functional.lora_linear(x, base.weight, base.bias, lin_a.weight, lin_b.weight,
                                s, p, drop.training, name=f"{self._balora_name}[{key}]")
-    bias_b = self.lora_B[key].bias
+    bias_b = lin_b.bias
     if bias_b is not None:          # lora_bias=True: PEFT adds s * lora_B.bias
         y = y + (bias_b * s).to(y.dtype)
     return y

@@ -4,14 +4,16 @@ One projection of every adapter is a handful of launches, all on the current str
 
 1. ``_gram_partial_kernel`` (one launch per parameter dtype): every factor is cut into *tiles* of at most
    ``K_CHUNK`` rows of ``B`` (or columns of ``A``); a persistent grid walks a device table of tiles and writes
-   one fp32 partial Gram ``X X^T`` per tile (``X = B^T`` or ``A``, [r, k]). No atomics: each tile is owned by
-   one program and the tile split never depends on the GPU, so the result is bitwise reproducible;
+   one fp32 partial Gram ``X X^T`` per tile (``X = B^T`` or ``A``, [r, k]); float32 factors by the method of
+   :data:`FP32_GRAM_METHODS` their rank group uses. No atomics: each tile is owned by one program and the tile
+   split never depends on the GPU, so the result is bitwise reproducible;
 2. ``_gram_reduce_kernel``: one program per Gram sums its tiles' partials in tile order -> ``grams``
    [P, 2, R, R] (``[p, 0] = G_B``, ``[p, 1] = G_A``, zero-padded to ``R = max(16, next_pow2(r))``);
-3. the r x r math of :func:`balora_kernels.reference.balancing_transforms`, per pair: the compiled
-   ``csrc/`` kernel (float64, one thread block per pair) or, when the extension is unavailable, the reference
-   itself in torch on the device. Writes ``tw`` [P, 2, R, R] (``[p, 0] = T``, ``[p, 1] = T^-1``), per-pair
-   ``status`` bits and gaps;
+3. the r x r math of :func:`balora_kernels.reference.balancing_transforms`, per pair (same rank policy: the
+   product floor with each pair's ``eps_f``): the compiled ``csrc/`` kernel (float64, one thread block per
+   pair) or, when the extension is unavailable, the reference itself in torch on the device. Writes ``tw``
+   [P, 2, R, R] (``[p, 0] = T``, ``[p, 1] = T^-1``), per-pair ``status`` (flag bits and the live components
+   k) and gaps;
 4. ``_rescale_kernel`` (one launch per dtype): ``B <- B T`` and ``A <- T^-1 A`` over the same tiles, fp32 math,
    one rounding; tiles of skipped pairs are not written (bit-identical);
 5. ``_stats_kernel``: one program folds the per-pair status into :class:`ProjectionStats` counters.
@@ -30,10 +32,12 @@ import triton.language as tl
 from .. import reference
 from .projection import Pair, ProjectionStats
 
-# Per-pair status bits written by the transform step (same values in csrc/balance.cu).
+# Per-pair status written by the transform step (same values in csrc/balance_math.cuh): flag bits, and
+# the number of live components k in the bits from STATUS_RANK_SHIFT up (0 for skipped pairs).
 STATUS_NONFINITE = 1
 STATUS_ZERO = 2
 STATUS_RANK_DEFICIENT = 4
+STATUS_RANK_SHIFT = 8
 MODE_CODES = {"nearest": 0, "svd": 1}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -61,6 +65,24 @@ def _num_warps(R: int) -> int:
     return 4 if R <= 32 else (8 if R <= 64 else 16)
 
 
+# How float32 factors' Grams are computed: "dot" is tl.dot on the float32 values (_dot_precision: FMA dots for
+# R <= 16, 3xTF32 on the tensor cores above); "fp16x3" splits each tile, scaled per column by a power of two,
+# into three float16 pieces (hi + mid + lo carry all 24 bits of float32) and sums the six significant products
+# on the tensor cores (16-bit operands, which they take in either major order). "auto" (default): "dot" for
+# R <= 16, "fp16x3" above. Measured on an H200 (bench/results/projection-h200.json, 7B shapes): R = 64 Grams
+# 0.94 ms with fp16x3 against 1.09 with 3xTF32; R = 16: 0.34 ms with fp16x3 against 0.27 with FMA dots, and
+# the tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram (FMA dots: 1.4e-7,
+# tests/test_projection_kernels.py::test_gpu_gram_methods).
+FP32_GRAM_METHODS = ("auto", "fp16x3", "dot")
+
+
+def _fp32_gram_method(R: int, requested: str) -> str:
+    """The float32 Gram method a rank group of padded rank R uses ("fp16x3" or "dot")."""
+    if requested == "auto":
+        return "dot" if R <= 16 else "fp16x3"
+    return requested
+
+
 def _dot_precision(R: int, kernel: str) -> str:
     """fp32 dot precision: exact fp32 FMA dots for r <= 16 (the 7B Grams ran in ~0.27 ms at r = 8 and
     16 on an H200, against 3.7 / 0.44 ms with 3xTF32), 3xTF32 on the tensor cores above (~2^-21
@@ -72,6 +94,42 @@ def _dot_precision(R: int, kernel: str) -> str:
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _pow2_scales(amax):
+    """``(s, 1/s)``: powers of two with ``amax * s`` in [1, 2) (1 where ``amax`` is 0 or not finite)."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.where(amax > 0, tl.minimum(tl.maximum(e, -126), 126), 0)   # NaN > 0 is False
+    s = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    inv = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return s, inv
+
+
+@triton.jit
+def _split3_fp16(x):
+    """``x`` (float32, |x| < 2) as float16 ``hi + mid + lo``: each remainder is exact in float32, so the three
+    pieces carry x's 24 bits (up to float16 underflow below 2^-24, under float32's own rounding of |x| ~ 1)."""
+    hi = x.to(tl.float16)
+    r1 = x - hi.to(tl.float32)
+    mid = r1.to(tl.float16)
+    lo = (r1 - mid.to(tl.float32)).to(tl.float16)
+    return hi, mid, lo
+
+
+@triton.jit
+def _gram_fp16x3(x):
+    """``x^T x`` [N, N] float32 of ``x`` float32 [K, N] scaled to |x| < 2: the six products of its float16 pieces
+    above float32 rounding (hi hi, hi mid, mid hi, mid mid, hi lo, lo hi), in a fixed order."""
+    hi, mid, lo = _split3_fp16(x)
+    hit, midt, lot = tl.trans(hi), tl.trans(mid), tl.trans(lo)
+    acc = tl.dot(hit, hi)
+    acc = tl.dot(hit, mid, acc)
+    acc = tl.dot(midt, hi, acc)
+    acc = tl.dot(midt, mid, acc)
+    acc = tl.dot(hit, lo, acc)
+    acc = tl.dot(lot, hi, acc)
+    return acc
+
+
+@triton.jit
 def _gram_partial_kernel(
     tiles_ptr,          # int64 [n_b + n_a, TILE_FIELDS]: B tiles first, then A tiles
     partial_ptr,        # fp32 [n_slots, R, R]
@@ -79,6 +137,7 @@ def _gram_partial_kernel(
     r,                  # rank (row stride of B)
     DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
+    SPLIT: tl.constexpr,  # float32 factors: the fp16x3 products (scaled per column of the tile) instead of tl.dot
 ):
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R)
@@ -96,7 +155,11 @@ def _gram_partial_kernel(
             rows = kk + offs_k
             mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
             b = tl.load(base + (k0 + rows)[:, None] * r + offs_r[None, :], mask=mask, other=0.0)
-            acc = tl.dot(tl.trans(b), b, acc, input_precision=PRECISION)
+            if SPLIT:   # b = b' diag(1/s): G += diag(1/s) (b'^T b') diag(1/s), exact power-of-two scalings
+                s, inv = _pow2_scales(tl.max(tl.abs(b), axis=0))
+                acc += _gram_fp16x3(b * s[None, :]) * inv[:, None] * inv[None, :]
+            else:
+                acc = tl.dot(tl.trans(b), b, acc, input_precision=PRECISION)
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
     # A tiles: columns [k0, k0 + k_len) of A [r, in] (row stride from the table): G_A += A_t A_t^T.
     for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
@@ -111,7 +174,11 @@ def _gram_partial_kernel(
             cols = kk + offs_k
             mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
             a = tl.load(base + offs_r[:, None] * stride + (k0 + cols)[None, :], mask=mask, other=0.0)
-            acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
+            if SPLIT:
+                s, inv = _pow2_scales(tl.max(tl.abs(a), axis=1))
+                acc += _gram_fp16x3(tl.trans(a * s[:, None])) * inv[:, None] * inv[None, :]
+            else:
+                acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
 
 
@@ -250,11 +317,12 @@ class _RankGroup:
     """
 
     def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device,
-                 k_chunk: Optional[int] = None):
+                 k_chunk: Optional[int] = None, fp32_gram: str = "auto"):
         self.r, self.R = r, padded_rank(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
         self.block_k, self.num_warps = _block_k(self.R), _num_warps(self.R)
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
+        self.fp32_gram = _fp32_gram_method(self.R, fp32_gram)
         self.k_chunk = k_chunk or _k_chunk(self.R)
         # each pair's factor rounding unit: the product noise floor of the r x r step
         self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
@@ -304,12 +372,14 @@ class TritonProjectionPlan:
 
     ``transforms``: ``"cuda"`` (the compiled extension), ``"torch"`` (reference math on the device) or
     None (the extension when it loads, else torch). Pairs are grouped by rank; within a rank group each
-    parameter dtype gets its own Gram and rescale launch. ``k_chunk`` (tests) overrides the rows per tile.
+    parameter dtype gets its own Gram and rescale launch. ``k_chunk`` (tests) overrides the rows per tile;
+    ``fp32_gram`` (tests, benchmark) how float32 factors' Grams are computed (:data:`FP32_GRAM_METHODS`).
     """
 
     backend = "triton"
 
-    def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None):
+    def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None,
+                 fp32_gram: str = "auto"):
         self.pairs = list(pairs)
         reason = supports(self.pairs)
         if reason is not None:
@@ -320,6 +390,8 @@ class TritonProjectionPlan:
             transforms = "cuda" if (self.device.type == "cuda" and _ext.load() is not None) else "torch"
         if transforms not in ("cuda", "torch"):
             raise ValueError(f"TritonProjectionPlan: transforms must be 'cuda' or 'torch', got {transforms!r}")
+        if fp32_gram not in FP32_GRAM_METHODS:
+            raise ValueError(f"TritonProjectionPlan: fp32_gram must be one of {FP32_GRAM_METHODS}, got {fp32_gram!r}")
         self.transforms = transforms
         self.backend = f"triton+{'cuda-ext' if transforms == 'cuda' else 'torch-eigh'}"
         by_rank: Dict[int, List[int]] = {}
@@ -327,11 +399,10 @@ class TritonProjectionPlan:
             by_rank.setdefault(int(A.shape[0]), []).append(i)
         self.groups, first = [], 0
         for r, ids in by_rank.items():
-            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk))
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram))
             first += len(ids)
         self.n_pairs = first
         self._signature = _signature(self.pairs)
-        self._scratch: Dict[int, torch.Tensor] = {}
 
     def is_stale(self) -> bool:
         """True when any parameter was re-allocated or changed shape, strides, dtype or device.
@@ -349,7 +420,8 @@ class TritonProjectionPlan:
                 _gram_partial_kernel[(lg.num_programs,)](
                     lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.gram_precision,
-                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS, num_warps=g.num_warps)
+                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
+                    SPLIT=lg.dtype == torch.float32 and g.fp32_gram == "fp16x3", num_warps=g.num_warps)
             _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
 
     def transforms_(self, mode: str, status: torch.Tensor, gaps: torch.Tensor) -> None:
@@ -358,7 +430,7 @@ class TritonProjectionPlan:
             st, gp = status[g.first:g.first + g.P], gaps[g.first:g.first + g.P]
             if self.transforms == "cuda":
                 from .. import _ext
-                _ext.balance_transforms(g.grams, g.r, MODE_CODES[mode], g.tw, st, gp, self._scratch)
+                _ext.balance_transforms(g.grams, g.eps_f, g.r, MODE_CODES[mode], g.tw, st, gp)
             else:
                 torch_transforms(g.grams, g.r, mode, g.tw, st, gp, g.eps_f)
 
@@ -417,7 +489,8 @@ def torch_transforms(grams: torch.Tensor, r: int, mode: str, tw: torch.Tensor, s
     tw[:, 1, :r, :r] = t.T_inv.to(torch.float32)
     skip = t.nonfinite | t.zero
     st = (t.nonfinite.to(torch.int32) * STATUS_NONFINITE + t.zero.to(torch.int32) * STATUS_ZERO
-          + ((t.rank < r) & ~skip).to(torch.int32) * STATUS_RANK_DEFICIENT)
+          + ((t.rank < r) & ~skip).to(torch.int32) * STATUS_RANK_DEFICIENT
+          + torch.where(skip, 0, t.rank).to(torch.int32) * (1 << STATUS_RANK_SHIFT))
     status.copy_(st)
     gaps[:, 0] = t.gap_before
     gaps[:, 1] = t.gap_after

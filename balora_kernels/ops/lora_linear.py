@@ -9,14 +9,19 @@ Implementations (one is chosen per call and per direction by
 :func:`balora_kernels.functional._lora_linear_impl`, from measurements in ``lora_linear_tuning.json``):
 
 * ``"torch"``     — :mod:`balora_kernels.reference`'s math (the CPU path and the oracle);
-* ``"cublas"``    — cuBLAS for the two big GEMMs, fused Triton kernels for the rank-r work: the rank-r
-  term ``s u B^T + b`` (``s (v A) * m`` backward) is written by a Triton kernel into the output buffer
-  and cuBLAS accumulates ``x W^T`` (``dy W``) into it with beta=1, so the big output is written once by
-  the GEMM and never re-read by an elementwise pass; ``v`` and ``dB`` come from one pass over ``dy``;
+* ``"cublas"``    — cuBLAS for the two big GEMMs, a Triton kernel for the rank-r term: ``s u B^T + b``
+  (``s (v A) * m`` backward) is written by a Triton kernel into the output buffer and cuBLAS
+  accumulates ``x W^T`` (``dy W``) into it with beta=1, so the big output is written once by the GEMM
+  and never re-read by an elementwise pass;
 * ``"cublas_mm"`` — every product one cuBLAS call (fewest launches): the big GEMM written with
-  beta=0, the rank-r term added in place by a K=r GEMM (alpha=s); ``v``, ``dB``, ``dA`` by cuBLAS;
+  beta=0, the rank-r term added in place by a K=r GEMM (alpha=s); ``v``, ``dB``, ``dA`` by cuBLAS,
+  the scaling as alpha (three launches forward, five backward without dropout);
 * ``"triton"``    — one Triton GEMM per big product with the rank-r term folded into its accumulator
   (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator.
+
+The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
+without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
+``x * m`` is never materialised; ``v`` and ``dB`` then come from one pass over ``dy``).
 
 Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
@@ -30,7 +35,8 @@ Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_lin
 (``bernoulli / (1-p)``, x's dtype); the kernels read it where ``x_l`` is needed (``u``, ``dA``) and
 multiply the rank-r term of ``dx`` by it, so ``x_l`` is never materialised. It is saved for backward.
 
-Autograd: eagerly :class:`LoRALinearFunction` (lowest Python overhead); under ``torch.compile`` the
+Autograd: eagerly :class:`LoRALinearFunction` (lowest Python overhead: the dispatcher's cached
+choice for both directions is looked up once, in forward); under ``torch.compile`` the
 ``torch.library`` ops ``balora_kernels::lora_linear_fwd`` / ``lora_linear_bwd`` with fake
 implementations and registered autograd, so ``fullgraph=True`` traces without breaks. Both call the
 same :func:`lora_linear_forward` / :func:`lora_linear_backward`.
@@ -282,10 +288,16 @@ def _dot_precision(dtype) -> str:
     return "tf32"
 
 
+_SM_COUNT: dict = {}
+
+
 def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so the split paths run in CPU tests too
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so the split paths run in CPU tests too
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:  # a property query per launch costs microseconds of host time
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def _mask_args(mask):
@@ -455,27 +467,45 @@ def _x_l(x, mask):
     return x if mask is None else x * mask
 
 
+def _as(t, dtype):
+    """``t`` in ``dtype`` (``Tensor.to`` costs a dispatcher round trip even when it is a no-op)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled_mm(a, b, scaling: float):
+    """``scaling * (a @ b)`` as one cuBLAS call (alpha = s, beta = 0: the 0-dim ``input`` is never
+    read or copied, so no fill and no separate scaling pass)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+
+
+def _thin_by_cublas(impl: str, mask) -> bool:
+    """The thin products (u, v, dB, dA) by cuBLAS: always for cublas_mm, and for the kernel paths
+    without dropout (the bench's thin-kernel timings on the H200, launch included: cuBLAS's v and
+    dB, a second read of dy included, 0.049 ms against 0.135 ms for the fused Triton pass; dA
+    0.030 against 0.089 ms). With a dropout mask the kernel paths use the Triton thin kernels,
+    which read the mask, so x * m is never materialised."""
+    return impl == "cublas_mm" or mask is None
+
+
 def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: float, mask=None,
                         config: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, u)``: y = x W^T + b + s u B^T [N, out], u = (x * mask) A^T [N, r], both in x's dtype."""
     dt = x.dtype
     if impl == "torch":
-        y = reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask)
-        return y, _x_l(x, mask) @ lora_A.to(dt).T
+        return reference.lora_linear_and_u(x, weight, bias, lora_A, lora_B, scaling, mask)
+    if impl not in IMPLS:
+        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    u = _x_l(x, mask) @ _as(lora_A, dt).T if _thin_by_cublas(impl, mask) else xa_forward(x, lora_A, mask)
     if impl == "cublas_mm":
         # The big GEMM with beta=0 (cuBLAS is measurably slower accumulating into a prefilled
-        # output), then the rank-r term added in place by a K=r GEMM: few launches, no N x out
+        # output), then the rank-r term added in place by a K=r GEMM: three launches, no N x out
         # temporary.
-        u = _x_l(x, mask) @ lora_A.to(dt).T
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        return y.addmm_(u, lora_B.to(dt).T, alpha=scaling), u
-    u = xa_forward(x, lora_A, mask)
+        return y.addmm_(u, _as(lora_B, dt).T, alpha=scaling), u
     if impl == "cublas":
         y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
         return y.addmm_(x, weight.T), u
-    if impl == "triton":
-        return lora_gemm(x, weight.T, u, lora_B.T, scaling, bias=bias, config=config), u
-    raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    return lora_gemm(x, weight.T, u, lora_B.T, scaling, bias=bias, config=config), u
 
 
 def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: float, mask=None,
@@ -487,28 +517,29 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
         return reference.lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, mask, u=u,
                                               need_x_grad=need_x, need_weight_grad=need_weight,
                                               need_bias_grad=need_bias)
-    dx = None
-    if impl == "cublas_mm":  # every product one cuBLAS call; the fewest launches
-        v = dy @ lora_B.to(dt)
-        dB = torch.mm(dy.T, u).mul_(scaling).to(lora_B.dtype)
-        dA = torch.mm(v.T, _x_l(x, mask)).mul_(scaling).to(lora_A.dtype)
-        if need_x:
-            if mask is None:
-                dx = torch.mm(dy, weight).addmm_(v, lora_A.to(dt), alpha=scaling)
-            else:
-                dx = torch.addmm(torch.mm(v, lora_A.to(dt)).mul_(mask), dy, weight, beta=scaling)
-    elif impl in ("cublas", "triton"):
+    if impl not in IMPLS:
+        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    if _thin_by_cublas(impl, mask):
+        # One cuBLAS call each, the scaling as alpha: v = dy B, dB = s dy^T u, dA = s v^T x_l.
+        v = dy @ _as(lora_B, dt)
+        dB = _as(_scaled_mm(dy.T, u, scaling), lora_B.dtype)
+        dA = _as(_scaled_mm(v.T, _x_l(x, mask), scaling), lora_A.dtype)
+    else:
         v, dB = dyb_backward(dy, lora_B, u, scaling)
         if dB is None:  # rank too large for fused dB partials to pay: a second read of dy
-            dB = (torch.mm(dy.T, u) * scaling).to(lora_B.dtype)
+            dB = _as(_scaled_mm(dy.T, u, scaling), lora_B.dtype)
         dA = vx_backward(v, x, scaling, mask, out_dtype=lora_A.dtype)
-        if need_x:
-            if impl == "cublas":
-                dx = lora_gemm(None, None, v, lora_A, scaling, mask=mask).addmm_(dy, weight)
+    dx = None
+    if need_x:
+        if impl == "cublas_mm":
+            if mask is None:
+                dx = torch.mm(dy, weight).addmm_(v, _as(lora_A, dt), alpha=scaling)
             else:
-                dx = lora_gemm(dy, weight, v, lora_A, scaling, mask=mask, config=config)
-    else:
-        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+                dx = torch.addmm(torch.mm(v, _as(lora_A, dt)).mul_(mask), dy, weight, beta=scaling)
+        elif impl == "cublas":
+            dx = lora_gemm(None, None, v, lora_A, scaling, mask=mask).addmm_(dy, weight)
+        else:
+            dx = lora_gemm(dy, weight, v, lora_A, scaling, mask=mask, config=config)
     return reference.LoraLinearGrads(
         x=dx, weight=dy.T @ x if need_weight else None, bias=dy.sum(0) if need_bias else None,
         lora_A=dA, lora_B=dB)
@@ -521,7 +552,9 @@ _TUNING = None
 
 
 def tuning_table() -> dict:
-    """The committed measurements (``lora_linear_tuning.json``, written by bench/bench_lora_linear.py)."""
+    """The measurements the dispatcher reads (``lora_linear_tuning.json``, written by
+    bench/bench_lora_linear.py). Replace it with :func:`use_tuning_table`, never in place: the
+    dispatcher caches its choices per table object."""
     global _TUNING
     if _TUNING is None:
         try:
@@ -532,14 +565,16 @@ def tuning_table() -> dict:
     return _TUNING
 
 
-def reload_tuning_table() -> dict:
+def use_tuning_table(table: Optional[dict]) -> dict:
+    """Make ``table`` the measurements the dispatcher reads (None: reload the committed file).
+    The dispatcher's cached choices are keyed on the table object, so they are dropped."""
     global _TUNING
-    _TUNING = None
-    _CHOICES.clear()
+    _TUNING = table
     return tuning_table()
 
 
-_CHOICES: dict = {}  # (direction, N, in, out, r, dtype) -> measured_choice(...) for the current table
+def reload_tuning_table() -> dict:
+    return use_tuning_table(None)
 
 
 def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype) -> Tuple[str, int, Optional[dict]]:
@@ -547,15 +582,9 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
 
     Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
     (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions (see
-    below). Without measurements: ``("cublas", 0, None)``.
+    below). Without measurements: ``("cublas", 0, None)``. Not cached here: the dispatcher
+    (:func:`balora_kernels.functional._lora_linear_plan`) caches its decisions.
     """
-    key = (direction, N, in_f, out_f, r, dtype, id(tuning_table()))
-    if key not in _CHOICES:
-        _CHOICES[key] = _measured_choice(direction, N, in_f, out_f, r, dtype)
-    return _CHOICES[key]
-
-
-def _measured_choice(direction, N, in_f, out_f, r, dtype):
     entries = tuning_table().get("entries", [])
     name = str(dtype).replace("torch.", "")
     cands = [e for e in entries if e["dtype"] == name] or \
@@ -571,30 +600,39 @@ def _measured_choice(direction, N, in_f, out_f, r, dtype):
     if "full_ms" in e:
         # One implementation for both directions, by the sum of its forward, backward and full
         # medians: forward and backward timed alone miss interactions between the two passes
-        # (measured: the cublas path's full step cost more than its two halves).
-        tot = {k: e["full_ms"][k] + e["forward_ms"][k] + e["backward_ms"][k]
-               for k in e["full_ms"] if k in IMPLS and k in e["forward_ms"] and k in e["backward_ms"]}
-        impl = min((t, k) for k, t in tot.items() if t == t)[1]
+        # (measured: the cublas path's full step cost more than its two halves). Only
+        # implementations whose full step was no slower than the plain PyTorch math ("torch")
+        # are candidates: the op is never slower than the unfused LoRA on a measured shape.
+        full = e["full_ms"]
+        tot = {k: full[k] + e["forward_ms"][k] + e["backward_ms"][k]
+               for k in full if k in IMPLS and k in e["forward_ms"] and k in e["backward_ms"]}
+        tot = {k: t for k, t in tot.items() if t == t}
+        limit = full.get("torch", float("inf"))
+        ok = {k: t for k, t in tot.items() if full[k] <= limit} or tot
+        impl = min((t, k) for k, t in ok.items())[1]
     else:
         times = e[f"{direction}_ms"]
         impl = min((t, k) for k, t in times.items() if k in IMPLS and t == t)[1]
     return impl, int(e.get("triton_config", {}).get(direction, 0)), e
 
 
-def _resolve(direction: str, impl: str, N: int, in_f: int, out_f: int, r: int, dtype, device):
-    """``(impl, gemm_config)``: ``impl`` as given, or for 'auto' the dispatcher's choice."""
-    if impl == "auto":
-        from .. import functional  # the one place that chooses (lazy: functional imports this module)
-        impl = functional._lora_linear_impl(direction, N, in_f, out_f, r, dtype, device)
-    if impl not in IMPLS:
-        raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
-    cfg = measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
-    return impl, cfg
+def _plan(impl: str, x, weight, lora_A):
+    """``((forward impl, gemm config), (backward impl, gemm config))`` for a 2-D call: ``impl`` as
+    given (its Triton GEMM config from the measurements), or for 'auto' the dispatcher's choice."""
+    return _functional()._lora_linear_plan(x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0],
+                                           x.dtype, x.device, impl)
 
 
-def _shape_args(x, weight, lora_A):
-    """(N, in, out, r, dtype, device) of a 2-D LoRA-linear call."""
-    return x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, x.device
+_FUNCTIONAL = None
+
+
+def _functional():
+    """balora_kernels.functional, the one place that chooses (imported lazily: it imports this module)."""
+    global _FUNCTIONAL
+    if _FUNCTIONAL is None:
+        from .. import functional
+        _FUNCTIONAL = functional
+    return _FUNCTIONAL
 
 
 # ============================================================================================
@@ -618,17 +656,17 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask, impl: str):
-        fwd_impl, cfg = _resolve("forward", impl, *_shape_args(x, weight, lora_A))
+        (fwd_impl, cfg), ctx.bwd_plan = _plan(impl, x, weight, lora_A)   # both directions, one lookup
         y, u = lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, dropout_mask)
-        ctx.scaling, ctx.impl, ctx.has_bias = scaling, impl, bias is not None
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, u, weight, lora_A, lora_B, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
-        bwd_impl, cfg = _resolve("backward", ctx.impl, *_shape_args(x, weight, lora_A))
+        bwd_impl, cfg = ctx.bwd_plan
         g = lora_linear_backward(bwd_impl, dy, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
                                  need_x=need[0], need_weight=need[1], need_bias=ctx.has_bias and need[2],
                                  config=cfg)
@@ -644,7 +682,7 @@ def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                        dropout_mask: Optional[torch.Tensor], impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y [N, out], u [N, r])``; on CPU (``impl`` 'auto') the reference math."""
-    fwd_impl, cfg = _resolve("forward", impl, *_shape_args(x, weight, lora_A))
+    fwd_impl, cfg = _plan(impl, x, weight, lora_A)[0]
     return lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
 
 
@@ -660,7 +698,7 @@ def lora_linear_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, w
                        need_bias: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                             torch.Tensor, torch.Tensor]:
     """``(dx, dW, db, dA, dB)``; a gradient not asked for is an empty tensor."""
-    bwd_impl, cfg = _resolve("backward", impl, *_shape_args(x, weight, lora_A))
+    bwd_impl, cfg = _plan(impl, x, weight, lora_A)[1]
     g = lora_linear_backward(bwd_impl, grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask,
                              need_x, need_weight, need_bias, cfg)
     def empty():  # one fresh placeholder per output (custom-op outputs may not alias each other)
