@@ -7,8 +7,9 @@ For every device present (CPU, and CUDA when available) and each dtype the devic
   error of plain PyTorch computing the same thing in the same dtype (plus a tiny floor);
 * ``balance_`` in both modes on pairs of several shapes (one grouped call), compared with
   ``reference.balance`` in float64 on the same inputs: factors and product within twice the error of
-  plain PyTorch in the same dtype (Grams accumulated in that dtype, the r x r math in float64, as the
-  anchors' batched baseline), plus twice the dtype's epsilon; and the degenerate
+  plain PyTorch in the same dtype on the same device (Grams accumulated in that dtype, the r x r math in
+  float64, as the anchors' batched baseline), plus twice the dtype's epsilon, on pairs whose singular
+  values are kept apart (see :func:`_unbalanced_pair`); and the degenerate
   policy: a zero pair and a NaN pair are left unchanged and counted.
 
 Returns a report dict; the CLI prints it and exits non-zero on any failure.
@@ -65,14 +66,31 @@ def check_lora_linear(device: torch.device, dtype: torch.dtype, gen: torch.Gener
     return out
 
 
+def _unbalanced_pair(fout: int, fin: int, r: int, gen: torch.Generator):
+    """(A [r, fin], B [fout, r]) float64 with ``B A = U diag(s) V^T``, ``s`` geometric from 1 down to 0.2,
+    spread unevenly between the factors by a random ``M`` (``B = U diag(s)^1/2 M``, ``A = M^-1 diag(s)^1/2 V^T``).
+
+    The singular values are kept apart on purpose: the svd mode's factors are the product's singular
+    vectors, whose rounding error grows as 1 / (relative gap of the singular values). With Gaussian factors
+    of these shapes the top two singular values can lie within 0.6% of each other, and then any two
+    float32 Grams (plain PyTorch's on two CPUs, or the GPU kernel's) give factor errors that differ by 10x
+    by luck: the 2x rule would measure the draw, not the op.
+    """
+    U, _ = torch.linalg.qr(torch.randn(fout, r, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(fin, r, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, math.log10(0.05), r, dtype=torch.float64) if r > 1 else torch.ones(1, dtype=torch.float64)
+    M = torch.randn(r, r, generator=gen, dtype=torch.float64) * r ** -0.5 + 2 * torch.eye(r, dtype=torch.float64)
+    B = U * s.sqrt() @ M * 0.2
+    A = torch.linalg.solve(M, s.sqrt()[:, None] * V.T) * 0.5
+    return A, B
+
+
 def check_projection(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> List[dict]:
     out = []
     for mode in reference.MODES:
         pairs64 = []
         for fout, fin, r in PAIR_SHAPES:
-            A = torch.randn(r, fin, generator=gen, dtype=torch.float64) * fin ** -0.5
-            B = torch.randn(fout, r, generator=gen, dtype=torch.float64) * 0.05
-            pairs64.append((A, B))
+            pairs64.append(_unbalanced_pair(fout, fin, r, gen))
         zero = (torch.randn(8, 64, generator=gen, dtype=torch.float64), torch.zeros(48, 8, dtype=torch.float64))
         nan = (torch.randn(8, 64, generator=gen, dtype=torch.float64), torch.randn(48, 8, generator=gen, dtype=torch.float64))
         nan[1][3, 2] = float("nan")
@@ -85,9 +103,11 @@ def check_projection(device: torch.device, dtype: torch.dtype, gen: torch.Genera
             A0, B0 = before[i][0].cpu(), before[i][1].cpu()
             # truth: the reference on the same rounded inputs, so only the op's own error is measured
             Ar, Br = reference.balance(A0.double(), B0.double(), mode)
-            # baseline: plain PyTorch in the op's dtype (Grams in that dtype, r x r math in float64)
-            t = reference.balancing_transforms(*reference.grams(A0, B0, dtype=torch.promote_types(dtype, torch.float32)), mode)
-            Ap, Bp = reference.apply_transforms(A0, B0, t)
+            # baseline: plain PyTorch in the op's dtype on the op's device (Grams in that dtype, r x r math
+            # in float64): the Grams' rounding differs between BLAS libraries, so the baseline is this device's
+            Ad, Bd = before[i]
+            t = reference.balancing_transforms(*reference.grams(Ad, Bd, dtype=torch.promote_types(dtype, torch.float32)), mode)
+            Ap, Bp = (X.cpu() for X in reference.apply_transforms(Ad, Bd, t))
             errs = {"A": (_rel(A.cpu(), Ar), _rel(Ap, Ar)), "B": (_rel(B.cpu(), Br), _rel(Bp, Br)),
                     "product": (_rel((B.double() @ A.double()).cpu(), Br @ Ar), _rel(Bp.double() @ Ap.double(), Br @ Ar))}
             for k, (e, pe) in errs.items():
