@@ -49,11 +49,17 @@ def _build_tag() -> str:
     return h.hexdigest()[:16]
 
 
+# The op's argument names this package calls it with (csrc/bindings.cpp): an extension built from older
+# sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
+OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
+
+
 def _have_op() -> bool:
     try:
-        return hasattr(torch.ops.balora, "balance_transforms")
+        op = torch.ops.balora.balance_transforms.default
     except (AttributeError, RuntimeError):
         return False
+    return tuple(a.name for a in op._schema.arguments) == OP_ARGUMENTS
 
 
 def _try_load() -> None:
@@ -69,7 +75,7 @@ def _try_load() -> None:
     except ImportError as e:
         prebuilt_error = e
     else:
-        prebuilt_error = "balora_kernels._C has no balance_transforms op"
+        prebuilt_error = f"balora_kernels._C has no balance_transforms{OP_ARGUMENTS} op (built from other sources?)"
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError(f"no prebuilt extension ({prebuilt_error}) and no CUDA toolkit (CUDA_HOME) to JIT-build it")
@@ -87,7 +93,7 @@ def _try_load() -> None:
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"
     if not _have_op():
-        raise RuntimeError("extension loaded but torch.ops.balora.balance_transforms is missing")
+        raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS} is missing (another schema?)")
 
 
 def load() -> Optional[object]:

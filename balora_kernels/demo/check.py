@@ -67,7 +67,7 @@ def check_lora_linear(device: torch.device, dtype: torch.dtype, gen: torch.Gener
 
 
 def _unbalanced_pair(fout: int, fin: int, r: int, gen: torch.Generator):
-    """(A [r, fin], B [fout, r]) float64 with ``B A = U diag(s) V^T``, ``s`` geometric from 1 down to 0.2,
+    """(A [r, fin], B [fout, r]) float64 with ``B A = U diag(s) V^T``, ``s`` geometric from 1 down to 0.05,
     spread unevenly between the factors by a random ``M`` (``B = U diag(s)^1/2 M``, ``A = M^-1 diag(s)^1/2 V^T``).
 
     The singular values are kept apart on purpose: the svd mode's factors are the product's singular
