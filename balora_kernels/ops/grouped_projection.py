@@ -71,8 +71,9 @@ def _num_warps(R: int) -> int:
 # on the tensor cores (16-bit operands, which they take in either major order). "auto" (default): "dot" for
 # R <= 16, "fp16x3" above. Measured on an H200 (bench/results/projection-h200.json, 7B shapes): R = 64 Grams
 # 0.94 ms with fp16x3 against 1.09 with 3xTF32; R = 16: 0.34 ms with fp16x3 against 0.27 with FMA dots, and
-# the tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram (FMA dots: 1.4e-7,
-# tests/test_projection_kernels.py::test_gpu_gram_methods).
+# the tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram (FMA dots: 1.4e-7; measured
+# by an earlier version of tests/test_projection_kernels.py::test_gpu_gram_methods,
+# bench/results/logs/projection-2026-11-28-rank-policy.txt).
 FP32_GRAM_METHODS = ("auto", "fp16x3", "dot")
 
 
