@@ -281,6 +281,12 @@ def main():
         json.dump(results, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    # Exit without the interpreter's teardown: torch's process-group threads destroyed there have aborted a
+    # finished worker ("terminate called without an active exception", return code -6, seen once in CI on
+    # rank 0) after its results were written and the barrier passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
