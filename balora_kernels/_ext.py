@@ -1,7 +1,9 @@
 """The optional compiled extension (``csrc/``): import it, or JIT-build and cache it; keep why it failed.
 
-Nothing happens at import time. :func:`load` is called by the projection dispatcher the first time a CUDA
-plan is built:
+It holds two ops: ``torch.ops.balora.balance_transforms`` (the projection's r x r step, csrc/balance.cu) and
+``torch.ops.balora.lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp).
+Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
+is built or a LoRA linear call on CUDA tensors picks its implementation:
 
 1. ``balora_kernels._C`` (built by ``setup.py`` on a machine with CUDA torch and nvcc) is imported;
 2. otherwise, when CUDA torch and a CUDA toolkit are present, ``csrc/*.cpp|*.cu`` are compiled with
@@ -41,7 +43,7 @@ def _sources():
 
 def _build_tag() -> str:
     h = hashlib.sha256()
-    for path in _sources() + sorted(glob.glob(os.path.join(_CSRC, "*.cuh"))):
+    for path in _sources() + sorted(glob.glob(os.path.join(_CSRC, "*.cuh")) + glob.glob(os.path.join(_CSRC, "*.h"))):
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
@@ -52,14 +54,16 @@ def _build_tag() -> str:
 # The op's argument names this package calls it with (csrc/bindings.cpp): an extension built from older
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
+LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "prefill")
 
 
 def _have_op() -> bool:
     try:
-        op = torch.ops.balora.balance_transforms.default
+        ops = (torch.ops.balora.balance_transforms.default, torch.ops.balora.lora_linear.default)
     except (AttributeError, RuntimeError):
         return False
-    return tuple(a.name for a in op._schema.arguments) == OP_ARGUMENTS
+    return all(tuple(a.name for a in op._schema.arguments) == args
+               for op, args in zip(ops, (OP_ARGUMENTS, LORA_LINEAR_ARGUMENTS)))
 
 
 def _try_load() -> None:
@@ -75,7 +79,8 @@ def _try_load() -> None:
     except ImportError as e:
         prebuilt_error = e
     else:
-        prebuilt_error = f"balora_kernels._C has no balance_transforms{OP_ARGUMENTS} op (built from other sources?)"
+        prebuilt_error = (f"balora_kernels._C lacks balance_transforms{OP_ARGUMENTS} or "
+                          f"lora_linear{LORA_LINEAR_ARGUMENTS} (built from other sources?)")
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError(f"no prebuilt extension ({prebuilt_error}) and no CUDA toolkit (CUDA_HOME) to JIT-build it")
@@ -93,7 +98,8 @@ def _try_load() -> None:
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"
     if not _have_op():
-        raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS} is missing (another schema?)")
+        raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS} or "
+                           f"lora_linear{LORA_LINEAR_ARGUMENTS} is missing (another schema?)")
 
 
 def load() -> Optional[object]:

@@ -120,6 +120,8 @@ def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl
     if plan is None:
         plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl)
                      for d in ("forward", "backward"))
+        if plan[0][0] in _lora_ops.EXT_IMPLS:   # the C++ op runs its own backward
+            plan = (plan[0], plan[0])
         _PLANS[key] = plan
     return plan
 
@@ -131,21 +133,27 @@ def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
     elif impl not in _lora_ops.IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of "
                          f"{_lora_ops.IMPLS}")
+    elif impl in _lora_ops.EXT_IMPLS and not _ext_available():
+        from . import _ext
+        raise RuntimeError(f"lora_linear: implementation {impl!r} needs the compiled extension, which is "
+                           f"unavailable: {_ext.error()}")
     cfg = _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
     return impl, cfg
 
 
 def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device) -> str:
-    """The one choice of LoRA-linear implementation: 'torch', 'cublas_mm', 'cublas' or 'triton'.
+    """The one choice of LoRA-linear implementation (one of ``ops.lora_linear.IMPLS``).
 
     ``direction`` is 'forward' or 'backward'; N tokens, in/out features, rank r, activation dtype.
     ``BALORA_KERNELS_IMPL`` overrides: torch -> reference math; triton -> fused Triton GEMMs;
-    cuda -> cuBLAS GEMMs + fused Triton rank-r kernels (this op has no csrc kernel). Otherwise,
-    on CUDA in bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
+    cuda -> the csrc op ('ext': cuBLAS products and the autograd node in C++; 'cublas', cuBLAS
+    GEMMs + Triton rank-r kernels, when the extension is unavailable). Otherwise, on CUDA in
+    bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
     (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py; never one measured
-    slower than the plain PyTorch math there); fp32/fp64 take cuBLAS (which applies torch's TF32
-    setting). CPU tensors take the reference math (the Triton path runs on CPU only when forced,
-    under ``TRITON_INTERPRET=1``). Cached (see :func:`_lora_linear_plan`).
+    slower than the plain PyTorch math there; the C++ ones only when the extension loads);
+    fp32/fp64 take cuBLAS (which applies torch's TF32 setting), from C++ when the extension loads.
+    CPU tensors take the reference math (the Triton path runs on CPU only when forced, under
+    ``TRITON_INTERPRET=1``). Cached (see :func:`_lora_linear_plan`).
     """
     return _lora_linear_plan(N, in_f, out_f, r, dtype, device)[0 if direction == "forward" else 1][0]
 
@@ -160,24 +168,36 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
         return {"triton": "triton", "cuda": "cublas"}.get(req, "torch") if (have_triton and interp) else "torch"
     if req == "torch":
         return "torch"
+    ext = _ext_available()          # the first CUDA call may JIT-build the extension (cached after)
+    all_cublas = "ext" if ext else "cublas_mm"
     if not have_triton:
-        return "cublas_mm"
+        return all_cublas
     if req == "triton":
         return "triton"
     if req == "cuda":
-        return "cublas"
+        return "ext" if ext else "cublas"
     if dtype not in (torch.bfloat16, torch.float16):
-        return "cublas_mm"
-    return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[0]
+        return all_cublas
+    allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.EXT_IMPLS)
+    return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed)[0]
+
+
+def _ext_available() -> bool:
+    """Whether the compiled extension (csrc/) loads here (tests replace this to pin the choice)."""
+    from . import _ext
+    return _ext.load() is not None
 
 
 def _lora_linear_backend_info() -> dict:
     table = _lora_ops.tuning_table()
-    cuda = None
+    cuda, ext = None, None
     if torch.cuda.is_available():
+        from . import _ext
+        ext = _ext.how() if _ext_available() else f"unavailable ({_ext.error()}): the C++ implementations " \
+            f"{tuple(_lora_ops.EXT_IMPLS)} are not offered"
         cuda = ("per shape and direction from measurements: " + ", ".join(_lora_ops.IMPLS)
-                if _lora_ops.triton is not None else "cublas_mm (Triton is not installed)")
-    return {"cpu": "torch", "cuda": cuda, "tuning_file": _lora_ops.TUNING_FILE,
+                if _lora_ops.triton is not None else "ext or cublas_mm (Triton is not installed)")
+    return {"cpu": "torch", "cuda": cuda, "extension": ext, "tuning_file": _lora_ops.TUNING_FILE,
             "measured_on": table.get("gpu"), "measured_shapes": len(table.get("entries", []))}
 
 

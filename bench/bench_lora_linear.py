@@ -12,10 +12,12 @@ Providers (bf16, one run, side by side):
              forward, backward and full medians are the tuning table the dispatcher reads
 Modes: forward, backward (autograd.grad of a retained graph), full (both). Speed: median of
 triton.testing.do_bench (L2 flushed between runs). Memory: peak allocated above the inputs during
-one full step. Ratios are to the frozen layer of the same run. Beside "ours" (timed last, with the
-frozen layer and the unfused LoRA again): the dispatcher's choice forced ("ours_choice_forced": what
-the public entry point adds) and the host time to issue one forward + backward ("host_us", no
-synchronisation: the per-call Python, dispatcher and launch cost).
+one full step. Ratios are to the frozen layer of the same run. "ours" is timed last, interleaved with
+the frozen layer and the unfused LoRA again (ROUNDS rounds of frozen, unfused, ours, the dispatcher's
+choice forced; each provider's time the median of its rounds, so clock drift over the run hits all
+of them alike); beside it "ours_choice_forced" (what the public entry point adds) and the host time
+to issue one forward + backward ("host_us", no synchronisation: the per-call Python, dispatcher and
+launch cost).
 
 The forced implementations' forward and backward times are the measurements the dispatcher reads:
 with --write-tuning they go to balora_kernels/ops/lora_linear_tuning.json before "ours" is timed.
@@ -54,7 +56,7 @@ SCALING = 2.0
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --smoke only (TRITON_INTERPRET=1)
 
 
-def median_ms(fn):
+def median_ms(fn, rep=40):
     if DEV == "cpu":  # smoke run of the script's logic: a few host-timed calls
         ts = []
         for _ in range(3):
@@ -63,7 +65,7 @@ def median_ms(fn):
             ts.append((time.perf_counter() - t) * 1e3)
         return sorted(ts)[1]
     import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
 def sync():
@@ -97,6 +99,33 @@ def measure(f, x, params, gy):
     g = torch.autograd.grad(f(x), inputs, gy)
     out["peak_MB"] = peak_since(base) / 2**20
     del g
+    return out
+
+
+ROUNDS = 5
+
+
+def measure_interleaved(providers, x, gy):
+    """{name: {mode: ms}}: ROUNDS rounds over the providers ``{name: (f, params)}`` in turn, each mode
+    timed with a shorter do_bench, then per provider and mode the median over the rounds."""
+    runs = {k: {m: [] for m in MODES} for k in providers}
+    for _ in range(ROUNDS):
+        for name, (f, params) in providers.items():
+            inputs = [x, *params]
+            runs[name]["forward"].append(median_ms(lambda: f(x), rep=15))
+            y = f(x)
+            runs[name]["backward"].append(median_ms(lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True),
+                                                    rep=15))
+            del y
+            runs[name]["full"].append(median_ms(lambda: torch.autograd.grad(f(x), inputs, gy), rep=15))
+    out = {}
+    for name, (f, params) in providers.items():
+        out[name] = {m: sorted(v)[len(v) // 2] for m, v in runs[name].items()}
+        out[name]["rounds"] = runs[name]
+        base = reset_peak()
+        g = torch.autograd.grad(f(x), [x, *params], gy)
+        out[name]["peak_MB"] = peak_since(base) / 2**20
+        del g
     return out
 
 
@@ -307,17 +336,15 @@ def main():
     # it (the GPU's clocks drift over a run; ratios compare neighbours).
     for name, (x, W, A, B, gy, base, unfused) in tensors.items():
         P = results["cases"][name]["providers"]
-        P["frozen_final"] = measure(base, x, [], gy)
-        P["unfused_final"] = measure(unfused, x, [A, B], gy)
         ours = lambda x: bk.lora_linear(x, W, None, A, B, SCALING)  # noqa: E731
-        P["ours"] = measure(ours, x, [A, B], gy)
         N, in_f, out_f, r = CASES[name]
         (fi, fc), (bi, bc) = functional._lora_linear_plan(N, in_f, out_f, r, torch.bfloat16, x.device)
-        P["ours"]["impl"] = {"forward": fi, "backward": bi}
+        final = {"frozen_final": (base, []), "unfused_final": (unfused, [A, B]), "ours": (ours, [A, B])}
         # The dispatcher's choice forced, beside ours: what the public entry point costs on top.
         if fi == bi and fc == bc:
-            P["ours_choice_forced"] = measure(lambda x: _forced(x, W, A, B, fi, fc if fi == "triton" else None),
-                                              x, [A, B], gy)
+            final["ours_choice_forced"] = (lambda x: _forced(x, W, A, B, fi, fc if fi == "triton" else None), [A, B])
+        P.update(measure_interleaved(final, x, gy))
+        P["ours"]["impl"] = {"forward": fi, "backward": bi}
         # Host time to issue one forward + backward (no synchronisation): the per-call CPU cost.
         P["host_us"] = {k: host_us(f, x, prm, gy) for k, f, prm in
                         (("frozen", base, []), ("unfused", unfused, [A, B]), ("ours", ours, [A, B]))}

@@ -5,11 +5,14 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
 * shapes: Llama-2-7B (32 layers x q,k,v,o 4096x4096, gate,up 4096->11008, down 11008->4096: 224 adapters)
   and a 1B Llama (hidden 2048, 16 layers, intermediate 5632: 112 adapters); r in {8, 16, 64}; fp32 and
   bf16 adapters (the baselines run on fp32 only: the paper's SVDs need fp32);
-* providers: ``ours`` (TritonProjectionPlan: grouped Gram + CUDA r x r kernel + grouped rescale),
+* providers: ``ours`` (TritonProjectionPlan: grouped Gram + CUDA r x r kernel + grouped rescale, replayed from
+  the CUDA graph the plan captures on its second call, as BalancedProjector runs it), ``ours_eager`` (the same
+  kernels launched one by one from Python: what the host adds),
   ``ours_torch_eigh`` (the same with the torch.linalg fallback for the r x r step, 7B r=16 fp32 only),
   ``paper_loop`` (the anchors' ref_project per module), ``torch_batched`` (the anchors' batched_project),
   ``floor`` (read both factors twice, write once, at the copy rate measured in this run);
-* per-kernel times of ours (gram / eig / rescale; for float32 adapters also the other Gram method);
+* per-kernel times of ours (gram / eig / rescale / stats, each the replay of a CUDA graph holding that step
+  alone: GPU time without the host's launch cost; for float32 adapters also the other Gram methods);
 * one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
   linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters.
 
@@ -55,6 +58,16 @@ def make_adapters(shapes, r, dtype):
 from balora_kernels.baselines import batched_project, paper_project as ref_project  # noqa: E402
 
 
+def graph_ms(fn, bench):
+    """Median time of replaying a CUDA graph that holds ``fn``'s launches (GPU time, no host launch cost)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
+
+
 def events_ms(fn, warm=1, rep=3):
     for _ in range(warm):
         fn()
@@ -87,7 +100,8 @@ def main():
     res = {"gpu": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-           "backend_info": bk.backend_info()["projection"], "timing": "median ms, triton.testing.do_bench (L2 flushed)",
+           "backend_info": bk.backend_info()["projection"],
+           "timing": "median ms, triton.testing.do_bench (L2 flushed); per-kernel: a CUDA graph of that step replayed",
            "cases": []}
     bench = lambda fn, rep=50: do_bench(fn, warmup=10, rep=rep, return_mode="median")  # noqa: E731
 
@@ -109,6 +123,7 @@ def main():
                         "adapter_MB": nbytes / 1e6, "floor_ms": 3 * nbytes / (res["copy_TBps"] * 1e9)}
                 plan = TritonProjectionPlan(ad)
                 plan.run("nearest")                              # compile
+                plan.run("nearest")                              # capture the CUDA graph (when the plan uses one)
                 fresh = make_adapters(shapes, r, dtype)
                 for (A, B), (A2, B2) in zip(ad, fresh):
                     A.copy_(A2)
@@ -116,18 +131,24 @@ def main():
                 torch.cuda.synchronize()
                 case["first_call_ms"] = events_ms(lambda: plan.run("nearest"), warm=0, rep=1)
                 case["ours_ms"] = bench(lambda: plan.run("nearest"))
+                case["cuda_graph"] = plan.cuda_graph
+                eager = TritonProjectionPlan(ad, cuda_graph=False)
+                eager.run("nearest")
+                case["ours_eager_ms"] = bench(lambda: eager.run("nearest"))
+                del eager
                 # per-kernel times on the same (nearest-balanced) state as ours_ms: the Jacobi sweeps
                 # depend on the data (SVD-aligned pairs have diagonal Grams and converge at once).
                 status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
                 gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
-                case["gram_ms"] = bench(plan.gram)
-                if dtype == torch.float32:      # the other float32 Gram method, for the record
+                case["gram_ms"] = graph_ms(plan.gram, bench)
+                if dtype == torch.float32:      # the other float32 Gram methods, for the record
                     case["fp32_gram"] = plan.groups[0].fp32_gram
-                    alt = "dot" if case["fp32_gram"] == "fp16x3" else "fp16x3"
-                    case[f"gram_{alt}_ms"] = bench(TritonProjectionPlan(ad, fp32_gram=alt).gram)
-                case["eig_ms"] = bench(lambda: plan.transforms_("nearest", status, gaps))
-                case["rescale_ms"] = bench(lambda: plan.rescale(status))
-                case["stats_ms"] = bench(lambda: plan.stats(status, gaps))
+                    for alt in ("dot", "fp16x3"):
+                        if alt != case["fp32_gram"]:
+                            case[f"gram_{alt}_ms"] = graph_ms(TritonProjectionPlan(ad, fp32_gram=alt).gram, bench)
+                case["eig_ms"] = graph_ms(lambda: plan.transforms_("nearest", status, gaps), bench)
+                case["rescale_ms"] = graph_ms(lambda: plan.rescale(status), bench)
+                case["stats_ms"] = graph_ms(lambda: plan.stats(status, gaps), bench)
                 case["ours_svd_ms"] = bench(lambda: plan.run("svd"))
                 case["ours_over_floor"] = case["ours_ms"] / case["floor_ms"]
                 case["backend"] = plan.backend
@@ -198,11 +219,12 @@ def main():
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
 
-    hdr = f"{'model':10} {'r':>3} {'dtype':8} {'ours':>8} {'gram':>7} {'eig':>7} {'rescale':>7} {'floor':>7} {'torch_b':>9} {'paper':>9} {'x_paper':>8}"
+    hdr = (f"{'model':10} {'r':>3} {'dtype':8} {'ours':>8} {'eager':>8} {'gram':>7} {'eig':>7} {'rescale':>7} "
+           f"{'floor':>7} {'torch_b':>9} {'paper':>9} {'x_paper':>8}")
     print("\nprojection, median ms (" + dev + ")\n" + hdr)
     for c in rows:
         f = lambda k: f"{c[k]:.3f}" if k in c else "-"  # noqa: E731
-        print(f"{c['model']:10} {c['r']:>3} {c['dtype']:8} {f('ours_ms'):>8} {f('gram_ms'):>7} {f('eig_ms'):>7} "
+        print(f"{c['model']:10} {c['r']:>3} {c['dtype']:8} {f('ours_ms'):>8} {f('ours_eager_ms'):>8} {f('gram_ms'):>7} {f('eig_ms'):>7} "
               f"{f('rescale_ms'):>7} {f('floor_ms'):>7} {f('torch_batched_ms'):>9} {f('paper_loop_ms'):>9} "
               f"{(c['speedup_vs_paper'] if 'speedup_vs_paper' in c else float('nan')):>8.0f}")
     if "step_ms" in res.get("llama1b_step", {}):

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "messages.h"
+
 extern "C" {
 void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* smem_bytes, int* mats_in_smem,
                        long long* scratch_doubles);
@@ -22,29 +24,25 @@ namespace {
 void balance_transforms(const at::Tensor& grams, const at::Tensor& eps_f, int64_t r, int64_t mode,
                         const at::Tensor& tw, const at::Tensor& status, const at::Tensor& gaps) {
   const char* op = "balora::balance_transforms";
-  TORCH_CHECK(grams.is_cuda() && eps_f.is_cuda() && tw.is_cuda() && status.is_cuda() && gaps.is_cuda(), op,
-              ": all tensors must be CUDA tensors");
+  TORCH_CHECK(grams.is_cuda() && eps_f.is_cuda() && tw.is_cuda() && status.is_cuda() && gaps.is_cuda(), bk::msg(op,
+              ": all tensors must be CUDA tensors"));
   TORCH_CHECK(grams.device() == eps_f.device() && grams.device() == tw.device() &&
-                  grams.device() == status.device() && grams.device() == gaps.device(),
-              op, ": all tensors must be on one device");
-  TORCH_CHECK(grams.dim() == 4 && grams.size(1) == 2 && grams.size(2) == grams.size(3), op,
-              ": grams must be [P, 2, R, R], got ", grams.sizes());
+                  grams.device() == status.device() && grams.device() == gaps.device(), bk::msg(op, ": all tensors must be on one device"));
+  TORCH_CHECK(grams.dim() == 4 && grams.size(1) == 2 && grams.size(2) == grams.size(3), bk::msg(op,
+              ": grams must be [P, 2, R, R], got ", grams.sizes()));
   const int64_t P = grams.size(0), R = grams.size(2);
-  TORCH_CHECK(r >= 1 && r <= 128 && r <= R, op, ": rank r=", r, " must be in [1, min(128, R=", R, ")]");
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (nearest) or 1 (svd), got ", mode);
-  TORCH_CHECK(grams.scalar_type() == at::kFloat && grams.is_contiguous(), op,
-              ": grams must be contiguous float32, got ", grams.scalar_type());
+  TORCH_CHECK(r >= 1 && r <= 128 && r <= R, bk::msg(op, ": rank r=", r, " must be in [1, min(128, R=", R, ")]"));
+  TORCH_CHECK(mode == 0 || mode == 1, bk::msg(op, ": mode must be 0 (nearest) or 1 (svd), got ", mode));
+  TORCH_CHECK(grams.scalar_type() == at::kFloat && grams.is_contiguous(), bk::msg(op,
+              ": grams must be contiguous float32, got ", grams.scalar_type()));
   TORCH_CHECK(eps_f.scalar_type() == at::kDouble && eps_f.is_contiguous() && eps_f.dim() == 1 &&
-                  eps_f.size(0) == P,
-              op, ": eps_f must be contiguous float64 [", P, "], got ", eps_f.scalar_type(), " ", eps_f.sizes());
-  TORCH_CHECK(tw.scalar_type() == at::kFloat && tw.is_contiguous() && tw.sizes() == grams.sizes(), op,
-              ": tw must be contiguous float32 of grams' shape ", grams.sizes(), ", got ", tw.sizes());
+                  eps_f.size(0) == P, bk::msg(op, ": eps_f must be contiguous float64 [", P, "], got ", eps_f.scalar_type(), " ", eps_f.sizes()));
+  TORCH_CHECK(tw.scalar_type() == at::kFloat && tw.is_contiguous() && tw.sizes() == grams.sizes(), bk::msg(op,
+              ": tw must be contiguous float32 of grams' shape ", grams.sizes(), ", got ", tw.sizes()));
   TORCH_CHECK(status.scalar_type() == at::kInt && status.is_contiguous() && status.dim() == 1 &&
-                  status.size(0) == P,
-              op, ": status must be contiguous int32 [", P, "], got ", status.sizes());
+                  status.size(0) == P, bk::msg(op, ": status must be contiguous int32 [", P, "], got ", status.sizes()));
   TORCH_CHECK(gaps.scalar_type() == at::kDouble && gaps.is_contiguous() && gaps.dim() == 2 &&
-                  gaps.size(0) == P && gaps.size(1) == 2,
-              op, ": gaps must be contiguous float64 [", P, ", 2], got ", gaps.sizes());
+                  gaps.size(0) == P && gaps.size(1) == 2, bk::msg(op, ": gaps must be contiguous float64 [", P, ", 2], got ", gaps.sizes()));
   if (P == 0) return;
   c10::cuda::CUDAGuard guard(grams.device());
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -56,7 +54,7 @@ void balance_transforms(const at::Tensor& grams, const at::Tensor& eps_f, int64_
                                     tw.data_ptr<float>(), status.data_ptr<int>(), gaps.data_ptr<double>(),
                                     scratch.data_ptr<double>(), threads, grid, smem, in_smem,
                                     at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == 0, op, ": launch failed for P=", P, " r=", r, ": ", bk_error_string(err));
+  TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for P=", P, " r=", r, ": ", bk_error_string(err)));
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ def pytest_configure(config):
         import importlib.util
         import shutil
         missing = [m for m in _CI_NEEDS if importlib.util.find_spec(m) is None]
-        missing += [tool for tool in ("g++",) if shutil.which(tool) is None]
+        missing += [tool for tool in ("g++", "ninja") if shutil.which(tool) is None]
         if missing:
             raise pytest.UsageError(f"CI: test dependencies missing, their tests would skip silently: {missing}")
 

@@ -295,6 +295,16 @@ def test_compile_fullgraph_cpu():
         torch.testing.assert_close(g, ge)
 
 
+@pytest.fixture
+def no_ext(monkeypatch):
+    """The dispatcher sees no compiled extension (so these choices are the same on a GPU machine,
+    where it loads; tests/test_lora_linear_ext.py covers the choices with it)."""
+    monkeypatch.setattr(functional, "_ext_available", lambda: False)
+    functional._PLANS.clear()
+    yield
+    functional._PLANS.clear()
+
+
 def _two_shape_table():
     """A tuning table with per-direction times at two shapes (8k: triton forward, cublas backward;
     1k: cublas_mm both ways)."""
@@ -307,7 +317,7 @@ def _two_shape_table():
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
-def test_dispatcher_choice(monkeypatch, tmp_path):
+def test_dispatcher_choice(monkeypatch, tmp_path, no_ext):
     cpu = torch.device("cpu")
     cuda = torch.device("cuda")
     assert functional._lora_linear_impl("forward", 64, 32, 32, 4, torch.float32, cpu) == "torch"
@@ -341,7 +351,7 @@ def test_dispatcher_choice(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 @pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
-def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch):
+def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch, no_ext):
     """An implementation whose full step was measured slower than the plain PyTorch math is not
     chosen, even when its forward + backward + full sum is the smallest."""
     cuda = torch.device("cuda")
@@ -360,7 +370,7 @@ def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch):
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 @pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
-def test_dispatcher_cache_is_never_stale(monkeypatch):
+def test_dispatcher_cache_is_never_stale(monkeypatch, no_ext):
     """Cached choices follow the env override, the shape, the dtype, the device and the table."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
@@ -400,7 +410,7 @@ def test_dispatcher_cache_is_never_stale(monkeypatch):
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
-def test_backward_uses_the_forward_calls_choice(monkeypatch):
+def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
     """The eager Function decides both directions once, in forward: an override changed between
     forward and backward does not mix implementations within one call (and costs no lookup)."""
     x, W, b, A, B, m, dy = operands(6, 5, 4, 2, torch.float64, bias=True, seed=4)
@@ -428,7 +438,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),

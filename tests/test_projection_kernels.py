@@ -356,27 +356,53 @@ def test_interp_dispatcher_and_balance_(monkeypatch):
     assert functional._projection_plan_class(pairs) is TorchProjectionPlan   # CPU tensors: torch path
 
 
+def test_cuda_graph_option_and_packed_stats():
+    """cuda_graph=True needs CUDA pairs and the extension (a clear error otherwise; the default is off there);
+    the packed counters read as the dataclass's fields."""
+    from balora_kernels.ops.grouped_projection import TritonProjectionPlan
+    from balora_kernels.ops.projection import PackedProjectionStats
+    pairs = make_pairs([(4, 32, 24, torch.float32)], seed=5)
+    assert TritonProjectionPlan(pairs, transforms="torch").cuda_graph is False
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA pairs and the compiled extension"):
+        TritonProjectionPlan(pairs, transforms="torch", cuda_graph=True)
+    with pytest.raises(ValueError, match="unknown tune keys"):
+        TritonProjectionPlan(pairs, transforms="torch", tune={"bogus": 1})
+    st = PackedProjectionStats(torch.tensor([5, 3, 1, 1, 2, 0.25, 1e-9], dtype=torch.float64))
+    assert st.as_dict() == {"pairs": 5, "projected": 3, "skipped_nonfinite": 1, "skipped_zero": 1,
+                            "rank_deficient": 2, "gap_before": 0.25, "gap_after": 1e-9}
+    assert st.projected.dtype == torch.int64 and int(st.projected) == 3 and float(st.gap_before) == 0.25
+    assert "projected=3" in repr(st)
+    with pytest.raises(AttributeError):
+        st.bogus
+
+
 def test_extension_with_another_schema_is_not_used():
-    """A leftover extension built from older sources (another balance_transforms schema) must not count as
-    loaded: calling it would fail at projection time instead of falling back."""
+    """A leftover extension built from older sources (another balance_transforms schema, or no lora_linear op)
+    must not count as loaded: calling it would fail at projection time instead of falling back."""
     code = """
 import torch
 from balora_kernels import _ext
 assert not _ext._have_op()
 lib = torch.library.Library("balora", "DEF")
-lib.define(SCHEMA)
+for schema in SCHEMAS:
+    lib.define(schema)
 print(_ext._have_op())
 """
+    lora = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+            "Tensor? dropout_mask, bool prefill) -> Tensor")
+    with open(os.path.join(ROOT, "csrc", "lora_linear.cpp")) as f:
+        assert lora.replace(", ", ",") in f.read().replace('"\n        "', "").replace(", ", ","), \
+            "the test's lora_linear schema must be the one csrc/lora_linear.cpp registers"
     old = "balance_transforms(Tensor grams, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()"
     new = ("balance_transforms(Tensor grams, Tensor eps_f, int r, int mode, Tensor(a!) tw, Tensor(b!) status, "
            "Tensor(c!) gaps) -> ()")
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         assert new in f.read(), "the test's schema must be the one csrc/bindings.cpp registers"
-    for schema, expect in ((old, "False"), (new, "True")):
-        r = subprocess.run([sys.executable, "-c", code.replace("SCHEMA", repr(schema))], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT)
+    for schemas, expect in (([old, lora], "False"), ([new], "False"), ([new, lora], "True")):
+        r = subprocess.run([sys.executable, "-c", code.replace("SCHEMAS", repr(schemas))], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == expect, (schema, r.stdout)
+        assert r.stdout.strip() == expect, (schemas, r.stdout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,6 +702,45 @@ def _graph_capture_and_replay(transforms):
             perr, gap, finite = invariants(A0, B0, A, B)
             tol = (1e-5, 1e-4) if A.dtype == torch.float32 else (3e-2, 3e-2)
             assert finite and perr <= tol[0] and gap <= tol[1], (perr, gap, A.dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_plan_replays_its_own_graph():
+    """By default a CUDA plan (extension loaded) runs eagerly once, captures on the second call and replays after:
+    results bitwise equal to launching the kernels one by one, each call's stats its own (a later replay does not
+    overwrite them), one graph per mode."""
+    specs = llama_layer_specs(16, torch.float32) + [(8, 2048, 5632, torch.bfloat16), (16, 1000, 37, torch.float32)]
+    pairs = make_pairs(specs, device="cuda", seed=70)
+    twin = clone(pairs)
+    plan, eager = _cuda_plan(pairs), _cuda_plan(twin, cuda_graph=False)
+    assert plan.cuda_graph and not eager.cuda_graph
+    seen = []
+    for it, mode in enumerate(["nearest"] * 4 + ["svd"] * 3):
+        fresh = make_pairs(specs, device="cuda", seed=71 + it)
+        for (A, B), (A2, B2), (A3, B3) in zip(pairs, twin, fresh):
+            A.copy_(A3), B.copy_(B3), A2.copy_(A3), B2.copy_(B3)
+        seen.append((plan.run(mode), eager.run(mode).as_dict()))
+        for (A, B), (A2, B2) in zip(pairs, twin):
+            assert torch.equal(A, A2) and torch.equal(B, B2), (it, mode)
+    assert sorted(plan._graphs) == ["nearest", "svd"]
+    for it, (stats, expect) in enumerate(seen):
+        assert stats.as_dict() == expect, (it, stats.as_dict(), expect)
+    assert len({s.as_dict()["gap_before"] for s, _ in seen}) == len(seen)     # fresh data each time
+
+
+@pytest.mark.gpu
+def test_gpu_extension_errors_are_exceptions():
+    """Bad arguments to the compiled op raise RuntimeError naming the problem (on the H200 machine an integer
+    streamed into a message from the extension once crashed the process: csrc/messages.h)."""
+    from balora_kernels import _ext
+    assert _ext.load() is not None, _ext.error()
+    z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device="cuda")  # noqa: E731
+    args = (z(1, 2, 16, 16), z(1, dt=torch.float64), 999, 0, z(1, 2, 16, 16), z(1, dt=torch.int32),
+            z(1, 2, dt=torch.float64))
+    with pytest.raises(RuntimeError, match=r"rank r=999 must be in \[1, min\(128, R=16\)\]"):
+        torch.ops.balora.balance_transforms(*args)
+    with pytest.raises(RuntimeError, match=r"tw must be contiguous float32 of grams' shape \[1, 2, 16, 16\], got \[3\]"):
+        torch.ops.balora.balance_transforms(*args[:2], 8, 0, z(3), *args[5:])
 
 
 @pytest.mark.gpu

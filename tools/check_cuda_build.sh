@@ -2,7 +2,8 @@
 # Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc, and the host-side
 # emulation of the kernel math with the host compiler. Fails on any compile error. Nothing is run.
 # The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
-# headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present.
+# headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present; lora_linear.cpp
+# (pure ATen) against torch's headers wherever torch is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
@@ -17,6 +18,10 @@ echo "$CXX -DBK_HOST_EMULATION csrc/host_emulation.cc"
 "$CXX" -O2 -std=c++17 -Wall -Werror -shared -fPIC -DBK_HOST_EMULATION csrc/host_emulation.cc -o "$out/libbk_host.so"
 inc="$(python3 -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null || true)"
 if [ -n "$inc" ]; then
+  # csrc/lora_linear.cpp is pure ATen (no CUDA headers): checked against torch's headers wherever torch is.
+  echo "$CXX -fsyntax-only csrc/lora_linear.cpp"
+  # shellcheck disable=SC2086
+  "$CXX" -std=c++20 -fsyntax-only $inc csrc/lora_linear.cpp
   cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
   [ -f "$cuda_inc/cuda_runtime_api.h" ] || cuda_inc="$(dirname "$(readlink -f "$(command -v "$NVCC")")")/../include"
   py_inc="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .projection import Pair, ProjectionStats
+from .projection import PackedProjectionStats, Pair, ProjectionStats
 
 # Per-pair status written by the transform step (same values in csrc/balance_math.cuh): flag bits, and
 # the number of live components k in the bits from STATUS_RANK_SHIFT up (0 for skipped pairs).
@@ -56,8 +56,9 @@ def _block_k(R: int) -> int:
 
 
 def _k_chunk(R: int) -> int:
-    """Rows per tile: large enough that the R x R partial is small against the tile, small enough to balance."""
-    return max(1024, 32 * R)
+    """Rows per tile: large enough that the R x R partial is small against the tile, small enough to balance
+    (1024 measured best at R = 16 and 64 on an H200, bench/results/tune_projection-h200.json)."""
+    return 1024 if R <= 64 else 32 * R
 
 
 def _num_warps(R: int) -> int:
@@ -74,6 +75,9 @@ def _num_warps(R: int) -> int:
 # the tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram (FMA dots: 1.4e-7; measured
 # by an earlier version of tests/test_projection_kernels.py::test_gpu_gram_methods,
 # bench/results/logs/projection-2026-11-28-rank-policy.txt).
+# A bfloat16 three-way split (8 + 8 + 8 bits, no scaling) was measured too and not kept: slower at every rank
+# (R = 16: 0.43 ms against 0.35 fp16x3 and 0.27 FMA dots; R = 64: 1.00 against 0.93 fp16x3;
+# bench/results/tune_projection-h200.json).
 FP32_GRAM_METHODS = ("auto", "fp16x3", "dot")
 
 
@@ -254,8 +258,8 @@ def _rescale_kernel(
 def _stats_kernel(
     status_ptr,         # int32 [P]
     gaps_ptr,           # fp64 [P, 2]: gap_before, gap_after
-    counts_ptr,         # int64 [5] out: pairs, projected, skipped_nonfinite, skipped_zero, rank_deficient
-    gmax_ptr,           # fp64 [2] out: max gap_before / gap_after over projected pairs
+    out_ptr,            # fp64 [7] out: pairs, projected, skipped_nonfinite, skipped_zero, rank_deficient (exact
+                        # in float64), then the max gap_before / gap_after over projected pairs
     P,
     BLOCK: tl.constexpr,
 ):
@@ -281,34 +285,66 @@ def _stats_kernel(
         a = tl.load(gaps_ptr + 2 * idx + 1, mask=done, other=0.0)
         g0 = tl.maximum(g0, tl.where(done, b, 0.0))
         g1 = tl.maximum(g1, tl.where(done, a, 0.0))
-    tl.store(counts_ptr + 0, tl.sum(n_all))
-    tl.store(counts_ptr + 1, tl.sum(n_proj))
-    tl.store(counts_ptr + 2, tl.sum(n_nf))
-    tl.store(counts_ptr + 3, tl.sum(n_zero))
-    tl.store(counts_ptr + 4, tl.sum(n_def))
-    tl.store(gmax_ptr + 0, tl.max(g0))
-    tl.store(gmax_ptr + 1, tl.max(g1))
+    tl.store(out_ptr + 0, tl.sum(n_all).to(tl.float64))
+    tl.store(out_ptr + 1, tl.sum(n_proj).to(tl.float64))
+    tl.store(out_ptr + 2, tl.sum(n_nf).to(tl.float64))
+    tl.store(out_ptr + 3, tl.sum(n_zero).to(tl.float64))
+    tl.store(out_ptr + 4, tl.sum(n_def).to(tl.float64))
+    tl.store(out_ptr + 5, tl.max(g0))
+    tl.store(out_ptr + 6, tl.max(g1))
 
 
 
 # --------------------------------------------------------------------------------------------
 # Host side: tables and launchers
 # --------------------------------------------------------------------------------------------
-def _num_programs(n_tiles: int, device: torch.device) -> int:
+def _num_programs(n_tiles: int, device: torch.device, per_sm: int = 4) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_tiles, 4 * sms))
+        return max(1, min(n_tiles, per_sm * sms))
     return max(1, min(n_tiles, 4))       # the interpreter runs programs one after another
+
+
+# Launch parameters of the Gram and rescale kernels (``TritonProjectionPlan(tune=...)`` overrides any of them;
+# bench/tune_projection.py measures alternatives): rows per tile, and per kernel the rows (of B) / columns
+# (of A) per inner step, warps, software-pipeline stages and programs per multiprocessor.
+TUNE_KEYS = ("k_chunk", "gram_block_k", "gram_warps", "gram_stages", "gram_progs",
+             "rescale_block_k", "rescale_warps", "rescale_stages", "rescale_progs")
+
+
+# Measured on an H200 (bench/tune_projection.py -> bench/results/tune_projection-h200.json, Llama-2-7B adapters,
+# GPU time of each kernel alone): per (padded rank, float32 or 16-bit parameters), the best configuration found.
+# Gram fp32 R=16 0.270 -> 0.232 ms, 16-bit R=16 0.064 -> 0.058, fp32 R=64 0.934 -> 0.498; rescale fp32 R=16
+# 0.142 -> 0.101, 16-bit R=16 0.110 -> 0.105, fp32 R=64 0.930 -> 0.612. Other ranks keep the rules above.
+_MEASURED_TUNE = {
+    (16, True): dict(gram_block_k=128, gram_warps=2, gram_stages=1, gram_progs=8,
+                     rescale_block_k=64, rescale_warps=4, rescale_stages=3, rescale_progs=4),
+    (16, False): dict(gram_block_k=256, gram_warps=4, gram_stages=3, gram_progs=16,
+                      rescale_block_k=128, rescale_warps=4, rescale_stages=1, rescale_progs=16),
+    (64, True): dict(gram_block_k=64, gram_warps=4, gram_stages=1, gram_progs=16,
+                     rescale_block_k=64, rescale_warps=4, rescale_stages=3, rescale_progs=16),
+}
+
+
+def default_tune(R: int, dtype=torch.float32) -> Dict[str, int]:
+    """The launch parameters a rank group of padded rank R uses for parameters of ``dtype``."""
+    bk, w = _block_k(R), _num_warps(R)
+    tune = dict(k_chunk=_k_chunk(R), gram_block_k=bk, gram_warps=w, gram_stages=3, gram_progs=4,
+                rescale_block_k=bk, rescale_warps=w, rescale_stages=3, rescale_progs=4)
+    tune.update(_MEASURED_TUNE.get((R, dtype == torch.float32), {}))
+    return tune
 
 
 class _LaunchGroup:
     """Tiles of one parameter dtype inside a rank group: one Gram launch and one rescale launch."""
 
-    def __init__(self, dtype, tiles_b: List[list], tiles_a: List[list], device):
+    def __init__(self, dtype, tiles_b: List[list], tiles_a: List[list], device, R: int, overrides: Dict[str, int]):
         self.dtype = dtype
+        self.tune = tune = {**default_tune(R, dtype), **overrides}
         self.n_b, self.n_a = len(tiles_b), len(tiles_a)
         self.tiles = torch.tensor(tiles_b + tiles_a, dtype=torch.int64).reshape(-1, TILE_FIELDS).to(device)
-        self.num_programs = _num_programs(self.n_b + self.n_a, device)
+        self.gram_programs = _num_programs(self.n_b + self.n_a, device, tune["gram_progs"])
+        self.rescale_programs = _num_programs(self.n_b + self.n_a, device, tune["rescale_progs"])
 
 
 class _RankGroup:
@@ -318,13 +354,16 @@ class _RankGroup:
     """
 
     def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device,
-                 k_chunk: Optional[int] = None, fp32_gram: str = "auto"):
+                 k_chunk: Optional[int] = None, fp32_gram: str = "auto", tune: Optional[Dict[str, int]] = None):
         self.r, self.R = r, padded_rank(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
-        self.block_k, self.num_warps = _block_k(self.R), _num_warps(self.R)
+        self.overrides = dict(tune or {})
+        if k_chunk:
+            self.overrides["k_chunk"] = k_chunk
+        self.tune = {**default_tune(self.R), **self.overrides}    # k_chunk: one tile split for every dtype
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
         self.fp32_gram = _fp32_gram_method(self.R, fp32_gram)
-        self.k_chunk = k_chunk or _k_chunk(self.R)
+        self.k_chunk = self.tune["k_chunk"]
         # each pair's factor rounding unit: the product noise floor of the r x r step
         self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
                                   device=device)
@@ -344,7 +383,7 @@ class _RankGroup:
                     slot += 1
         self.n_slots = slot
         self.ranges = torch.tensor(ranges, dtype=torch.int64, device=device)
-        self.launches = [_LaunchGroup(dt, tb, ta, device) for dt, (tb, ta) in by_dtype.items()]
+        self.launches = [_LaunchGroup(dt, tb, ta, device, self.R, self.overrides) for dt, (tb, ta) in by_dtype.items()]
         self.partials = torch.empty((self.n_slots, self.R, self.R), dtype=torch.float32, device=device)
         self.grams = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
         self.tw = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
@@ -375,12 +414,16 @@ class TritonProjectionPlan:
     None (the extension when it loads, else torch). Pairs are grouped by rank; within a rank group each
     parameter dtype gets its own Gram and rescale launch. ``k_chunk`` (tests) overrides the rows per tile;
     ``fp32_gram`` (tests, benchmark) how float32 factors' Grams are computed (:data:`FP32_GRAM_METHODS`).
+    ``cuda_graph``: replay the projection from a CUDA graph (see :meth:`run`); None (default) does when the
+    pairs are on CUDA and the extension loaded, unless ``BALORA_KERNELS_CUDA_GRAPH=0``. The plan's tables
+    hold the parameters' addresses either way: re-allocated parameters need a new plan (``is_stale``;
+    :class:`~balora_kernels.BalancedProjector` checks before every projection).
     """
 
     backend = "triton"
 
     def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None,
-                 fp32_gram: str = "auto"):
+                 fp32_gram: str = "auto", cuda_graph: Optional[bool] = None, tune: Optional[Dict[str, int]] = None):
         self.pairs = list(pairs)
         reason = supports(self.pairs)
         if reason is not None:
@@ -391,6 +434,9 @@ class TritonProjectionPlan:
             transforms = "cuda" if (self.device.type == "cuda" and _ext.load() is not None) else "torch"
         if transforms not in ("cuda", "torch"):
             raise ValueError(f"TritonProjectionPlan: transforms must be 'cuda' or 'torch', got {transforms!r}")
+        bad = sorted(set(tune or {}) - set(TUNE_KEYS))
+        if bad:
+            raise ValueError(f"TritonProjectionPlan: unknown tune keys {bad}; expected some of {TUNE_KEYS}")
         if fp32_gram not in FP32_GRAM_METHODS:
             raise ValueError(f"TritonProjectionPlan: fp32_gram must be one of {FP32_GRAM_METHODS}, got {fp32_gram!r}")
         self.transforms = transforms
@@ -400,10 +446,21 @@ class TritonProjectionPlan:
             by_rank.setdefault(int(A.shape[0]), []).append(i)
         self.groups, first = [], 0
         for r, ids in by_rank.items():
-            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram))
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune))
             first += len(ids)
         self.n_pairs = first
         self._signature = _signature(self.pairs)
+        if cuda_graph not in (None, True, False):
+            raise ValueError(f"TritonProjectionPlan: cuda_graph must be None, True or False, got {cuda_graph!r}")
+        graphs_possible = self.device.type == "cuda" and self.transforms == "cuda"
+        if cuda_graph is None:
+            cuda_graph = graphs_possible and os.environ.get("BALORA_KERNELS_CUDA_GRAPH", "1") not in ("", "0")
+        if cuda_graph and not graphs_possible:
+            raise ValueError("TritonProjectionPlan: cuda_graph=True needs CUDA pairs and the compiled extension "
+                             f"(transforms={self.transforms!r}, device {self.device})")
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: Dict[str, tuple] = {}     # mode -> (CUDAGraph, packed stats buffer it writes)
+        self._warm: set = set()                 # modes run once eagerly (kernels compiled)
 
     def is_stale(self) -> bool:
         """True when any parameter was re-allocated or changed shape, strides, dtype or device.
@@ -418,11 +475,13 @@ class TritonProjectionPlan:
         """Grams of every pair into ``group.grams`` [P, 2, R, R] (fp32, deterministic)."""
         for g in self.groups:
             for lg in g.launches:
-                _gram_partial_kernel[(lg.num_programs,)](
+                t = lg.tune
+                _gram_partial_kernel[(lg.gram_programs,)](
                     lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
-                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.gram_precision,
-                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
-                    SPLIT=lg.dtype == torch.float32 and g.fp32_gram == "fp16x3", num_warps=g.num_warps)
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["gram_block_k"], PRECISION=g.gram_precision,
+                    NUM_PROGS=lg.gram_programs, FIELDS=TILE_FIELDS,
+                    SPLIT=lg.dtype == torch.float32 and g.fp32_gram == "fp16x3",
+                    num_warps=t["gram_warps"], num_stages=t["gram_stages"])
             _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
 
     def transforms_(self, mode: str, status: torch.Tensor, gaps: torch.Tensor) -> None:
@@ -440,29 +499,55 @@ class TritonProjectionPlan:
         for g in self.groups:
             st = status[g.first:g.first + g.P]
             for lg in g.launches:
-                _rescale_kernel[(lg.num_programs,)](
+                t = lg.tune
+                _rescale_kernel[(lg.rescale_programs,)](
                     lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
-                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=g.block_k, PRECISION=g.rescale_precision,
-                    NUM_PROGS=lg.num_programs, FIELDS=TILE_FIELDS,
-                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, num_warps=g.num_warps)
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["rescale_block_k"], PRECISION=g.rescale_precision,
+                    NUM_PROGS=lg.rescale_programs, FIELDS=TILE_FIELDS,
+                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, num_warps=t["rescale_warps"],
+                    num_stages=t["rescale_stages"])
 
     def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:
-        counts = torch.empty(5, dtype=torch.int64, device=self.device)
-        gmax = torch.empty(2, dtype=torch.float64, device=self.device)
-        _stats_kernel[(1,)](status, gaps, counts, gmax, self.n_pairs, BLOCK=256)
-        return ProjectionStats(counts[0], counts[1], counts[2], counts[3], counts[4], gmax[0], gmax[1])
+        packed = torch.empty(7, dtype=torch.float64, device=self.device)
+        _stats_kernel[(1,)](status, gaps, packed, self.n_pairs, BLOCK=256)
+        return PackedProjectionStats(packed)
 
     @torch.no_grad()
     def run(self, mode: str = "nearest") -> ProjectionStats:
         """Balance every pair in place; returns device-side counters. No host sync, graph-capturable
         with the compiled extension (the torch.linalg fallback is not: it refuses a capture up front,
-        before anything is recorded, so a failed capture never leaves the device's state broken)."""
+        before anything is recorded, so a failed capture never leaves the device's state broken).
+
+        With ``cuda_graph`` (see the class), the first call of a mode runs the kernels (compiling them),
+        the second captures them in a CUDA graph (one host synchronisation) and replays it, later calls
+        replay it: one launch and one 7-number copy of the counters per call, whatever the number of
+        groups. Inside a caller's own capture the kernels are recorded as usual."""
         if mode not in MODE_CODES:
             raise ValueError(f"mode must be one of {tuple(MODE_CODES)}, got {mode!r}")
-        if self.transforms == "torch" and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self.transforms == "torch" and capturing:
             raise RuntimeError("TritonProjectionPlan: the torch.linalg fallback for the r x r step cannot be "
                                "captured in a CUDA graph (torch.linalg synchronises with the host); build the "
                                "extension (see balora_kernels.backend_info()) to capture the projection")
+        if self.cuda_graph and not capturing and self.n_pairs:
+            graph = self._graphs.get(mode)
+            if graph is not None:
+                graph[0].replay()
+                return PackedProjectionStats(graph[1].clone())
+            if mode in self._warm:
+                self._graphs[mode] = self._capture(mode)
+                return self.run(mode)
+            self._warm.add(mode)
+        return self._run_kernels(mode)
+
+    def _capture(self, mode: str):
+        """``(graph, packed stats buffer)``: :meth:`_run_kernels` recorded once (nothing runs until replay)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            packed = self._run_kernels(mode)._packed
+        return graph, packed
+
+    def _run_kernels(self, mode: str) -> ProjectionStats:
         status = torch.empty(self.n_pairs, dtype=torch.int32, device=self.device)
         gaps = torch.empty((self.n_pairs, 2), dtype=torch.float64, device=self.device)
         if self.n_pairs == 0:

@@ -17,7 +17,14 @@ Implementations (one is chosen per call and per direction by
   beta=0, the rank-r term added in place by a K=r GEMM (alpha=s); ``v``, ``dB``, ``dA`` by cuBLAS,
   the scaling as alpha (three launches forward, five backward without dropout);
 * ``"triton"``    — one Triton GEMM per big product with the rank-r term folded into its accumulator
-  (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator.
+  (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator;
+* ``"ext"`` / ``"ext_prefill"`` — the ``cublas_mm`` products issued from C++ with the autograd node in
+  C++ (``csrc/lora_linear.cpp``, ``torch.ops.balora.lora_linear``): one Python -> C++ call per forward
+  and none per backward, for when the host sets the pace (short sequences, small layers). ``ext``
+  writes the big GEMM first and adds the rank-r term by a K=r GEMM; ``ext_prefill`` writes the rank-r
+  term (and bias) first and lets the big GEMM accumulate onto it (beta=1). They need the compiled
+  extension (:mod:`balora_kernels._ext`); the dispatcher offers them only when it loads. Under
+  ``torch.compile`` (the custom ops below) the same products are issued from Python.
 
 The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
 without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
@@ -59,7 +66,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton")
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill")
+# The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
+EXT_IMPLS = {"ext": False, "ext_prefill": True}
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -478,13 +487,28 @@ def _scaled_mm(a, b, scaling: float):
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
 
 
+def _big_plus_lowrank(x, wt, p, q, scaling: float, bias, prefill: bool):
+    """``x @ wt + s (p @ q) (+ bias)`` by two cuBLAS calls, each writing the output once: the big
+    GEMM first (beta=0) and the K=r GEMM added in place, or (``prefill``) the rank-r term and bias
+    first and the big GEMM accumulated onto them (beta=1). csrc/lora_linear.cpp does the same."""
+    if prefill:
+        out = torch.addmm(bias, p, q, alpha=scaling) if bias is not None else _scaled_mm(p, q, scaling)
+        return out.addmm_(x, wt)
+    out = torch.addmm(bias, x, wt) if bias is not None else x @ wt
+    return out.addmm_(p, q, alpha=scaling)
+
+
 def _thin_by_cublas(impl: str, mask) -> bool:
     """The thin products (u, v, dB, dA) by cuBLAS: always for cublas_mm, and for the kernel paths
     without dropout (the bench's thin-kernel timings on the H200, launch included: cuBLAS's v and
     dB, a second read of dy included, 0.049 ms against 0.135 ms for the fused Triton pass; dA
     0.030 against 0.089 ms). With a dropout mask the kernel paths use the Triton thin kernels,
     which read the mask, so x * m is never materialised."""
-    return impl == "cublas_mm" or mask is None
+    return impl in _ALL_CUBLAS or mask is None
+
+
+# Implementations whose every product is one cuBLAS call (the C++ ones issue the same products).
+_ALL_CUBLAS = ("cublas_mm", *EXT_IMPLS)
 
 
 def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: float, mask=None,
@@ -496,12 +520,10 @@ def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: flo
     if impl not in IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
     u = _x_l(x, mask) @ _as(lora_A, dt).T if _thin_by_cublas(impl, mask) else xa_forward(x, lora_A, mask)
-    if impl == "cublas_mm":
-        # The big GEMM with beta=0 (cuBLAS is measurably slower accumulating into a prefilled
-        # output), then the rank-r term added in place by a K=r GEMM: three launches, no N x out
-        # temporary.
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        return y.addmm_(u, _as(lora_B, dt).T, alpha=scaling), u
+    if impl in _ALL_CUBLAS:
+        # Three launches, no N x out temporary; cublas_mm and ext write the big GEMM with beta=0
+        # (cuBLAS measured slower accumulating into a prefilled output), ext_prefill the rank-r term first.
+        return _big_plus_lowrank(x, weight.T, u, _as(lora_B, dt).T, scaling, bias, EXT_IMPLS.get(impl, False)), u
     if impl == "cublas":
         y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
         return y.addmm_(x, weight.T), u
@@ -531,9 +553,9 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
         dA = vx_backward(v, x, scaling, mask, out_dtype=lora_A.dtype)
     dx = None
     if need_x:
-        if impl == "cublas_mm":
+        if impl in _ALL_CUBLAS:
             if mask is None:
-                dx = torch.mm(dy, weight).addmm_(v, _as(lora_A, dt), alpha=scaling)
+                dx = _big_plus_lowrank(dy, weight, v, _as(lora_A, dt), scaling, None, EXT_IMPLS.get(impl, False))
             else:
                 dx = torch.addmm(torch.mm(v, _as(lora_A, dt)).mul_(mask), dy, weight, beta=scaling)
         elif impl == "cublas":
@@ -577,8 +599,10 @@ def reload_tuning_table() -> dict:
     return use_tuning_table(None)
 
 
-def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype) -> Tuple[str, int, Optional[dict]]:
-    """``(impl, gemm_config, entry)``: the fastest implementation measured for the nearest shape.
+def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype,
+                    allowed: Tuple[str, ...] = IMPLS) -> Tuple[str, int, Optional[dict]]:
+    """``(impl, gemm_config, entry)``: the fastest implementation in ``allowed`` measured for the
+    nearest shape (``allowed`` leaves out what cannot run here, e.g. the C++ ones without the extension).
 
     Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
     (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions (see
@@ -605,14 +629,14 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
         # are candidates: the op is never slower than the unfused LoRA on a measured shape.
         full = e["full_ms"]
         tot = {k: full[k] + e["forward_ms"][k] + e["backward_ms"][k]
-               for k in full if k in IMPLS and k in e["forward_ms"] and k in e["backward_ms"]}
+               for k in full if k in allowed and k in e["forward_ms"] and k in e["backward_ms"]}
         tot = {k: t for k, t in tot.items() if t == t}
         limit = full.get("torch", float("inf"))
         ok = {k: t for k, t in tot.items() if full[k] <= limit} or tot
         impl = min((t, k) for k, t in ok.items())[1]
     else:
         times = e[f"{direction}_ms"]
-        impl = min((t, k) for k, t in times.items() if k in IMPLS and t == t)[1]
+        impl = min((t, k) for k, t in times.items() if k in allowed and t == t)[1]
     return impl, int(e.get("triton_config", {}).get(direction, 0)), e
 
 
@@ -655,8 +679,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask, impl: str):
-        (fwd_impl, cfg), ctx.bwd_plan = _plan(impl, x, weight, lora_A)   # both directions, one lookup
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask, impl):
+        """``impl``: an implementation name or 'auto', or a plan from the dispatcher (both directions)."""
+        plan = _plan(impl, x, weight, lora_A) if isinstance(impl, str) else impl
+        (fwd_impl, cfg), ctx.bwd_plan = plan                             # both directions, one lookup
         y, u = lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, dropout_mask)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
@@ -742,4 +768,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     """
     if torch.compiler.is_compiling():
         return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)
+    plan = _plan(impl, x, weight, lora_A)
+    prefill = EXT_IMPLS.get(plan[0][0])
+    if prefill is not None:   # the C++ op: its own autograd node, both directions
+        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, prefill)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, plan)

@@ -71,6 +71,27 @@ class ProjectionStats:
         )
 
 
+class PackedProjectionStats(ProjectionStats):
+    """:class:`ProjectionStats` over one float64 device buffer ``[7]`` (the five counts, exact in float64,
+    then the two gaps), as the grouped kernels write it. Fields are made when first read; ``as_dict``
+    copies the buffer once."""
+
+    def __init__(self, packed: torch.Tensor):   # noqa: the dataclass fields are read through __getattr__
+        object.__setattr__(self, "_packed", packed)
+
+    def __getattr__(self, name):
+        keys = tuple(ProjectionStats.__dataclass_fields__)
+        if name not in keys:
+            raise AttributeError(name)
+        v = self._packed[keys.index(name)]
+        return v if name.startswith("gap_") else v.to(torch.int64)
+
+    def as_dict(self) -> Dict[str, float]:
+        keys = tuple(ProjectionStats.__dataclass_fields__)
+        vals = self._packed.cpu().tolist()
+        return {k: (int(v) if not k.startswith("gap_") else v) for k, v in zip(keys, vals)}
+
+
 def group_pairs(pairs: Sequence[Pair]) -> List[List[int]]:
     """Indices of pairs grouped by (A shape, B shape, dtypes, device), in first-seen order."""
     groups: Dict[tuple, List[int]] = {}

@@ -1,0 +1,165 @@
+"""The C++ LoRA linear op (csrc/lora_linear.cpp, ``torch.ops.balora.lora_linear``) on CPU tensors.
+
+The file is pure ATen, so it builds against a CPU build of torch too: on such a machine (CI) these
+tests compile it once with ``torch.utils.cpp_extension`` (cached under the package's cache folder)
+and register the op under the same ``balora`` namespace the package's extension uses (nothing else
+can register it there without CUDA). On a CUDA build of torch they use the package's extension.
+Checks: values and every gradient against float64 (gradcheck) in both GEMM orders, with and without
+bias and dropout mask; only the gradients asked for; 16-bit activations with float32 adapters under
+the 2x-PyTorch-error rule; errors that name the shapes; the dispatcher's use of it.
+GPU: tests/test_lora_linear_kernels.py runs the 'ext' implementations with the other ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from balora_kernels import _ext, functional
+from balora_kernels.ops import lora_linear as L
+
+from test_lora_linear_kernels import assert_2x, operands, references
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "lora_linear.cpp")
+
+
+@pytest.fixture(scope="module")
+def op():
+    if torch.version.cuda is not None:
+        if _ext.load() is None:
+            pytest.skip(f"the package's extension is unavailable: {_ext.error()}")
+        return torch.ops.balora.lora_linear
+    from torch.utils import cpp_extension
+    h = hashlib.sha256(torch.__version__.encode())
+    for path in (CSRC, os.path.join(os.path.dirname(CSRC), "messages.h")):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    tag = h.hexdigest()[:16]
+    build = os.path.join(_ext.cache_dir(), f"cpu-test-{tag}")
+    lib = os.path.join(build, "bk_lora_linear_cpu.so")
+    if not hasattr(torch.ops.balora, "lora_linear"):
+        if os.path.exists(lib):
+            torch.ops.load_library(lib)
+        else:
+            os.makedirs(build, exist_ok=True)
+            cpp_extension.load(name="bk_lora_linear_cpu", sources=[CSRC], build_directory=build,
+                               is_python_module=False, extra_cflags=["-O2"])
+    return torch.ops.balora.lora_linear
+
+
+@pytest.mark.parametrize("prefill", (False, True))
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("dropout", (False, True))
+def test_gradcheck_float64(op, prefill, bias, dropout):
+    x, W, b, A, B, m, _ = operands(6, 7, 5, 3, torch.float64, bias=bias, dropout=dropout, seed=11)
+    ins = [t.clone().requires_grad_(True) for t in (x, W, A, B)] + ([b.clone().requires_grad_(True)] if bias else [])
+
+    def f(x, W, A, B, b=None):
+        return op(x, W, b, A, B, 0.7, m, prefill)
+
+    assert torch.autograd.gradcheck(f, ins)
+    y = f(*ins)
+    ref = x @ W.T + (b if bias else 0) + 0.7 * ((x * m if dropout else x) @ A.T) @ B.T
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wants", [("x",), ("lora_A",), ("lora_B", "bias"), ("weight", "lora_A"), ("bias",)])
+def test_only_requested_gradients(op, wants):
+    """Gradients by the inputs' positions, whatever subset requires grad (the C++ node counts only
+    tensor inputs: with no bias, lora_A and lora_B sit one place earlier)."""
+    for bias in (False, True):
+        if "bias" in wants and not bias:
+            continue
+        x, W, b, A, B, m, dy = operands(9, 8, 7, 2, torch.float64, bias=bias, seed=12)
+        named = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
+        leaves = {k: (t.clone().requires_grad_(k in wants) if t is not None else None) for k, t in named.items()}
+        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, False)
+        y.backward(dy)
+        ref = {k: (t.clone().requires_grad_(True) if t is not None else None) for k, t in named.items()}
+        (ref["x"] @ ref["weight"].T + (ref["bias"] if bias else 0)
+         + 1.5 * (ref["x"] @ ref["lora_A"].T) @ ref["lora_B"].T).backward(dy)
+        for k, t in leaves.items():
+            if t is None:
+                continue
+            if k in wants:
+                torch.testing.assert_close(t.grad, ref[k].grad, rtol=1e-12, atol=1e-12, msg=f"d{k} (bias={bias})")
+            else:
+                assert t.grad is None, f"d{k} computed but not asked for (bias={bias})"
+
+
+@pytest.mark.parametrize("prefill", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_low_precision_activations_fp32_adapters(op, dtype, prefill):
+    """16-bit (or fp32) activations with float32 adapters: the 2x-PyTorch-error rule on the output and
+    every gradient; adapter gradients come back in the adapters' dtype."""
+    x, W, b, A, B, m, dy = operands(37, 72, 40, 3, dtype, adapter_dtype=torch.float32, bias=True, dropout=True,
+                                    seed=13)
+    xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
+    y = op(xg, W, b, Ag, Bg, 0.5, m, prefill)
+    y.backward(dy)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 0.5)
+    assert y.dtype == dtype and Ag.grad.dtype == torch.float32 and Bg.grad.dtype == torch.float32
+    assert_2x("y", y, yp, y64)
+    for name, got in (("x", xg.grad), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
+        assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
+def test_errors_name_the_shapes(op):
+    x, W, b, A, B, m, _ = operands(4, 6, 5, 2, torch.float32, bias=True, seed=14)
+    with pytest.raises(RuntimeError, match=r"shapes do not chain: x \[4, 6\], weight \[5, 6\], lora_A \[2, 7\]"):
+        op(x, W, b, torch.randn(2, 7), B, 1.0, None, False)
+    with pytest.raises(RuntimeError, match=r"bias must be \[5\]"):
+        op(x, W, torch.randn(4), A, B, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="dropout mask must match x"):
+        op(x, W, b, A, B, 1.0, torch.ones(4, 5), False)
+    with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
+        op(x, W, b, A.to("meta"), B, 1.0, None, False)
+
+
+@pytest.fixture
+def ext_offered(monkeypatch, op):
+    """The dispatcher sees the extension as loaded (on CPU torch: the test build above)."""
+    monkeypatch.setattr(functional, "_ext_available", lambda: True)
+    functional._PLANS.clear()
+    yield
+    functional._PLANS.clear()
+
+
+@pytest.mark.parametrize("impl", ("ext", "ext_prefill"))
+def test_forced_through_the_package(ext_offered, impl):
+    """lora_linear(impl=...) routes to the C++ op (no Python autograd Function in between) and matches
+    the float64 reference; leading dims through the functional API."""
+    x, W, b, A, B, m, dy = operands(12, 10, 9, 4, torch.float64, bias=True, seed=15)
+    xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
+    y = L.lora_linear(xg, W, b, Ag, Bg, 0.25, None, impl=impl)
+    assert "LoRALinearFn" in y.grad_fn.name(), y.grad_fn.name()
+    y.backward(dy)
+    (y64, g64), _ = references(x, W, b, A, B, None, dy, 0.25)
+    torch.testing.assert_close(y, y64)
+    for name, got in (("x", xg.grad), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
+        torch.testing.assert_close(got, getattr(g64, name))
+
+
+def test_dispatcher_offers_ext_only_when_it_loads(monkeypatch):
+    cuda = torch.device("cuda")
+    entry = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+             "forward_ms": {"torch": 0.3, "cublas_mm": 0.2, "ext": 0.1},
+             "backward_ms": {"torch": 0.3, "cublas_mm": 0.2, "ext": 0.1},
+             "full_ms": {"torch": 0.5, "cublas_mm": 0.4, "ext": 0.2}}
+    L.use_tuning_table({"entries": [entry]})
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    try:
+        for available, expect, expect_fp32 in ((True, "ext", "ext"), (False, "cublas_mm", "cublas_mm")):
+            monkeypatch.setattr(functional, "_ext_available", lambda a=available: a)
+            functional._PLANS.clear()
+            plan = functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda)
+            if L.triton is not None:
+                assert plan == ((expect, 0), (expect, 0))
+            assert functional._lora_linear_impl("forward", 64, 64, 64, 4, torch.float32, cuda) == expect_fp32
+        with pytest.raises(RuntimeError, match="needs the compiled extension"):
+            functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda, "ext")
+    finally:
+        functional._PLANS.clear()
+        L.reload_tuning_table()
