@@ -28,7 +28,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = next((d for d in (os.path.join(_HERE, "_csrc"), os.path.join(os.path.dirname(_HERE), "csrc"))
               if os.path.isdir(d)), os.path.join(os.path.dirname(_HERE), "csrc"))
-_state = {"tried": False, "ok": False, "error": None, "how": None}
+_state = {"tried": False, "ok": False, "error": None, "how": None, "generation": 0}
 
 
 def cache_dir() -> str:
@@ -57,13 +57,21 @@ OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
 LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "prefill")
 
 
-def _have_op() -> bool:
+def _op_ok(name: str, args) -> bool:
     try:
-        ops = (torch.ops.balora.balance_transforms.default, torch.ops.balora.lora_linear.default)
+        op = getattr(torch.ops.balora, name).default
     except (AttributeError, RuntimeError):
         return False
-    return all(tuple(a.name for a in op._schema.arguments) == args
-               for op, args in zip(ops, (OP_ARGUMENTS, LORA_LINEAR_ARGUMENTS)))
+    return tuple(a.name for a in op._schema.arguments) == args
+
+
+def _have_op() -> bool:
+    """The projection's op, with the schema this package calls (what :func:`load` requires)."""
+    return _op_ok("balance_transforms", OP_ARGUMENTS)
+
+
+def _have_lora_op() -> bool:
+    return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS)
 
 
 def _try_load() -> None:
@@ -73,14 +81,19 @@ def _try_load() -> None:
         raise RuntimeError(f"torch {torch.__version__} is not a CUDA build")
     try:
         from . import _C  # noqa: F401  (registers torch.ops.balora.*)
-        if _have_op():
-            _state["how"] = "prebuilt balora_kernels._C"
-            return
     except ImportError as e:
         prebuilt_error = e
     else:
-        prebuilt_error = (f"balora_kernels._C lacks balance_transforms{OP_ARGUMENTS} or "
-                          f"lora_linear{LORA_LINEAR_ARGUMENTS} (built from other sources?)")
+        # A prebuilt library owns the `balora` namespace: a JIT build could not load beside it. One from older
+        # sources (no lora_linear op) still serves the projection; one with another projection schema serves
+        # nothing and says how to fix it.
+        if not _have_op():
+            raise RuntimeError(f"the installed balora_kernels._C has no balance_transforms{OP_ARGUMENTS} (built "
+                               "from other sources?); reinstall the package to rebuild it")
+        _state["how"] = "prebuilt balora_kernels._C"
+        if not _have_lora_op():
+            _state["how"] += " (built from older sources: no lora_linear op; reinstall to rebuild it)"
+        return
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError(f"no prebuilt extension ({prebuilt_error}) and no CUDA toolkit (CUDA_HOME) to JIT-build it")
@@ -97,7 +110,7 @@ def _try_load() -> None:
             extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"
-    if not _have_op():
+    if not (_have_op() and _have_lora_op()):
         raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS} or "
                            f"lora_linear{LORA_LINEAR_ARGUMENTS} is missing (another schema?)")
 
@@ -118,6 +131,17 @@ def available() -> bool:
     return load() is not None
 
 
+def lora_linear_available() -> bool:
+    """Whether ``torch.ops.balora.lora_linear`` can be used (the extension loaded and has it)."""
+    return load() is not None and _have_lora_op()
+
+
+def state_token():
+    """Changes whenever the extension's availability may have (a load attempt, :func:`reset`): dispatch caches
+    key on it."""
+    return _state["tried"], _state["ok"], _state["generation"]
+
+
 def error() -> Optional[str]:
     """Why the extension is unavailable (None when it loaded or was not tried yet)."""
     return _state["error"]
@@ -130,7 +154,7 @@ def how() -> Optional[str]:
 
 def reset() -> None:
     """Forget the last attempt (tests; after changing BALORA_KERNELS_DISABLE_EXT)."""
-    _state.update(tried=False, ok=False, error=None, how=None)
+    _state.update(tried=False, ok=False, error=None, how=None, generation=_state["generation"] + 1)
 
 
 def balance_transforms(grams, eps_f, r: int, mode: int, tw, status, gaps) -> None:

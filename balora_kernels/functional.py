@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _errors
+from . import _errors, _ext
 from .ops import lora_linear as _lora_ops
 from .ops import projection as _proj_ops
 
@@ -115,12 +115,14 @@ def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl
         _PLAN_TABLE = table
     env = os.environ
     key = (impl, N, in_f, out_f, r, dtype, device, env.get("BALORA_KERNELS_IMPL"), env.get("TRITON_INTERPRET"),
-           _lora_ops.triton is not None)
+           _lora_ops.triton is not None, _ext.state_token())
     plan = _PLANS.get(key)
     if plan is None:
         plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl)
                      for d in ("forward", "backward"))
-        if plan[0][0] in _lora_ops.EXT_IMPLS:   # the C++ op runs its own backward
+        if plan[0][0] in _lora_ops.EXT_IMPLS:
+            # The C++ op runs its own backward. (A backward-only 'ext' choice, possible with per-direction
+            # measurements, runs the same cuBLAS products issued from Python.)
             plan = (plan[0], plan[0])
         _PLANS[key] = plan
     return plan
@@ -134,7 +136,6 @@ def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of "
                          f"{_lora_ops.IMPLS}")
     elif impl in _lora_ops.EXT_IMPLS and not _ext_available():
-        from . import _ext
         raise RuntimeError(f"lora_linear: implementation {impl!r} needs the compiled extension, which is "
                            f"unavailable: {_ext.error()}")
     cfg = _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
@@ -168,12 +169,12 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
         return {"triton": "triton", "cuda": "cublas"}.get(req, "torch") if (have_triton and interp) else "torch"
     if req == "torch":
         return "torch"
+    if req == "triton" and have_triton:
+        return "triton"
     ext = _ext_available()          # the first CUDA call may JIT-build the extension (cached after)
     all_cublas = "ext" if ext else "cublas_mm"
     if not have_triton:
         return all_cublas
-    if req == "triton":
-        return "triton"
     if req == "cuda":
         return "ext" if ext else "cublas"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -183,17 +184,15 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
 
 
 def _ext_available() -> bool:
-    """Whether the compiled extension (csrc/) loads here (tests replace this to pin the choice)."""
-    from . import _ext
-    return _ext.load() is not None
+    """Whether the compiled extension (csrc/) loads here with its LoRA op (tests replace this to pin the choice)."""
+    return _ext.lora_linear_available()
 
 
 def _lora_linear_backend_info() -> dict:
     table = _lora_ops.tuning_table()
     cuda, ext = None, None
     if torch.cuda.is_available():
-        from . import _ext
-        ext = _ext.how() if _ext_available() else f"unavailable ({_ext.error()}): the C++ implementations " \
+        ext = _ext.how() if _ext_available() else f"unavailable ({_ext.error() or _ext.how()}): the C++ implementations " \
             f"{tuple(_lora_ops.EXT_IMPLS)} are not offered"
         cuda = ("per shape and direction from measurements: " + ", ".join(_lora_ops.IMPLS)
                 if _lora_ops.triton is not None else "ext or cublas_mm (Triton is not installed)")
@@ -264,7 +263,6 @@ def _projection_backend_info() -> dict:
     if requested_impl() == "torch":
         info.update(cuda="torch", why="BALORA_KERNELS_IMPL=torch")
         return info
-    from . import _ext
     if _ext.load() is not None:
         info.update(cuda="triton+cuda-ext", extension=_ext.how())
     else:

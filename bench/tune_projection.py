@@ -4,7 +4,8 @@
 
 For each case (kernel, parameter dtype, rank) a coordinate search over the parameters of
 ``grouped_projection.TUNE_KEYS`` (and, for float32 Grams, the method of ``FP32_GRAM_METHODS``): one
-parameter at a time through its candidates, keeping the best, starting from ``default_tune``. Each
+parameter at a time through its candidates, keeping the best, starting from the shipped ``default_tune``
+(which holds the results of earlier runs: "default" in the output is what the package uses now). Each
 configuration is timed as the median replay of a CUDA graph holding that one kernel launch
 (``triton.testing.do_bench``, L2 flushed), so the numbers are GPU time, without the host's launch
 cost. The adapters are balanced first, so the rescale's transforms are near the identity and

@@ -20,7 +20,7 @@
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and
 // their gradients come back in their own dtype. Pure ATen (no CUDA code): the same file builds for
 // CPU tensors, which is how CI tests it (tests/test_lora_linear_ext.py); BK_OP_NAMESPACE names the
-// operator namespace (balora by default; the CPU test build uses its own).
+// operator namespace (balora by default; the device probes in bench/probe/ build it under their own).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -133,8 +133,7 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                        const c10::optional<at::Tensor>& dropout_mask, bool prefill) {
-  // Checked before the autograd node exists: an error thrown inside Function::forward crashed torch 2.11
-  // (segmentation fault on the H200 machine), a plain C++ exception here reaches Python as a RuntimeError.
+  // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
   check_inputs(x, weight, bias, lora_A, lora_B, dropout_mask);
   return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, prefill);
 }

@@ -130,7 +130,7 @@ def ext_offered(monkeypatch, op):
 @pytest.mark.parametrize("impl", ("ext", "ext_prefill"))
 def test_forced_through_the_package(ext_offered, impl):
     """lora_linear(impl=...) routes to the C++ op (no Python autograd Function in between) and matches
-    the float64 reference; leading dims through the functional API."""
+    the float64 reference."""
     x, W, b, A, B, m, dy = operands(12, 10, 9, 4, torch.float64, bias=True, seed=15)
     xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
     y = L.lora_linear(xg, W, b, Ag, Bg, 0.25, None, impl=impl)
@@ -155,11 +155,24 @@ def test_dispatcher_offers_ext_only_when_it_loads(monkeypatch):
             monkeypatch.setattr(functional, "_ext_available", lambda a=available: a)
             functional._PLANS.clear()
             plan = functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda)
-            if L.triton is not None:
-                assert plan == ((expect, 0), (expect, 0))
+            assert plan == ((expect, 0), (expect, 0))
             assert functional._lora_linear_impl("forward", 64, 64, 64, 4, torch.float32, cuda) == expect_fp32
         with pytest.raises(RuntimeError, match="needs the compiled extension"):
             functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda, "ext")
+        # Per-direction measurements (no full-step times): a forward choice of 'ext' takes both directions
+        # (the C++ node runs its own backward); a backward-only 'ext' stays per direction. (Without Triton
+        # the dispatcher takes 'ext' for everything, measurements aside.)
+        monkeypatch.setattr(functional, "_ext_available", lambda: True)
+        if L.triton is None:
+            return
+        per_dir = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+                   "forward_ms": {"ext": 0.1, "cublas_mm": 0.2}, "backward_ms": {"ext": 0.3, "cublas_mm": 0.2}}
+        L.use_tuning_table({"entries": [per_dir]})
+        assert functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda) == (("ext", 0), ("ext", 0))
+        per_dir = dict(per_dir, forward_ms={"ext": 0.3, "cublas_mm": 0.2}, backward_ms={"ext": 0.1, "cublas_mm": 0.2})
+        L.use_tuning_table({"entries": [per_dir]})
+        assert functional._lora_linear_plan(1024, 4096, 4096, 16, torch.bfloat16, cuda) == \
+            (("cublas_mm", 0), ("ext", 0))
     finally:
         functional._PLANS.clear()
         L.reload_tuning_table()

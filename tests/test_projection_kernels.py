@@ -376,9 +376,33 @@ def test_cuda_graph_option_and_packed_stats():
         st.bogus
 
 
+def test_failed_graph_capture_falls_back_with_a_warning(monkeypatch):
+    """A capture that fails (here: made to) warns once, leaves cuda_graph False and launches the kernels instead;
+    nothing is lost: the call that tried to capture still projects."""
+    from contextlib import nullcontext
+
+    from balora_kernels.ops import grouped_projection as gp
+    plan = gp.TritonProjectionPlan(make_pairs([(4, 32, 24, torch.float32)], seed=6), transforms="torch")
+    plan.cuda_graph = True        # as on a CUDA machine with the extension (the capture itself is faked below)
+    runs = []
+    monkeypatch.setattr(plan, "_run_kernels", lambda mode: runs.append(mode) or "stats")
+
+    def refuse(*a, **k):
+        raise RuntimeError("capture refused")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    assert plan.run("nearest") == "stats"                      # first call: launched (kernels compiled)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed .*capture refused.*one by one"):
+        assert plan.run("nearest") == "stats"                  # second: the capture fails, launched instead
+    assert plan.cuda_graph is False
+    assert plan.run("nearest") == "stats" and runs == ["nearest"] * 3
+
+
 def test_extension_with_another_schema_is_not_used():
-    """A leftover extension built from older sources (another balance_transforms schema, or no lora_linear op)
-    must not count as loaded: calling it would fail at projection time instead of falling back."""
+    """A leftover extension built from older sources must not be called with arguments it does not take: another
+    balance_transforms schema does not count as the projection's op, and one without the lora_linear op serves
+    the projection only (the LoRA dispatcher then does not offer the C++ implementations)."""
     code = """
 import torch
 from balora_kernels import _ext
@@ -386,7 +410,7 @@ assert not _ext._have_op()
 lib = torch.library.Library("balora", "DEF")
 for schema in SCHEMAS:
     lib.define(schema)
-print(_ext._have_op())
+print(_ext._have_op(), _ext._have_lora_op())
 """
     lora = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
             "Tensor? dropout_mask, bool prefill) -> Tensor")
@@ -398,7 +422,7 @@ print(_ext._have_op())
            "Tensor(c!) gaps) -> ()")
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         assert new in f.read(), "the test's schema must be the one csrc/bindings.cpp registers"
-    for schemas, expect in (([old, lora], "False"), ([new], "False"), ([new, lora], "True")):
+    for schemas, expect in (([old, lora], "False True"), ([new], "True False"), ([new, lora], "True True")):
         r = subprocess.run([sys.executable, "-c", code.replace("SCHEMAS", repr(schemas))], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]

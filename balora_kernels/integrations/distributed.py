@@ -172,7 +172,9 @@ class ShardedProjectionPlan:
         return out
 
     def is_stale(self) -> bool:
-        return self._sig() != self._signature
+        """Shapes, dtypes, devices or placements changed, or the plain pairs' plan is stale (it holds their
+        addresses and may replay a CUDA graph into them)."""
+        return self._sig() != self._signature or (self._plain_plan is not None and self._plain_plan.is_stale())
 
     @property
     def kinds(self) -> List[Tuple[str, str]]:

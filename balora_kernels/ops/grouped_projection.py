@@ -70,14 +70,14 @@ def _num_warps(R: int) -> int:
 # R <= 16, 3xTF32 on the tensor cores above); "fp16x3" splits each tile, scaled per column by a power of two,
 # into three float16 pieces (hi + mid + lo carry all 24 bits of float32) and sums the six significant products
 # on the tensor cores (16-bit operands, which they take in either major order). "auto" (default): "dot" for
-# R <= 16, "fp16x3" above. Measured on an H200 (bench/results/projection-h200.json, 7B shapes): R = 64 Grams
-# 0.94 ms with fp16x3 against 1.09 with 3xTF32; R = 16: 0.34 ms with fp16x3 against 0.27 with FMA dots, and
-# the tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram (FMA dots: 1.4e-7; measured
-# by an earlier version of tests/test_projection_kernels.py::test_gpu_gram_methods,
-# bench/results/logs/projection-2026-11-28-rank-policy.txt).
-# A bfloat16 three-way split (8 + 8 + 8 bits, no scaling) was measured too and not kept: slower at every rank
-# (R = 16: 0.43 ms against 0.35 fp16x3 and 0.27 FMA dots; R = 64: 1.00 against 0.93 fp16x3;
-# bench/results/tune_projection-h200.json).
+# R <= 16, "fp16x3" above. Measured on an H200, 7B shapes, with the launch parameters below
+# (bench/results/projection-h200.json): R = 64 0.50 ms with fp16x3 against 0.57 with 3xTF32; R = 16 0.17 ms
+# with fp16x3 against 0.23 with FMA dots. FMA dots stay the R <= 16 default for accuracy: the tensor cores'
+# float32 accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an earlier
+# version of tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/
+# projection-2026-11-28-rank-policy.txt); fp16x3 there is the next candidate once the GPU tests accept it.
+# A bfloat16 three-way split (8 + 8 + 8 bits, no scaling) was measured in the same run (R = 16: 0.22 ms;
+# R = 64: 0.46 ms, faster than fp16x3) and removed before it had an accuracy test.
 FP32_GRAM_METHODS = ("auto", "fp16x3", "dot")
 
 
@@ -531,20 +531,31 @@ class TritonProjectionPlan:
                                "extension (see balora_kernels.backend_info()) to capture the projection")
         if self.cuda_graph and not capturing and self.n_pairs:
             graph = self._graphs.get(mode)
+            if graph is None and mode in self._warm:
+                graph = self._graphs[mode] = self._capture(mode)
             if graph is not None:
-                graph[0].replay()
-                return PackedProjectionStats(graph[1].clone())
-            if mode in self._warm:
-                self._graphs[mode] = self._capture(mode)
-                return self.run(mode)
+                with torch.cuda.device(self.device):
+                    graph[0].replay()
+                    return PackedProjectionStats(graph[1].clone())
             self._warm.add(mode)
         return self._run_kernels(mode)
 
     def _capture(self, mode: str):
-        """``(graph, packed stats buffer)``: :meth:`_run_kernels` recorded once (nothing runs until replay)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            packed = self._run_kernels(mode)._packed
+        """``(graph, packed stats buffer)``: :meth:`_run_kernels` recorded once (nothing runs until replay), or
+        None when the capture fails: then a warning says why, and this plan launches its kernels one by one
+        from now on (``cuda_graph`` becomes False). The capture is thread-local, so other threads' CUDA calls
+        (data loaders, communication watchdogs) do not break it; like any ``torch.cuda.graph`` capture it
+        synchronises the device and empties the allocator's cache once."""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                packed = self._run_kernels(mode)._packed
+        except Exception as e:  # noqa: BLE001  (any capture failure: launch eagerly instead, and say so)
+            import warnings
+            self.cuda_graph = False
+            warnings.warn(f"TritonProjectionPlan: CUDA-graph capture failed ({type(e).__name__}: {e}); this plan "
+                          "launches its kernels one by one from now on", RuntimeWarning, stacklevel=3)
+            return None
         return graph, packed
 
     def _run_kernels(self, mode: str) -> ProjectionStats:

@@ -499,10 +499,11 @@ def _big_plus_lowrank(x, wt, p, q, scaling: float, bias, prefill: bool):
 
 
 def _thin_by_cublas(impl: str, mask) -> bool:
-    """The thin products (u, v, dB, dA) by cuBLAS: always for cublas_mm, and for the kernel paths
-    without dropout (the bench's thin-kernel timings on the H200, launch included: cuBLAS's v and
-    dB, a second read of dy included, 0.049 ms against 0.135 ms for the fused Triton pass; dA
-    0.030 against 0.089 ms). With a dropout mask the kernel paths use the Triton thin kernels,
+    """The thin products (u, v, dB, dA) by cuBLAS: always for the all-cuBLAS implementations, and for
+    the kernel paths without dropout (the thin-kernel timings at 8192 x 4096, r=16, in
+    bench/results/lora_linear-H200.json, launch included: cuBLAS's v and dB, a second read of dy
+    included, 0.050 ms against 0.163 ms for the fused Triton pass; dA 0.030 against 0.035 ms; u
+    0.027 against 0.103 ms). With a dropout mask the kernel paths use the Triton thin kernels,
     which read the mask, so x * m is never materialised."""
     return impl in _ALL_CUBLAS or mask is None
 
