@@ -137,7 +137,7 @@ def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
                          f"{_lora_ops.IMPLS}")
     elif impl in _lora_ops.EXT_IMPLS and not _ext_available():
         raise RuntimeError(f"lora_linear: implementation {impl!r} needs the compiled extension, which is "
-                           f"unavailable: {_ext.error()}")
+                           f"unavailable: {_ext.error() or _ext.how()}")
     cfg = _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
     return impl, cfg
 
