@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_projection import MODELS, llama_shapes, make_adapters  # noqa: E402
+from bench_projection import MODELS, graph_ms, llama_shapes, make_adapters  # noqa: E402
 
 CANDIDATES = {
     "method": ("dot", "fp16x3"),   # the 2026-11-28 run also tried a bfloat16 split, since removed (slower)
@@ -42,14 +42,9 @@ CASES = [  # (kernel, dtype, r)
 ]
 
 
-def graph_ms(fn):
+def _bench(fn):
     from triton.testing import do_bench
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return float(do_bench(g.replay, warmup=5, rep=25, return_mode="median"))
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
 def main():
@@ -85,12 +80,12 @@ def main():
                 plan.run("nearest")
                 plan.run("nearest")
                 if kernel == "gram":
-                    t = graph_ms(plan.gram)
+                    t = graph_ms(plan.gram, _bench)
                 else:
                     st = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
                     gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
                     plan.transforms_("nearest", st, gaps)
-                    t = graph_ms(lambda: plan.rescale(st))
+                    t = graph_ms(lambda: plan.rescale(st), _bench)
             except Exception as e:  # noqa: BLE001  (a config that does not compile is recorded, not fatal)
                 t = float("inf")
                 print(f"  {kernel} {dtype} r={r} {tune} {method}: {type(e).__name__}: {str(e)[:200]}", flush=True)

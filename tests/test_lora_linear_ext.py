@@ -11,7 +11,6 @@ GPU: tests/test_lora_linear_kernels.py runs the 'ext' implementations with the o
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -32,12 +31,7 @@ def op():
             pytest.skip(f"the package's extension is unavailable: {_ext.error()}")
         return torch.ops.balora.lora_linear
     from torch.utils import cpp_extension
-    h = hashlib.sha256(torch.__version__.encode())
-    for path in (CSRC, os.path.join(os.path.dirname(CSRC), "messages.h")):
-        with open(path, "rb") as f:
-            h.update(f.read())
-    tag = h.hexdigest()[:16]
-    build = os.path.join(_ext.cache_dir(), f"cpu-test-{tag}")
+    build = os.path.join(_ext.cache_dir(), f"cpu-test-{_ext._build_tag()}")
     lib = os.path.join(build, "bk_lora_linear_cpu.so")
     if not hasattr(torch.ops.balora, "lora_linear"):
         if os.path.exists(lib):

@@ -360,10 +360,9 @@ class _RankGroup:
         self.overrides = dict(tune or {})
         if k_chunk:
             self.overrides["k_chunk"] = k_chunk
-        self.tune = {**default_tune(self.R), **self.overrides}    # k_chunk: one tile split for every dtype
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
         self.fp32_gram = _fp32_gram_method(self.R, fp32_gram)
-        self.k_chunk = self.tune["k_chunk"]
+        self.k_chunk = self.overrides.get("k_chunk") or _k_chunk(self.R)   # one tile split for every dtype
         # each pair's factor rounding unit: the product noise floor of the r x r step
         self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
                                   device=device)
