@@ -93,7 +93,7 @@ def main():
     from triton.testing import do_bench
 
     import balora_kernels as bk
-    from balora_kernels.ops.grouped_projection import TritonProjectionPlan
+    from balora_kernels.ops.grouped_projection import FMA_MAX_RANK, TritonProjectionPlan
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
@@ -143,11 +143,19 @@ def main():
                 case["gram_ms"] = graph_ms(plan.gram, bench)
                 if dtype == torch.float32:      # the other float32 Gram methods, for the record
                     case["fp32_gram"] = plan.groups[0].fp32_gram
-                    for alt in ("dot", "fp16x3"):
-                        if alt != case["fp32_gram"]:
+                    for alt in ("dot", "fp16x3", "fma"):
+                        if alt != case["fp32_gram"] and (alt != "fma" or r <= FMA_MAX_RANK):
                             case[f"gram_{alt}_ms"] = graph_ms(TritonProjectionPlan(ad, fp32_gram=alt).gram, bench)
                 case["eig_ms"] = graph_ms(lambda: plan.transforms_("nearest", status, gaps), bench)
                 case["rescale_ms"] = graph_ms(lambda: plan.rescale(status), bench)
+                case["rescale_method"] = plan.groups[0].launches[0].rescale_method
+                if r <= FMA_MAX_RANK:          # the other rescale method, for the record (on copies of the
+                    alt = "dot" if case["rescale_method"] == "outer" else "outer"   # adapters, same transforms)
+                    other = TritonProjectionPlan([(A.clone(), B.clone()) for A, B in ad], rescale=alt)
+                    for g_o, g in zip(other.groups, plan.groups):
+                        g_o.tw.copy_(g.tw)
+                    case[f"rescale_{alt}_ms"] = graph_ms(lambda: other.rescale(status), bench)
+                    del other
                 case["stats_ms"] = graph_ms(lambda: plan.stats(status, gaps), bench)
                 case["ours_svd_ms"] = bench(lambda: plan.run("svd"))
                 case["ours_over_floor"] = case["ours_ms"] / case["floor_ms"]

@@ -4,6 +4,7 @@
 # machine stays warm). Most important first in each (a cut call still returns $OUT).
 #   device run: bash bench/gpu_final.sh 1    # build, LoRA-linear GPU tests + benchmark, projection GPU tests
 #   device run: bash bench/gpu_final.sh 2    # projection benchmark, balora check / bench, the rest of the suite
+#   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache
 OUT=${OUT:-/tmp/balora-out}
@@ -14,7 +15,12 @@ mkdir -p "$OUT/bench"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
-  if [ "$PART" = 1 ]; then
+  if [ "$PART" = proj ]; then
+    echo "== GPU tests (projection)"
+    timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
+    echo "== projection benchmark"
+    timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
+  elif [ "$PART" = 1 ]; then
     echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
     timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"

@@ -13,14 +13,17 @@
 namespace {
 
 constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
+constexpr int kBlockedRank = 33;            // ranks from here take the register-blocked kernel
 
+// TB_MAX: register blocking of the r x r products (bk::CtxT): 4 for ranks above 32, 1 below (see bk::matmul_store).
+template <int TB_MAX>
 __global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float* __restrict__ grams,
                                           const double* __restrict__ eps_f, int P, int n, int R, int mode,
                                           float* __restrict__ tw, int* __restrict__ status,
                                           double* __restrict__ gaps, double* __restrict__ scratch,
                                           int mats_in_smem) {
   extern __shared__ double smem[];
-  bk::Ctx c;
+  bk::CtxT<TB_MAX> c;
   c.tid = threadIdx.x;
   c.nt = blockDim.x;
   c.n = n;
@@ -74,12 +77,20 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
   if (dev < 0 || dev >= 64 || smem_bytes > configured[dev]) {
-    err = cudaFuncSetAttribute(balance_transforms_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
+    err = cudaFuncSetAttribute(balance_transforms_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kMaxSmemBytes);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(balance_transforms_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kMaxSmemBytes);
     if (err != cudaSuccess) return (int)err;
     if (dev >= 0 && dev < 64) configured[dev] = kMaxSmemBytes;
   }
-  balance_transforms_kernel<<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
-                                                                    scratch, mats_in_smem);
+  if (n >= kBlockedRank)
+    balance_transforms_kernel<4><<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
+                                                                        scratch, mats_in_smem);
+  else
+    balance_transforms_kernel<1><<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
+                                                                        scratch, mats_in_smem);
   return (int)cudaGetLastError();
 }
 

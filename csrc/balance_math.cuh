@@ -81,6 +81,13 @@ struct Ctx {
   double* v3;
 };
 
+// The kernel's compile-time choice of register blocking for the r x r products (see matmul): 1 for small ranks,
+// 4 for large ones. Only the functions that reach matmul take it (as their template parameter CT).
+template <int TB_MAX>
+struct CtxT : Ctx {
+  static constexpr int tb_max = TB_MAX;
+};
+
 struct Mats {
   double *GB, *GA, *X, *Y, *T, *W, *M1, *M2, *M3, *AW, *VW;
 };
@@ -155,22 +162,62 @@ BK_DEV void copy_mat(Ctx& c, double* dst, const double* src, int n) {
 }
 
 // C [m x p] = op(A) [m x q] op(B) [q x p]; compact row-major operands with the given leading dims.
-BK_DEV void matmul(Ctx& c, double* C, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
-                   int lda, int ldb) {
-  for (int idx = c.tid; idx < m * p; idx += c.nt) {
-    const int i = idx / p, j = idx % p;
-    double s = 0.0;
+// Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains);
+// every output is still the sum over k = 0..q-1 in ascending order, by fma from 0.0, whatever TB: the result
+// does not depend on the blocking (nor on the number of threads). `store(i, j, s)` receives each output (no
+// barrier at the end: the caller's).
+template <int TB, class Store>
+BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                         int lda, int ldb, Store store) {
+  const int tm = (m + TB - 1) / TB, tp = (p + TB - 1) / TB;
+  for (int t = c.tid; t < tm * tp; t += c.nt) {
+    const int i0 = (t / tp) * TB, j0 = (t % tp) * TB;
+    double acc[TB][TB];
+    for (int a = 0; a < TB; ++a)
+      for (int b = 0; b < TB; ++b) acc[a][b] = 0.0;
     for (int k = 0; k < q; ++k) {
-      const double a = tA ? A[k * lda + i] : A[i * lda + k];
-      const double b = tB ? B[j * ldb + k] : B[k * ldb + j];
-      s = fma(a, b, s);
+      double av[TB], bv[TB];
+      for (int a = 0; a < TB; ++a) {
+        const int i = i0 + a < m ? i0 + a : m - 1;        // clamped: a padding row reads a valid element
+        av[a] = tA ? A[k * lda + i] : A[i * lda + k];
+      }
+      for (int b = 0; b < TB; ++b) {
+        const int j = j0 + b < p ? j0 + b : p - 1;
+        bv[b] = tB ? B[j * ldb + k] : B[k * ldb + j];
+      }
+      for (int a = 0; a < TB; ++a)
+        for (int b = 0; b < TB; ++b) acc[a][b] = fma(av[a], bv[b], acc[a][b]);
     }
-    C[idx] = s;
+    for (int a = 0; a < TB; ++a)
+      for (int b = 0; b < TB; ++b)
+        if (i0 + a < m && j0 + b < p) store(i0 + a, j0 + b, acc[a][b]);
   }
+}
+
+// The blocking: 4 x 4 outputs per thread when that still gives every thread a tile, else 2 x 2, else one; at
+// most CT::tb_max (the blocked code's registers made the compiler spill across the kernel: small ranks, where
+// it does not pay, get a kernel without it).
+template <class CT, class Store>
+BK_DEV void matmul_store(const CT& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                         int lda, int ldb, Store store) {
+  if constexpr (CT::tb_max >= 4) {
+    if (m * p >= 16 * c.nt) { matmul_tiles<4>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
+  }
+  if constexpr (CT::tb_max >= 2) {
+    if (m * p >= 4 * c.nt) { matmul_tiles<2>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
+  }
+  matmul_tiles<1>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+}
+
+template <class CT>
+BK_DEV void matmul(CT& c, double* Cm, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                   int lda, int ldb) {
+  matmul_store(c, A, tA, B, tB, m, q, p, lda, ldb, [=](int i, int j, double s) { Cm[i * p + j] = s; });
   BK_SYNC();
 }
 
-BK_DEV void mm(Ctx& c, double* C, const double* A, bool tA, const double* B, bool tB, int n) {
+template <class CT>
+BK_DEV void mm(CT& c, double* C, const double* A, bool tA, const double* B, bool tB, int n) {
   matmul(c, C, A, tA, B, tB, n, n, n, n, n);
 }
 
@@ -321,7 +368,8 @@ BK_DEV int normalize_columns(Ctx& c, double* U, double* norms, int m, double rto
 }
 
 // Orthogonal polar factor Q [m x m] of Cm [m x m] (compact, ld m). Workspaces: Vc, U, E [m x m], AW, VW.
-BK_DEV void polar(Ctx& c, const double* Cm, double* Q, double* Vc, double* U, double* E, double* AW, double* VW,
+template <class CT>
+BK_DEV void polar(CT& c, const double* Cm, double* Q, double* Vc, double* U, double* E, double* AW, double* VW,
                   int m) {
   matmul(c, AW, Cm, true, Cm, false, m, m, m, m, m);           // C^T C
   sym_eig(c, AW, VW, Vc, c.v2, m);
@@ -361,7 +409,8 @@ BK_DEV void polar(Ctx& c, const double* Cm, double* Q, double* Vc, double* U, do
 // in NS_MAX_ITERS steps (Cm singular or condition number beyond ~1e10): the caller then uses polar().
 // Workspaces A, Qn [m x m].
 constexpr int NS_MAX_ITERS = 64;
-BK_DEV bool polar_ns(Ctx& c, const double* Cm, double* Q, double* A, double* Qn, int m) {
+template <class CT>
+BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, int m) {
   double fro = 0.0;
   for (int idx = c.tid; idx < m * m; idx += c.nt) fro += Cm[idx] * Cm[idx];
   double cmax = 0.0, rmax = 0.0;
@@ -382,23 +431,18 @@ BK_DEV bool polar_ns(Ctx& c, const double* Cm, double* Q, double* A, double* Qn,
   double* cur = Q;
   double* nxt = Qn;
   for (int it = 0; it < NS_MAX_ITERS; ++it) {
-    double res = 0.0;
-    for (int idx = c.tid; idx < m * m; idx += c.nt) {          // A = Q^T Q and ||A - I||_F^2
-      const int i = idx / m, j = idx % m;
-      double s = 0.0;
-      for (int k = 0; k < m; ++k) s = fma(cur[k * m + i], cur[k * m + j], s);
-      A[idx] = s;
+    double res = 0.0;                                           // A = Q^T Q and ||A - I||_F^2
+    matmul_store(c, cur, true, cur, false, m, m, m, m, m, [&](int i, int j, double s) {
+      A[i * m + j] = s;
       const double e = s - (i == j ? 1.0 : 0.0);
       res += e * e;
-    }
+    });
     res = block_sum(c, res);                                    // (also the barrier after A)
     if (!(res < 1e30)) return false;                            // NaN / divergence
-    for (int idx = c.tid; idx < m * m; idx += c.nt) {          // Qn = 1.5 Q - 0.5 Q A
-      const int i = idx / m, j = idx % m;
-      double s = 0.0;
-      for (int k = 0; k < m; ++k) s = fma(cur[i * m + k], A[k * m + j], s);
-      nxt[idx] = 1.5 * cur[idx] - 0.5 * s;
-    }
+    const double* q = cur;                                      // Qn = 1.5 Q - 0.5 Q A
+    double* qn = nxt;
+    matmul_store(c, cur, false, A, false, m, m, m, m, m,
+                 [=](int i, int j, double s) { qn[i * m + j] = 1.5 * q[i * m + j] - 0.5 * s; });
     BK_SYNC();
     double* t = cur; cur = nxt; nxt = t;
     if (res < 1e-16) {
@@ -499,7 +543,8 @@ BK_DEV void write_identity(Ctx& c, float* out, int R, int n) {
 // lambda_max <= ||.||_F, so lambda_min(M) > 1.1 max(eps_f^2 lambda_max(M), max(RANK_RTOL, n eps_g) ||G_B||_F
 // ||G_A||_F) suffices. Returns false (T, T^-1 not written) otherwise, or when G_B is not numerically positive
 // definite: the general path decides then.
-BK_DEV bool full_rank_transforms(Ctx& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
+template <class CT>
+BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
   // Cholesky, column by column: L into Y (zero above the diagonal), X the trailing working copy.
   copy_mat(c, b.X, b.GB, n);
   for (int j = 0; j < n; ++j) {
@@ -547,7 +592,8 @@ BK_DEV bool full_rank_transforms(Ctx& c, const Mats& b, double eps_f, double fro
 
 // Steps 1-4 in general (any rank): writes T, T^-1 and returns the number of live components k (0: zero product,
 // nothing written).
-BK_DEV int general_transforms(Ctx& c, const Mats& b, double eps_f, int n) {
+template <class CT>
+BK_DEV int general_transforms(CT& c, const Mats& b, double eps_f, int n) {
 
   // 1. square-root factors of both Grams (diagonalized together when both fit in shared memory), and their
   //    largest eigenvalues ||B||_2^2, ||A||_2^2.
@@ -662,7 +708,8 @@ BK_DEV void choose_slots(Ctx& c, const double* C, int n, int k) {
 // One pair. gB, gA: fp32 Grams [R x R] (top-left n x n used). eps_f: the rounding unit of the pair's factors
 // (reference.factor_eps). outT, outW: fp32 [R x R]. status: int, gaps: double[2] (before, after).
 // mode 0 = nearest, 1 = svd.
-BK_DEV void balance_pair(Ctx& c, const Mats& b, const float* gB, const float* gA, int R, int mode, double eps_f,
+template <class CT>
+BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA, int R, int mode, double eps_f,
                          float* outT, float* outW, int* status, double* gaps) {
   const int n = c.n;
   double bad = 0.0;

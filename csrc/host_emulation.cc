@@ -10,7 +10,7 @@ extern "C" void bk_host_balance_transforms(const float* grams, const double* eps
                                            int pair_eig, float* tw, int* status, double* gaps) {
   std::vector<double> small((bk::small_bytes(n) + 7) / 8);
   std::vector<double> mats((size_t)bk::NUM_MATS * n * n);
-  bk::Ctx c;
+  bk::CtxT<4> c;                    // the blocked products (the same sums as unblocked: see bk::matmul_tiles)
   c.tid = 0;
   c.nt = 1;
   c.n = n;

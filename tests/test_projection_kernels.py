@@ -218,7 +218,7 @@ def check_grams(plan, pairs, what):
 
 
 @interp_only
-@pytest.mark.parametrize("fp32_gram", ["auto", "fp16x3", "dot"])
+@pytest.mark.parametrize("fp32_gram", ["auto", "fp16x3", "dot", "fma"])
 def test_interp_gram_kernel(fp32_gram):
     pairs = make_pairs(MIXED_CPU, seed=1) + [wide_range_pair()]
     plan = _plan(pairs, transforms="torch", k_chunk=16, fp32_gram=fp32_gram)   # several tiles per factor
@@ -230,8 +230,8 @@ def test_interp_gram_kernel(fp32_gram):
 
 @interp_only
 def test_interp_gram_nonfinite_propagates():
-    """A NaN or Inf in a float32 factor reaches its Gram (the r x r step then skips the pair), in both methods."""
-    for fp32_gram in ("fp16x3", "dot"):
+    """A NaN or Inf in a float32 factor reaches its Gram (the r x r step then skips the pair), in every method."""
+    for fp32_gram in ("fp16x3", "dot", "fma"):
         pairs = make_pairs([(4, 40, 24, torch.float32)] * 3, seed=7)
         pairs[0][0][1, 3] = float("nan")
         pairs[1][1][5, 2] = float("inf")
@@ -243,10 +243,13 @@ def test_interp_gram_nonfinite_propagates():
 
 
 @interp_only
-def test_interp_rescale_kernel():
+@pytest.mark.parametrize("method", ["dot", "outer"])
+def test_interp_rescale_kernel(method):
     pairs = make_pairs(MIXED_CPU, seed=2)
     before = clone(pairs)
-    plan = _plan(pairs, transforms="torch", k_chunk=24)
+    plan = _plan(pairs, transforms="torch", k_chunk=24, rescale=method)
+    methods = {lg.rescale_method for g in plan.groups for lg in g.launches}
+    assert methods == ({method} if method == "dot" else {"outer", "dot"})       # "outer": ranks <= 8 only
     status = torch.zeros(plan.n_pairs, dtype=torch.int32)
     for g in plan.groups:                                       # pair 2 is non-finite: must not be touched
         if 2 in g.pair_ids:
@@ -276,12 +279,12 @@ def test_interp_rescale_kernel():
 
 
 @interp_only
-@pytest.mark.parametrize("mode", ["nearest", "svd"])
-def test_interp_plan_matches_reference(mode):
+@pytest.mark.parametrize("mode,fp32_gram", [("nearest", "auto"), ("svd", "auto"), ("nearest", "dot")])
+def test_interp_plan_matches_reference(mode, fp32_gram):
     pairs = make_pairs(MIXED_CPU, seed=3)
     before = clone(pairs)
     torch_pairs = clone(pairs)
-    stats = _plan(pairs, transforms="torch", k_chunk=32).run(mode).as_dict()
+    stats = _plan(pairs, transforms="torch", k_chunk=32, fp32_gram=fp32_gram).run(mode).as_dict()
     tstats = TorchProjectionPlan(torch_pairs).run(mode).as_dict()
     assert stats["projected"] == tstats["projected"] == len(pairs)
     assert stats["gap_after"] < 1e-6
@@ -597,11 +600,33 @@ def test_gpu_plan_matches_reference(r, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("r, fp32_gram", [(8, "auto"), (16, "auto"), (64, "auto"), (64, "dot")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 5, 8])
+@pytest.mark.parametrize("fp32_gram, rescale", [("fma", "dot"), ("dot", "dot"), ("fma", "outer")])
+def test_gpu_plan_small_rank_methods_match_reference(r, dtype, fp32_gram, rescale):
+    """The Gram and rescale methods of the small ranks (Gram "fma", the float32 default up to FMA_MAX_RANK:
+    CUDA-core outer products over the RC x RC block, or "dot": tl.dot over the padded 16 x 16; rescale "dot" or
+    "outer"): the whole plan against float64."""
+    specs = llama_layer_specs(r, dtype) + [(r, 1000, 37, dtype)]
+    pairs = make_pairs(specs, device="cuda", seed=100 + r)
+    before = clone(pairs)
+    plan = _cuda_plan(pairs, fp32_gram=fp32_gram, rescale=rescale)
+    assert {g.fp32_gram for g in plan.groups} == {fp32_gram}
+    assert {lg.rescale_method for g in plan.groups for lg in g.launches} == {rescale}
+    stats = plan.run("nearest").as_dict()
+    assert stats["projected"] == len(pairs) and stats["skipped_nonfinite"] == 0
+    worst = _check_against_reference(pairs, before, "nearest", dtype, f"r={r} {dtype} {fp32_gram} {rescale}")
+    print(f"r={r} {dtype} {fp32_gram} {rescale}: {worst}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r, fp32_gram", [(8, "auto"), (16, "auto"), (64, "auto"), (64, "dot"), (8, "dot"),
+                                         (3, "fma")])
 def test_gpu_gram_methods(r, fp32_gram):
-    """The float32 Gram methods the plan uses (auto: FMA dots for r <= 16, fp16x3 above) and 3xTF32 at r = 64, on
-    the device, Llama shapes: float64 accuracy checks. (fp16x3 at r <= 16 is not used: on the tensor cores it
-    measured 2e-6 relative error on the 4096-row Grams, 15x the plain float32 Gram's.)"""
+    """The float32 Gram methods the plan uses (auto: CUDA-core outer products for r <= 8, FMA dots for r <= 16,
+    fp16x3 above), FMA dots at r = 8 and 3xTF32 at r = 64, on the device, Llama shapes: float64 accuracy checks.
+    (fp16x3 at r <= 16 is not used: on the tensor cores it measured 2e-6 relative error on the 4096-row Grams,
+    15x the plain float32 Gram's.)"""
     specs = llama_layer_specs(r, torch.float32) + [(r, 1000, 37, torch.float32)]
     pairs = make_pairs(specs, device="cuda", seed=60 + r)
     plan = _cuda_plan(pairs, fp32_gram=fp32_gram)

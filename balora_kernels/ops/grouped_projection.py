@@ -5,8 +5,9 @@ One projection of every adapter is a handful of launches, all on the current str
 1. ``_gram_partial_kernel`` (one launch per parameter dtype): every factor is cut into *tiles* of at most
    ``K_CHUNK`` rows of ``B`` (or columns of ``A``); a persistent grid walks a device table of tiles and writes
    one fp32 partial Gram ``X X^T`` per tile (``X = B^T`` or ``A``, [r, k]); float32 factors by the method of
-   :data:`FP32_GRAM_METHODS` their rank group uses. No atomics: each tile is owned by one program and the tile
-   split never depends on the GPU, so the result is bitwise reproducible;
+   :data:`FP32_GRAM_METHODS` their rank group uses (CUDA-core outer products for r <= 8, tl.dot above). No
+   atomics: each tile is owned by one program and the tile split never depends on the GPU, so the result is
+   bitwise reproducible;
 2. ``_gram_reduce_kernel``: one program per Gram sums its tiles' partials in tile order -> ``grams``
    [P, 2, R, R] (``[p, 0] = G_B``, ``[p, 1] = G_A``, zero-padded to ``R = max(16, next_pow2(r))``);
 3. the r x r math of :func:`balora_kernels.reference.balancing_transforms`, per pair (same rank policy: the
@@ -66,26 +67,57 @@ def _num_warps(R: int) -> int:
     return 4 if R <= 32 else (8 if R <= 64 else 16)
 
 
-# How float32 factors' Grams are computed: "dot" is tl.dot on the float32 values (_dot_precision: FMA dots for
-# R <= 16, 3xTF32 on the tensor cores above); "fp16x3" splits each tile, scaled per column by a power of two,
-# into three float16 pieces (hi + mid + lo carry all 24 bits of float32) and sums the six significant products
-# on the tensor cores (16-bit operands, which they take in either major order). "auto" (default): "dot" for
-# R <= 16, "fp16x3" above. Measured on an H200, 7B shapes, with the launch parameters below
-# (bench/results/projection-h200.json): R = 64 0.50 ms with fp16x3 against 0.57 with 3xTF32; R = 16 0.17 ms
-# with fp16x3 against 0.23 with FMA dots. FMA dots stay the R <= 16 default for accuracy: the tensor cores'
-# float32 accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an earlier
-# version of tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/
-# projection-2026-11-28-rank-policy.txt); fp16x3 there is the next candidate once the GPU tests accept it.
-# A bfloat16 three-way split (8 + 8 + 8 bits, no scaling) was measured in the same run (R = 16: 0.22 ms;
-# R = 64: 0.46 ms, faster than fp16x3) and removed before it had an accuracy test.
-FP32_GRAM_METHODS = ("auto", "fp16x3", "dot")
+# How float32 factors' Grams are computed: "fma" adds each row's outer product to a [rows, RC, RC] float32
+# accumulator on the CUDA cores (RC = next_pow2(r): no padding to 16), summed over the tile once at the end;
+# "dot" is tl.dot on the float32 values (_dot_precision: FMA dots for R <= 16, 3xTF32 on the tensor cores
+# above); "fp16x3" splits each tile, scaled per column by a power of two, into three float16 pieces (hi + mid +
+# lo carry all 24 bits of float32) and sums the six significant products on the tensor cores. "auto"
+# (default): "fma" for r <= FMA_MAX_RANK, "dot" for R = 16, "fp16x3" above. Measured on an H200, 7B shapes
+# (bench/results/projection-h200.json; r = 16 fma: bench/results/logs/session4-projection-probe-2026-11-28.txt):
+# r = 8 0.085 ms with fma against 0.23 with FMA
+# dots and 0.17 with fp16x3; r = 16 fma 0.22 against dots 0.23 (not worth its registers); R = 64 0.50 ms with
+# fp16x3 against 0.57 with 3xTF32. FMA dots stay the R = 16 default for accuracy: the tensor cores' float32
+# accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an earlier version of
+# tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/projection-2026-11-28-rank-
+# policy.txt). Also measured and not kept: a rescale by tl.sum over a [rows, RC, RC] product took 0.36 ms
+# against 0.10 for tl.dot at r = 8 (bench/results/logs/session4-projection-probe-2026-11-28.txt; its 1e-3
+# product errors at r = 16 there were a race, stores before other threads' loads of the same rows, which the
+# "outer" rescale below closes with a barrier).
+FP32_GRAM_METHODS = ("auto", "fp16x3", "dot", "fma")
+FMA_MAX_RANK = 8        # "fma" keeps a [rows, RC, RC] float32 accumulator in registers (RC = next_pow2(r))
+# How the rescale multiplies a tile by T / T^-1: "dot" (tl.dot with the R x R padded transform, float32 math) or
+# "outer" (r <= FMA_MAX_RANK: RC rank-1 updates of the [rows, RC] tile, one column of B / row of A at a time,
+# float32 math). "auto": "outer" for 16-bit factors of rank <= FMA_MAX_RANK, "dot" otherwise. Measured on an
+# H200, r = 8 (bench/results/projection-h200.json): 7B bf16 0.059 ms outer against 0.101 dot (1B: 0.043 against
+# 0.041); 7B float32 0.128 outer against 0.102 dot.
+RESCALE_METHODS = ("auto", "dot", "outer")
 
 
-def _fp32_gram_method(R: int, requested: str) -> str:
-    """The float32 Gram method a rank group of padded rank R uses ("fp16x3" or "dot")."""
-    if requested == "auto":
+def _rescale_method(r: int, dtype, requested: str) -> str:
+    """The rescale method of the factors of one dtype in a rank group of rank r ("dot" or "outer")."""
+    if r > FMA_MAX_RANK or requested == "dot":
+        return "dot"
+    return "outer" if requested == "outer" or dtype != torch.float32 else "dot"
+
+
+def _fp32_gram_method(R: int, r: int, requested: str) -> str:
+    """The float32 Gram method of a rank group (padded rank R, rank r): "auto" is "fma" for r <= FMA_MAX_RANK,
+    "dot" for R = 16 and "fp16x3" above; "fma" requested above FMA_MAX_RANK takes the automatic choice."""
+    if requested in ("auto", "fma"):
+        if r <= FMA_MAX_RANK:
+            return "fma"
         return "dot" if R <= 16 else "fp16x3"
     return requested
+
+
+def _fma_rows(RC: int) -> int:
+    """Rows per step of the "fma" kernels: a [rows, RC, RC] float32 block of about 4096 elements."""
+    return max(16, min(128, 4096 // (RC * RC)))
+
+
+def _fma_rank_block(r: int) -> int:
+    """RC: the rank block of the "fma" Gram and "outer" rescale (a power of two >= r, at least 4)."""
+    return max(4, triton.next_power_of_2(r))
 
 
 def _dot_precision(R: int, kernel: str) -> str:
@@ -135,26 +167,53 @@ def _gram_fp16x3(x):
 
 
 @triton.jit
-def _gram_partial_kernel(
-    tiles_ptr,          # int64 [n_b + n_a, TILE_FIELDS]: B tiles first, then A tiles
-    partial_ptr,        # fp32 [n_slots, R, R]
-    n_b, n_a,           # number of B tiles / A tiles in this launch
-    r,                  # rank (row stride of B)
-    DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
-    SPLIT: tl.constexpr,  # float32 factors: the fp16x3 products (scaled per column of the tile) instead of tl.dot
-):
-    pid = tl.program_id(0)
+def _tile(tiles_ptr, t, FIELDS: tl.constexpr, DTYPE: tl.constexpr):
+    """Tile ``t`` of the table: (factor base pointer, row stride of A, k_start, k_len, Gram slot, pair)."""
+    row = tiles_ptr + t * FIELDS
+    return (tl.load(row).to(tl.pointer_type(DTYPE)), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5))
+
+
+@triton.jit
+def _gram_fma_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE: tl.constexpr, R: tl.constexpr,
+                    RC: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr):
+    """The "fma" float32 Gram: each row of a tile adds its outer product to a [BLOCK_K, RC, RC] accumulator (fp32
+    FMAs, every product exact before its one rounding), summed over the tile's rows once at the end; RC x RC
+    partials (r = 8 costs 64 products per row, not the 256 of a 16 x 16 tl.dot)."""
+    offs_c = tl.arange(0, RC)
+    offs_k = tl.arange(0, BLOCK_K)
+    out_offs = offs_c[:, None] * R + offs_c[None, :]
+    for t in range(pid, n_b, NUM_PROGS):          # B tiles: G_B += sum over rows b b^T
+        base, _, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
+        acc = tl.zeros((BLOCK_K, RC, RC), dtype=tl.float32)
+        for kk in range(0, k_len, BLOCK_K):
+            rows = kk + offs_k
+            mask = (rows < k_len)[:, None] & (offs_c < r)[None, :]
+            b = tl.load(base + (k0 + rows)[:, None] * r + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += b[:, :, None] * b[:, None, :]
+        tl.store(partial_ptr + slot * (R * R) + out_offs, tl.sum(acc, axis=0))
+    for t in range(n_b + pid, n_b + n_a, NUM_PROGS):   # A tiles: G_A += sum over columns a a^T
+        base, stride, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
+        acc = tl.zeros((RC, RC, BLOCK_K), dtype=tl.float32)
+        for kk in range(0, k_len, BLOCK_K):
+            cols = kk + offs_k
+            mask = (offs_c < r)[:, None] & (cols < k_len)[None, :]
+            a = tl.load(base + offs_c[:, None] * stride + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += a[:, None, :] * a[None, :, :]
+        tl.store(partial_ptr + slot * (R * R) + out_offs, tl.sum(acc, axis=2))
+
+
+@triton.jit
+def _gram_dot_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE: tl.constexpr, R: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
+                    SPLIT: tl.constexpr):
+    """The tl.dot Grams (16-bit factors; float32 by FMA dots, 3xTF32 or the fp16x3 split): R x R partials."""
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
     out_offs = offs_r[:, None] * R + offs_r[None, :]
     # B tiles: rows [k0, k0 + k_len) of B [out, r] (row stride r): G_B += B_t^T B_t.
     for t in range(pid, n_b, NUM_PROGS):
-        row = tiles_ptr + t * FIELDS
-        base = tl.load(row).to(tl.pointer_type(DTYPE))
-        k0 = tl.load(row + 2)
-        k_len = tl.load(row + 3)
-        slot = tl.load(row + 4)
+        base, _, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
         acc = tl.zeros((R, R), dtype=tl.float32)
         for kk in range(0, k_len, BLOCK_K):
             rows = kk + offs_k
@@ -168,12 +227,7 @@ def _gram_partial_kernel(
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
     # A tiles: columns [k0, k0 + k_len) of A [r, in] (row stride from the table): G_A += A_t A_t^T.
     for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
-        row = tiles_ptr + t * FIELDS
-        base = tl.load(row).to(tl.pointer_type(DTYPE))
-        stride = tl.load(row + 1)
-        k0 = tl.load(row + 2)
-        k_len = tl.load(row + 3)
-        slot = tl.load(row + 4)
+        base, stride, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
         acc = tl.zeros((R, R), dtype=tl.float32)
         for kk in range(0, k_len, BLOCK_K):
             cols = kk + offs_k
@@ -185,6 +239,26 @@ def _gram_partial_kernel(
             else:
                 acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
+
+
+@triton.jit
+def _gram_partial_kernel(
+    tiles_ptr,          # int64 [n_b + n_a, TILE_FIELDS]: B tiles first, then A tiles
+    partial_ptr,        # fp32 [n_slots, R, R]
+    n_b, n_a,           # number of B tiles / A tiles in this launch
+    r,                  # rank (row stride of B)
+    DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
+    SPLIT: tl.constexpr,  # float32 factors: the fp16x3 products (scaled per column of the tile) instead of tl.dot
+    FMA: tl.constexpr,    # float32 factors: fp32 outer products on the CUDA cores (RC x RC, no padding to R)
+    RC: tl.constexpr,     # FMA: next_pow2(r) (<= R); the rest of the R x R slot is never written (zeros)
+):
+    pid = tl.program_id(0)
+    if FMA:
+        _gram_fma_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE, R, RC, BLOCK_K, NUM_PROGS, FIELDS)
+    else:
+        _gram_dot_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE, R, BLOCK_K, PRECISION, NUM_PROGS, FIELDS,
+                        SPLIT)
 
 
 @triton.jit
@@ -212,46 +286,62 @@ def _rescale_kernel(
     n_b, n_a, r,
     DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr, SKIP_BITS: tl.constexpr,
+    OUTER: tl.constexpr,  # "outer": RC rank-1 updates of a [BLOCK_K, RC] float32 tile instead of an R x R tl.dot
+    RC: tl.constexpr,     # OUTER: next_pow2(r) <= R
 ):
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, RC)
     offs_k = tl.arange(0, BLOCK_K)
     mat = offs_r[:, None] * R + offs_r[None, :]
     # B <- B T, tile by tile of rows.
     for t in range(pid, n_b, NUM_PROGS):
-        row = tiles_ptr + t * FIELDS
-        base = tl.load(row).to(tl.pointer_type(DTYPE))
-        k0 = tl.load(row + 2)
-        k_len = tl.load(row + 3)
-        pair = tl.load(row + 5)
+        base, _, k0, k_len, _, pair = _tile(tiles_ptr, t, FIELDS, DTYPE)
         # Skipped pairs: no iteration, nothing written (bit-identical, and no read either).
         k_len = tl.where((tl.load(status_ptr + pair) & SKIP_BITS) == 0, k_len, 0)
-        T = tl.load(tw_ptr + pair * (2 * R * R) + mat)
+        tp = tw_ptr + pair * (2 * R * R)
+        if not OUTER:
+            T = tl.load(tp + mat)
         for kk in range(0, k_len, BLOCK_K):
             rows = kk + offs_k
-            mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
-            ptrs = base + (k0 + rows)[:, None] * r + offs_r[None, :]
-            b = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            out = tl.dot(b, T, input_precision=PRECISION)
-            tl.store(ptrs, out.to(DTYPE), mask=mask)
+            if OUTER:   # out = sum_i B[:, i] T[i, :], i ascending
+                out = tl.zeros((BLOCK_K, RC), dtype=tl.float32)
+                for i in tl.static_range(RC):
+                    b_i = tl.load(base + (k0 + rows) * r + i, mask=(rows < k_len) & (rows * 0 + i < r), other=0.0)
+                    out += b_i.to(tl.float32)[:, None] * tl.load(tp + i * R + offs_c)[None, :]
+                tl.debug_barrier()   # in place: every thread's loads of these rows before any store to them
+                mask = (rows < k_len)[:, None] & (offs_c < r)[None, :]
+                tl.store(base + (k0 + rows)[:, None] * r + offs_c[None, :], out.to(DTYPE), mask=mask)
+            else:
+                mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
+                ptrs = base + (k0 + rows)[:, None] * r + offs_r[None, :]
+                b = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                out = tl.dot(b, T, input_precision=PRECISION)
+                tl.store(ptrs, out.to(DTYPE), mask=mask)
     # A <- T^-1 A, tile by tile of columns.
     for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
-        row = tiles_ptr + t * FIELDS
-        base = tl.load(row).to(tl.pointer_type(DTYPE))
-        stride = tl.load(row + 1)
-        k0 = tl.load(row + 2)
-        k_len = tl.load(row + 3)
-        pair = tl.load(row + 5)
+        base, stride, k0, k_len, _, pair = _tile(tiles_ptr, t, FIELDS, DTYPE)
         # Skipped pairs: no iteration, nothing written (bit-identical, and no read either).
         k_len = tl.where((tl.load(status_ptr + pair) & SKIP_BITS) == 0, k_len, 0)
-        W = tl.load(tw_ptr + pair * (2 * R * R) + R * R + mat)
+        wp = tw_ptr + pair * (2 * R * R) + R * R
+        if not OUTER:
+            W = tl.load(wp + mat)
         for kk in range(0, k_len, BLOCK_K):
             cols = kk + offs_k
-            mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
-            ptrs = base + offs_r[:, None] * stride + (k0 + cols)[None, :]
-            a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            out = tl.dot(W, a, input_precision=PRECISION)
-            tl.store(ptrs, out.to(DTYPE), mask=mask)
+            if OUTER:   # out = sum_j W[:, j] A[j, :], j ascending
+                out = tl.zeros((RC, BLOCK_K), dtype=tl.float32)
+                for j in tl.static_range(RC):
+                    a_j = tl.load(base + j * stride + k0 + cols, mask=(cols < k_len) & (cols * 0 + j < r), other=0.0)
+                    out += tl.load(wp + offs_c * R + j)[:, None] * a_j.to(tl.float32)[None, :]
+                tl.debug_barrier()   # in place: every thread's loads of these columns before any store to them
+                mask = (offs_c < r)[:, None] & (cols < k_len)[None, :]
+                tl.store(base + offs_c[:, None] * stride + (k0 + cols)[None, :], out.to(DTYPE), mask=mask)
+            else:
+                mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
+                ptrs = base + offs_r[:, None] * stride + (k0 + cols)[None, :]
+                a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                out = tl.dot(W, a, input_precision=PRECISION)
+                tl.store(ptrs, out.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -354,14 +444,16 @@ class _RankGroup:
     """
 
     def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device,
-                 k_chunk: Optional[int] = None, fp32_gram: str = "auto", tune: Optional[Dict[str, int]] = None):
+                 k_chunk: Optional[int] = None, fp32_gram: str = "auto", tune: Optional[Dict[str, int]] = None,
+                 rescale: str = "auto"):
         self.r, self.R = r, padded_rank(r)
+        self.RC = _fma_rank_block(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
         self.overrides = dict(tune or {})
         if k_chunk:
             self.overrides["k_chunk"] = k_chunk
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
-        self.fp32_gram = _fp32_gram_method(self.R, fp32_gram)
+        self.fp32_gram = _fp32_gram_method(self.R, r, fp32_gram)
         self.k_chunk = self.overrides.get("k_chunk") or _k_chunk(self.R)   # one tile split for every dtype
         # each pair's factor rounding unit: the product noise floor of the r x r step
         self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
@@ -383,7 +475,10 @@ class _RankGroup:
         self.n_slots = slot
         self.ranges = torch.tensor(ranges, dtype=torch.int64, device=device)
         self.launches = [_LaunchGroup(dt, tb, ta, device, self.R, self.overrides) for dt, (tb, ta) in by_dtype.items()]
-        self.partials = torch.empty((self.n_slots, self.R, self.R), dtype=torch.float32, device=device)
+        for lg in self.launches:
+            lg.rescale_method = _rescale_method(r, lg.dtype, rescale)
+        # zeros: the "fma" Gram writes only the RC x RC corner of its slots
+        self.partials = torch.zeros((self.n_slots, self.R, self.R), dtype=torch.float32, device=device)
         self.grams = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
         self.tw = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
 
@@ -422,7 +517,8 @@ class TritonProjectionPlan:
     backend = "triton"
 
     def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None,
-                 fp32_gram: str = "auto", cuda_graph: Optional[bool] = None, tune: Optional[Dict[str, int]] = None):
+                 fp32_gram: str = "auto", cuda_graph: Optional[bool] = None, tune: Optional[Dict[str, int]] = None,
+                 rescale: str = "auto"):
         self.pairs = list(pairs)
         reason = supports(self.pairs)
         if reason is not None:
@@ -438,6 +534,8 @@ class TritonProjectionPlan:
             raise ValueError(f"TritonProjectionPlan: unknown tune keys {bad}; expected some of {TUNE_KEYS}")
         if fp32_gram not in FP32_GRAM_METHODS:
             raise ValueError(f"TritonProjectionPlan: fp32_gram must be one of {FP32_GRAM_METHODS}, got {fp32_gram!r}")
+        if rescale not in RESCALE_METHODS:
+            raise ValueError(f"TritonProjectionPlan: rescale must be one of {RESCALE_METHODS}, got {rescale!r}")
         self.transforms = transforms
         self.backend = f"triton+{'cuda-ext' if transforms == 'cuda' else 'torch-eigh'}"
         by_rank: Dict[int, List[int]] = {}
@@ -445,7 +543,7 @@ class TritonProjectionPlan:
             by_rank.setdefault(int(A.shape[0]), []).append(i)
         self.groups, first = [], 0
         for r, ids in by_rank.items():
-            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune))
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune, rescale))
             first += len(ids)
         self.n_pairs = first
         self._signature = _signature(self.pairs)
@@ -475,12 +573,14 @@ class TritonProjectionPlan:
         for g in self.groups:
             for lg in g.launches:
                 t = lg.tune
+                fp32 = lg.dtype == torch.float32
+                fma = fp32 and g.fp32_gram == "fma"
                 _gram_partial_kernel[(lg.gram_programs,)](
                     lg.tiles, g.partials, lg.n_b, lg.n_a, g.r,
-                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["gram_block_k"], PRECISION=g.gram_precision,
-                    NUM_PROGS=lg.gram_programs, FIELDS=TILE_FIELDS,
-                    SPLIT=lg.dtype == torch.float32 and g.fp32_gram == "fp16x3",
-                    num_warps=t["gram_warps"], num_stages=t["gram_stages"])
+                    DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=_fma_rows(g.RC) if fma else t["gram_block_k"],
+                    PRECISION=g.gram_precision, NUM_PROGS=lg.gram_programs, FIELDS=TILE_FIELDS,
+                    SPLIT=fp32 and g.fp32_gram == "fp16x3", FMA=fma, RC=g.RC if fma else g.R,
+                    num_warps=4 if fma else t["gram_warps"], num_stages=t["gram_stages"])
             _gram_reduce_kernel[(2 * g.P,)](g.partials, g.ranges, g.grams, R=g.R)
 
     def transforms_(self, mode: str, status: torch.Tensor, gaps: torch.Tensor) -> None:
@@ -503,8 +603,8 @@ class TritonProjectionPlan:
                     lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["rescale_block_k"], PRECISION=g.rescale_precision,
                     NUM_PROGS=lg.rescale_programs, FIELDS=TILE_FIELDS,
-                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, num_warps=t["rescale_warps"],
-                    num_stages=t["rescale_stages"])
+                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, OUTER=lg.rescale_method == "outer", RC=g.RC,
+                    num_warps=t["rescale_warps"], num_stages=t["rescale_stages"])
 
     def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:
         packed = torch.empty(7, dtype=torch.float64, device=self.device)
