@@ -1,0 +1,152 @@
+"""Where the r x r kernel's time goes: clock64() per phase of csrc/balance_math.cuh, on the device.
+
+Builds an instrumented copy of csrc/balance.cu (the same math; thread 0 of each block adds the clock cycles
+since the previous mark to that phase's counter) as a plain CUDA shared library, so no torch extension build
+is needed, then runs it on the Grams of balanced Llama-2-7B adapters (the benchmark's steady state) and prints
+the mean cycles per pair of each phase and the kernel time (CUDA events) next to the uninstrumented copy.
+
+    python bench/probe/eig_phases.py --build-only --out .bkcache/eig_phases   # here (nvcc, no GPU needed)
+    python bench/probe/eig_phases.py --lib .bkcache/eig_phases                # on the device
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after, write"]
+
+# (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
+MARKS = [
+    ("  // Cholesky, column by column: L into Y", 0),
+    ("  // M = L^T G_A L, symmetrized, and its eigendecomposition (ascending).", 1),
+    ("  sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);\n  const double lmin", 2),
+    ("  const double lmin = c.v1[0], lmax = c.v1[n - 1];", 3),
+    ("  // 5. C = T^T G_B + T^-1 G_A.", 4),
+    ("  double* Q = b.M2;\n  double* Tq = b.M1;", 5),
+    ("  write_out(c, outT, R, b.T, n);", 6),
+]
+
+
+def build(out, baseline=None):
+    """prof: the instrumented working tree; plain: the working tree; base: csrc/ of another tree (optional)."""
+    os.makedirs(out, exist_ok=True)
+    src = open(os.path.join(ROOT, "csrc", "balance_math.cuh")).read()
+    hook = ('__device__ unsigned long long bk_prof[8 * 8192];\n__device__ unsigned long long bk_last[8192];\n'
+            '__device__ __forceinline__ void bk_mark(int ph) {\n  __syncthreads();\n'
+            '  if (threadIdx.x == 0) {\n    const unsigned long long now = clock64();\n'
+            '    bk_prof[8 * blockIdx.x + ph] += now - bk_last[blockIdx.x];\n    bk_last[blockIdx.x] = now;\n  }\n'
+            '  __syncthreads();\n}\n')
+    src = src.replace("namespace bk {", hook + "namespace bk {", 1)
+    for anchor, ph in MARKS:
+        assert src.count(anchor) == 1, anchor
+        src = src.replace(anchor, f"  bk_mark({ph});\n" + anchor)
+    # the pair starts: reset the clock at the top of balance_pair
+    anchor = "  const int n = c.n;\n  double bad = 0.0;"
+    assert src.count(anchor) == 1
+    src = src.replace(anchor, "  bk_mark(7);\n" + anchor)
+    open(os.path.join(out, "balance_math.cuh"), "w").write(src)
+    cu = open(os.path.join(ROOT, "csrc", "balance.cu")).read()
+    cu += ('\nextern "C" int bk_prof_read(unsigned long long* host, int n) {\n'
+           '  return (int)cudaMemcpyFromSymbol(host, bk_prof, sizeof(unsigned long long) * n);\n}\n'
+           'extern "C" int bk_prof_reset() {\n  static unsigned long long zeros[8 * 8192];\n'
+           '  return (int)cudaMemcpyToSymbol(bk_prof, zeros, sizeof(zeros));\n}\n')
+    open(os.path.join(out, "balance.cu"), "w").write(cu)
+    builds = [("prof", out), ("plain", os.path.join(ROOT, "csrc"))] + [(f"base", baseline)] * bool(baseline)
+    for name, d in builds:
+        subprocess.run(["nvcc", "-O3", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC", "-I", d,
+                        os.path.join(d, "balance.cu"), "-o", os.path.join(out, f"libbk_{name}.so")], check=True)
+    print("built", out)
+
+
+def run(libdir):
+    import torch
+    sys.path.insert(0, ROOT)
+    from balora_kernels import reference
+    dev = torch.device("cuda")
+    vp, ip = ctypes.c_void_p, ctypes.c_int
+    libs = {k: ctypes.CDLL(os.path.join(libdir, f"libbk_{k}.so")) for k in ("plain", "prof", "base")
+            if os.path.exists(os.path.join(libdir, f"libbk_{k}.so"))}
+    res = {"gpu": torch.cuda.get_device_name(), "phases": PHASES, "cases": []}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for r in (8, 16, 64):
+        torch.manual_seed(r)
+        shapes = ([(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]) * 32
+        GB, GA = [], []
+        for (o, i) in shapes:
+            A = torch.randn(r, i, device=dev, dtype=torch.float64) / math.sqrt(i)
+            B = torch.randn(o, r, device=dev, dtype=torch.float64) * 1e-2
+            A, B = reference.balance(A, B)                  # the benchmark's steady state: balanced pairs
+            A, B = A.float(), B.float()
+            GB.append(B.T @ B)
+            GA.append(A @ A.T)
+        P, R = len(shapes), max(16, 1 << (r - 1).bit_length())
+        grams = torch.zeros(P, 2, R, R, device=dev)
+        grams[:, 0, :r, :r] = torch.stack(GB)
+        grams[:, 1, :r, :r] = torch.stack(GA)
+        eps = torch.full((P,), 2.0 ** -24, device=dev, dtype=torch.float64)
+        case = {"r": r, "pairs": P}
+        for name, lib in libs.items():
+            th, gr, sm, ms = ip(), ip(), ip(), ip()
+            scr = ctypes.c_longlong()
+            lib.bk_balance_config(P, r, sms, ctypes.byref(th), ctypes.byref(gr), ctypes.byref(sm), ctypes.byref(ms),
+                                  ctypes.byref(scr))
+            scratch = torch.empty(scr.value, device=dev, dtype=torch.float64)
+            tw = torch.empty(P, 2, R, R, device=dev)
+            st = torch.empty(P, device=dev, dtype=torch.int32)
+            gaps = torch.empty(P, 2, device=dev, dtype=torch.float64)
+
+            def launch():
+                err = lib.bk_balance_launch(vp(grams.data_ptr()), vp(eps.data_ptr()), P, r, R, 0, vp(tw.data_ptr()),
+                                            vp(st.data_ptr()), vp(gaps.data_ptr()), vp(scratch.data_ptr()), th, gr,
+                                            sm, ms, vp(0))
+                assert err == 0, err
+            launch()
+            torch.cuda.synchronize()
+            if name == "prof":
+                lib.bk_prof_reset()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            reps = 20
+            ev[0].record()
+            for _ in range(reps):
+                launch()
+            ev[1].record()
+            torch.cuda.synchronize()
+            case[f"{name}_ms"] = ev[0].elapsed_time(ev[1]) / reps
+            case[f"{name}_status_full_rank"] = int(((st & 7) == 0).sum())
+            if name == "plain":
+                ref_tw = tw.clone()
+            else:
+                case[f"{name}_bitwise_equal_plain"] = bool(torch.equal(tw, ref_tw))
+            if name == "prof":
+                buf = (ctypes.c_ulonglong * (8 * 8192))()
+                assert lib.bk_prof_read(buf, 8 * 8192) == 0
+                per = [0.0] * 8
+                for b in range(min(gr.value, P)):
+                    for ph in range(8):
+                        per[ph] += buf[8 * b + ph]
+                n_runs = reps * P
+                case["cycles_per_pair"] = {PHASES[ph]: per[ph] / n_runs for ph in range(7)}
+                case["threads"], case["grid"], case["mats_in_smem"] = th.value, gr.value, ms.value
+        res["cases"].append(case)
+        print(json.dumps(case))
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".bkcache", "eig_phases"))
+    ap.add_argument("--lib", default=None)
+    ap.add_argument("--baseline", default=None, help="a csrc/ folder to build as 'base' beside the working tree")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.build_only:
+        build(a.out, a.baseline)
+    else:
+        res = run(a.lib or a.out)
+        if a.json:
+            json.dump(res, open(a.json, "w"), indent=1)
