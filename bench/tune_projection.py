@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_projection import MODELS, graph_ms, llama_shapes, make_adapters  # noqa: E402
 
 CANDIDATES = {
-    "method": ("dot", "fp16x3"),   # the 2026-11-28 run also tried a bfloat16 split, since removed (slower)
+    # the 2026-11-28 run also tried a bfloat16 split, since removed (slower); "fma" (ranks <= 8) has its own
+    # rows per step and warps (grouped_projection._fma_rows), which the block_k / warps knobs do not change
+    "method": ("dot", "fp16x3", "fma"),
     "k_chunk": (1024, 2048, 4096, 8192),
     "block_k": (32, 64, 128, 256),
     "warps": (2, 4, 8),
@@ -68,7 +70,7 @@ def main():
         R = gp.padded_rank(r)
         pre = f"{kernel}_"
         cur = dict(gp.default_tune(R, dtype))
-        cur_method = gp._fp32_gram_method(R, "auto")
+        cur_method = gp._fp32_gram_method(R, r, "auto")
         tried = {}
 
         def time_cfg(tune, method):
@@ -110,7 +112,7 @@ def main():
                 if t < best_ms:
                     best_ms, cur, cur_method = t, tune, method
         case = {"kernel": kernel, "dtype": str(dtype).replace("torch.", ""), "r": r, "R": R,
-                "default": gp.default_tune(R, dtype), "default_method": gp._fp32_gram_method(R, "auto"),
+                "default": gp.default_tune(R, dtype), "default_method": gp._fp32_gram_method(R, r, "auto"),
                 "default_ms": default_ms, "best": cur, "best_method": cur_method, "best_ms": best_ms,
                 "tried": len(tried), "all": [[json.loads(k), v] for k, v in tried.items()]}
         res["cases"].append(case)

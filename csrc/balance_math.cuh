@@ -437,6 +437,8 @@ BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, 
       const double e = s - (i == j ? 1.0 : 0.0);
       res += e * e;
     });
+    // (each thread's share of res is summed in its tile order: with register blocking its last bit, and so
+    // at the threshold the iteration count, may differ from an unblocked build; Q converges either way)
     res = block_sum(c, res);                                    // (also the barrier after A)
     if (!(res < 1e30)) return false;                            // NaN / divergence
     const double* q = cur;                                      // Qn = 1.5 Q - 0.5 Q A

@@ -68,7 +68,7 @@ def _num_warps(R: int) -> int:
 
 
 # How float32 factors' Grams are computed: "fma" adds each row's outer product to a [rows, RC, RC] float32
-# accumulator on the CUDA cores (RC = next_pow2(r): no padding to 16), summed over the tile once at the end;
+# accumulator on the CUDA cores (RC = max(4, next_pow2(r)): no padding to 16), summed over the tile once at the end;
 # "dot" is tl.dot on the float32 values (_dot_precision: FMA dots for R <= 16, 3xTF32 on the tensor cores
 # above); "fp16x3" splits each tile, scaled per column by a power of two, into three float16 pieces (hi + mid +
 # lo carry all 24 bits of float32) and sums the six significant products on the tensor cores. "auto"
@@ -251,7 +251,8 @@ def _gram_partial_kernel(
     NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr,
     SPLIT: tl.constexpr,  # float32 factors: the fp16x3 products (scaled per column of the tile) instead of tl.dot
     FMA: tl.constexpr,    # float32 factors: fp32 outer products on the CUDA cores (RC x RC, no padding to R)
-    RC: tl.constexpr,     # FMA: next_pow2(r) (<= R); the rest of the R x R slot is never written (zeros)
+    RC: tl.constexpr,     # FMA: max(4, next_pow2(r)) <= R; the rest of the R x R slot is never written: the
+                          # plan zero-fills `partials` once (_RankGroup) and nothing else writes those entries
 ):
     pid = tl.program_id(0)
     if FMA:
@@ -287,7 +288,7 @@ def _rescale_kernel(
     DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr, SKIP_BITS: tl.constexpr,
     OUTER: tl.constexpr,  # "outer": RC rank-1 updates of a [BLOCK_K, RC] float32 tile instead of an R x R tl.dot
-    RC: tl.constexpr,     # OUTER: next_pow2(r) <= R
+    RC: tl.constexpr,     # OUTER: max(4, next_pow2(r)) <= R
 ):
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R)
