@@ -137,9 +137,9 @@ def lora_linear_available() -> bool:
 
 
 def state_token():
-    """Changes whenever the extension's availability may have (a load attempt, :func:`reset`): dispatch caches
-    key on it."""
-    return _state["tried"], _state["ok"], _state["generation"]
+    """Changes whenever the extension's availability may change (:func:`reset`; a first load attempt settles it
+    for good, and every dispatch decision that depends on it makes that attempt): dispatch caches key on it."""
+    return _state["generation"]
 
 
 def error() -> Optional[str]:

@@ -166,9 +166,10 @@ class ShardedProjectionPlan:
         self._signature = self._sig()
 
     def _sig(self):
+        """Shapes, dtypes, devices and placements of the DTensor pairs (the plain plan checks its own pairs)."""
         out = []
-        for A, B in self.pairs:
-            out.append(tuple((t.shape, t.dtype, t.device, getattr(t, "placements", None)) for t in (A, B)))
+        for i, _, _ in self._entries:
+            out.append(tuple((t.shape, t.dtype, t.device, getattr(t, "placements", None)) for t in self.pairs[i]))
         return out
 
     def is_stale(self) -> bool:

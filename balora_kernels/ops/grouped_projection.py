@@ -111,7 +111,7 @@ def _fp32_gram_method(R: int, r: int, requested: str) -> str:
 
 
 def _fma_rows(RC: int) -> int:
-    """Rows per step of the "fma" kernels: a [rows, RC, RC] float32 block of about 4096 elements."""
+    """Rows per step of the "fma" Gram: a [rows, RC, RC] float32 block of about 4096 elements."""
     return max(16, min(128, 4096 // (RC * RC)))
 
 
@@ -600,11 +600,12 @@ class TritonProjectionPlan:
             st = status[g.first:g.first + g.P]
             for lg in g.launches:
                 t = lg.tune
+                outer = lg.rescale_method == "outer"
                 _rescale_kernel[(lg.rescale_programs,)](
                     lg.tiles, g.tw, st, lg.n_b, lg.n_a, g.r,
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["rescale_block_k"], PRECISION=g.rescale_precision,
                     NUM_PROGS=lg.rescale_programs, FIELDS=TILE_FIELDS,
-                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, OUTER=lg.rescale_method == "outer", RC=g.RC,
+                    SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, OUTER=outer, RC=g.RC if outer else g.R,
                     num_warps=t["rescale_warps"], num_stages=t["rescale_stages"])
 
     def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:

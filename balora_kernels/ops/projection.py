@@ -79,12 +79,14 @@ class PackedProjectionStats(ProjectionStats):
     def __init__(self, packed: torch.Tensor):   # noqa: the dataclass fields are read through __getattr__
         object.__setattr__(self, "_packed", packed)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):   # only for fields not read yet: the value is kept
         keys = tuple(ProjectionStats.__dataclass_fields__)
         if name not in keys:
             raise AttributeError(name)
         v = self._packed[keys.index(name)]
-        return v if name.startswith("gap_") else v.to(torch.int64)
+        v = v if name.startswith("gap_") else v.to(torch.int64)
+        object.__setattr__(self, name, v)
+        return v
 
     def as_dict(self) -> Dict[str, float]:
         keys = tuple(ProjectionStats.__dataclass_fields__)

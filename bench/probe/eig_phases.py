@@ -67,6 +67,7 @@ def run(libdir):
     import torch
     sys.path.insert(0, ROOT)
     from balora_kernels import reference
+    from balora_kernels.ops.grouped_projection import padded_rank
     dev = torch.device("cuda")
     vp, ip = ctypes.c_void_p, ctypes.c_int
     libs = {k: ctypes.CDLL(os.path.join(libdir, f"libbk_{k}.so")) for k in ("plain", "prof", "base")
@@ -86,7 +87,7 @@ def run(libdir):
             A, B = A.float(), B.float()
             GB.append(B.T @ B)
             GA.append(A @ A.T)
-        P, R = len(shapes), max(16, 1 << (r - 1).bit_length())
+        P, R = len(shapes), padded_rank(r)
         grams = torch.zeros(P, 2, R, R, device=dev)
         grams[:, 0, :r, :r] = torch.stack(GB)
         grams[:, 1, :r, :r] = torch.stack(GA)
