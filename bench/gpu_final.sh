@@ -5,8 +5,10 @@
 #   device run: bash bench/gpu_final.sh 1    # build, LoRA-linear GPU tests + benchmark, projection GPU tests
 #   device run: bash bench/gpu_final.sh 2    # projection benchmark, balora check / bench, the rest of the suite
 #   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
+#   device run: bash bench/gpu_final.sh lora # build, LoRA-linear GPU tests, host/GPU profile probes (LoRA-only changes)
+#   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
 set -o pipefail
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/balora-out}
 PART=${1:-1}
 mkdir -p "$OUT/bench"
@@ -15,7 +17,19 @@ mkdir -p "$OUT/bench"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
-  if [ "$PART" = proj ]; then
+  if [ "$PART" = lora ]; then
+    echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+    echo "== host time of the 1024-token step, piece by piece"
+    timeout 60 python3 bench/probe/host_step.py; echo "rc=$?"
+    echo "== GPU kernels and host time per implementation"
+    timeout 150 python3 bench/probe/lora_profile.py --no-thin --cases 1k_4096x4096_r16,8k_4096x4096_r16 --out "$OUT"; echo "rc=$?"
+  elif [ "$PART" = lorabench ]; then
+    echo "== LoRA linear benchmark (writes the tuning table)"
+    timeout 400 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
+    cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null
+  elif [ "$PART" = proj ]; then
     echo "== GPU tests (projection)"
     timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
     echo "== projection benchmark"

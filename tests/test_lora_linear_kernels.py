@@ -438,7 +438,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_fused")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
@@ -446,6 +446,9 @@ GPU_CASES = {
     "2053x4096->4096_r128_bf16_bias_dropout": (2053, 4096, 4096, 128, torch.bfloat16, None, True, True, 1),
     "3x333x1000->3000_r1_fp32": (999, 1000, 3000, 1, torch.float32, None, True, False, 3),
     "777x520->1030_r8_fp16_bias": (777, 520, 1030, 8, torch.float16, torch.float32, True, True, 1),
+    "1024x4096->4096_r16_bf16": (1024, 4096, 4096, 16, torch.bfloat16, None, False, False, 1),
+    "37x72->40_r3_fp16_bias_dropout": (37, 72, 40, 3, torch.float16, None, True, True, 1),
+    "2x50x130->70_r127_bf16_fp32adapters": (100, 130, 70, 127, torch.bfloat16, torch.float32, False, True, 2),
 }
 _REF_CACHE = {}
 
