@@ -26,8 +26,8 @@ def cuda_extensions():
         return [], {}
     ext = CUDAExtension(
         "balora_kernels._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-DBK_WITH_CUDA"],
-                            "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90",
+                                                      "-gencode=arch=compute_80,code=sm_80"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -54,7 +54,7 @@ def _build_tag() -> str:
 # The op's argument names this package calls it with (csrc/bindings.cpp): an extension built from older
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
-LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode")
+LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "prefill")
 
 
 def _op_ok(name: str, args) -> bool:
@@ -106,7 +106,7 @@ def _try_load() -> None:
         os.makedirs(build_dir, exist_ok=True)
         cpp_extension.load(
             name="balora_kernels_C", sources=_sources(), build_directory=build_dir, is_python_module=False,
-            extra_cflags=["-O3", "-DBK_WITH_CUDA"], extra_include_paths=[_CSRC],
+            extra_cflags=["-O3"], extra_include_paths=[_CSRC],
             extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"

@@ -43,15 +43,15 @@ def op():
     return torch.ops.balora.lora_linear
 
 
-@pytest.mark.parametrize("mode", (0, 1))
+@pytest.mark.parametrize("prefill", (False, True))
 @pytest.mark.parametrize("bias", (False, True))
 @pytest.mark.parametrize("dropout", (False, True))
-def test_gradcheck_float64(op, mode, bias, dropout):
+def test_gradcheck_float64(op, prefill, bias, dropout):
     x, W, b, A, B, m, _ = operands(6, 7, 5, 3, torch.float64, bias=bias, dropout=dropout, seed=11)
     ins = [t.clone().requires_grad_(True) for t in (x, W, A, B)] + ([b.clone().requires_grad_(True)] if bias else [])
 
     def f(x, W, A, B, b=None):
-        return op(x, W, b, A, B, 0.7, m, mode)
+        return op(x, W, b, A, B, 0.7, m, prefill)
 
     assert torch.autograd.gradcheck(f, ins)
     y = f(*ins)
@@ -69,7 +69,7 @@ def test_only_requested_gradients(op, wants):
         x, W, b, A, B, m, dy = operands(9, 8, 7, 2, torch.float64, bias=bias, seed=12)
         named = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
         leaves = {k: (t.clone().requires_grad_(k in wants) if t is not None else None) for k, t in named.items()}
-        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, 0)
+        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, False)
         y.backward(dy)
         ref = {k: (t.clone().requires_grad_(True) if t is not None else None) for k, t in named.items()}
         (ref["x"] @ ref["weight"].T + (ref["bias"] if bias else 0)
@@ -83,15 +83,15 @@ def test_only_requested_gradients(op, wants):
                 assert t.grad is None, f"d{k} computed but not asked for (bias={bias})"
 
 
-@pytest.mark.parametrize("mode", (0, 1))
+@pytest.mark.parametrize("prefill", (False, True))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
-def test_low_precision_activations_fp32_adapters(op, dtype, mode):
+def test_low_precision_activations_fp32_adapters(op, dtype, prefill):
     """16-bit (or fp32) activations with float32 adapters: the 2x-PyTorch-error rule on the output and
     every gradient; adapter gradients come back in the adapters' dtype."""
     x, W, b, A, B, m, dy = operands(37, 72, 40, 3, dtype, adapter_dtype=torch.float32, bias=True, dropout=True,
                                     seed=13)
     xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
-    y = op(xg, W, b, Ag, Bg, 0.5, m, mode)
+    y = op(xg, W, b, Ag, Bg, 0.5, m, prefill)
     y.backward(dy)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 0.5)
     assert y.dtype == dtype and Ag.grad.dtype == torch.float32 and Bg.grad.dtype == torch.float32
@@ -103,13 +103,13 @@ def test_low_precision_activations_fp32_adapters(op, dtype, mode):
 def test_errors_name_the_shapes(op):
     x, W, b, A, B, m, _ = operands(4, 6, 5, 2, torch.float32, bias=True, seed=14)
     with pytest.raises(RuntimeError, match=r"shapes do not chain: x \[4, 6\], weight \[5, 6\], lora_A \[2, 7\]"):
-        op(x, W, b, torch.randn(2, 7), B, 1.0, None, 0)
+        op(x, W, b, torch.randn(2, 7), B, 1.0, None, False)
     with pytest.raises(RuntimeError, match=r"bias must be \[5\]"):
-        op(x, W, torch.randn(4), A, B, 1.0, None, 0)
+        op(x, W, torch.randn(4), A, B, 1.0, None, False)
     with pytest.raises(RuntimeError, match="dropout mask must match x"):
-        op(x, W, b, A, B, 1.0, torch.ones(4, 5), 0)
+        op(x, W, b, A, B, 1.0, torch.ones(4, 5), False)
     with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
-        op(x, W, b, A.to("meta"), B, 1.0, None, 0)
+        op(x, W, b, A.to("meta"), B, 1.0, None, False)
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def ext_offered(monkeypatch, op):
     functional._PLANS.clear()
 
 
-@pytest.mark.parametrize("impl", ("ext", "ext_prefill", "ext_fused"))
+@pytest.mark.parametrize("impl", ("ext", "ext_prefill"))
 def test_forced_through_the_package(ext_offered, impl):
     """lora_linear(impl=...) routes to the C++ op (no Python autograd Function in between) and matches
     the float64 reference."""

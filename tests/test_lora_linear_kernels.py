@@ -438,7 +438,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_fused")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),

@@ -25,13 +25,6 @@ Implementations (one is chosen per call and per direction by
   term (and bias) first and lets the big GEMM accumulate onto it (beta=1). They need the compiled
   extension (:mod:`balora_kernels._ext`); the dispatcher offers them only when it loads. Under
   ``torch.compile`` (the custom ops below) the same products are issued from Python.
-* ``"ext_fused"`` — ``ext_prefill``'s order with the thin products done by the CUDA kernels of
-  ``csrc/lora_thin.cu`` instead of cuBLAS: one launch gives ``u`` and the rank-r term (plus bias), one
-  gives ``v`` and dx's rank-r part (times the mask), one gives ``dA`` and ``dB``; with the two big
-  GEMMs that is two launches forward and three backward (``ext_prefill``: three and six). The kernels
-  run on CUDA cores: fewer launches for the host-bound regime, slower than cuBLAS on long sequences
-  (the dispatcher measures). They take bf16/fp16 activations, adapters in that dtype or float32 (read
-  as they are, no cast) and r <= 128; other calls, and ``torch.compile``, run ``ext_prefill``'s math.
 
 The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
 without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
@@ -73,10 +66,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_fused")
-# The C++ implementations and their `mode` argument (csrc/lora_linear.cpp); all but "ext" write the rank-r
-# term first.
-EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_fused": 2}
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill")
+# The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
+EXT_IMPLS = {"ext": False, "ext_prefill": True}
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -532,7 +524,7 @@ def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: flo
     if impl in _ALL_CUBLAS:
         # Three launches, no N x out temporary; cublas_mm and ext write the big GEMM with beta=0
         # (cuBLAS measured slower accumulating into a prefilled output), ext_prefill the rank-r term first.
-        return _big_plus_lowrank(x, weight.T, u, _as(lora_B, dt).T, scaling, bias, EXT_IMPLS.get(impl, 0) > 0), u
+        return _big_plus_lowrank(x, weight.T, u, _as(lora_B, dt).T, scaling, bias, EXT_IMPLS.get(impl, False)), u
     if impl == "cublas":
         y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
         return y.addmm_(x, weight.T), u
@@ -564,7 +556,7 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
     if need_x:
         if impl in _ALL_CUBLAS:
             if mask is None:
-                dx = _big_plus_lowrank(dy, weight, v, _as(lora_A, dt), scaling, None, EXT_IMPLS.get(impl, 0) > 0)
+                dx = _big_plus_lowrank(dy, weight, v, _as(lora_A, dt), scaling, None, EXT_IMPLS.get(impl, False))
             else:
                 dx = torch.addmm(torch.mm(v, _as(lora_A, dt)).mul_(mask), dy, weight, beta=scaling)
         elif impl == "cublas":
@@ -778,7 +770,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     if torch.compiler.is_compiling():
         return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
     plan = _plan(impl, x, weight, lora_A)
-    mode = EXT_IMPLS.get(plan[0][0])
-    if mode is not None:   # the C++ op: its own autograd node, both directions
-        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode)
+    prefill = EXT_IMPLS.get(plan[0][0])
+    if prefill is not None:   # the C++ op: its own autograd node, both directions
+        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, prefill)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, plan)

@@ -1,10 +1,10 @@
 """Probe (device): which errors raised by the extension's ops crash the process, and how it was built."""
 import glob, os, subprocess, sys
 CASES = {
-    "lora_ok_cpu": "op(x, W, None, A, B, 1.0, None, 0)",
-    "lora_bad_shape_cpu": "op(x, W, None, torch.randn(2, 7), B, 1.0, None, 0)",
-    "lora_bad_shape_cuda": "op(x.cuda(), W.cuda(), None, torch.randn(2, 7, device='cuda'), B.cuda(), 1.0, None, 0)",
-    "lora_mm_error_cuda": "op(x.cuda(), W.cuda(), None, A.cuda(), B, 1.0, None, 0)",
+    "lora_ok_cpu": "op(x, W, None, A, B, 1.0, None, False)",
+    "lora_bad_shape_cpu": "op(x, W, None, torch.randn(2, 7), B, 1.0, None, False)",
+    "lora_bad_shape_cuda": "op(x.cuda(), W.cuda(), None, torch.randn(2, 7, device='cuda'), B.cuda(), 1.0, None, False)",
+    "lora_mm_error_cuda": "op(x.cuda(), W.cuda(), None, A.cuda(), B, 1.0, None, False)",
     "balance_bad_rank": "torch.ops.balora.balance_transforms(torch.zeros(1, 2, 16, 16, device='cuda'), "
                         "torch.zeros(1, dtype=torch.float64, device='cuda'), 999, 0, torch.zeros(1, 2, 16, 16, device='cuda'), "
                         "torch.zeros(1, dtype=torch.int32, device='cuda'), torch.zeros(1, 2, dtype=torch.float64, device='cuda'))",

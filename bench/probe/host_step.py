@@ -36,7 +36,7 @@ def main():
     z = torch.empty((), device="cuda", dtype=dt)
     lin = torch.nn.functional.linear
     y_f = lin(x, W)
-    y_e = op(x, W, None, A, B, s, None, 1)
+    y_e = op(x, W, None, A, B, s, None, True)
     u = xd @ Ad.T
     v = gy @ Bd
 
@@ -56,12 +56,10 @@ def main():
         "frozen fwd (graph built)": lambda: lin(x, W),
         "frozen bwd only (retain)": lambda: torch.autograd.grad(y_f, [x], gy, retain_graph=True),
         "frozen mm no grad": lambda: torch.mm(xd, W.T),
-        "ext step": lambda: torch.autograd.grad(op(x, W, None, A, B, s, None, 1), [x, A, B], gy),
-        "ext fwd (graph built)": lambda: op(x, W, None, A, B, s, None, 1),
-        "ext fwd no_grad inputs": lambda: op(xd, W, None, Ad, Bd, s, None, 1),
+        "ext step": lambda: torch.autograd.grad(op(x, W, None, A, B, s, None, True), [x, A, B], gy),
+        "ext fwd (graph built)": lambda: op(x, W, None, A, B, s, None, True),
+        "ext fwd no_grad inputs": lambda: op(xd, W, None, Ad, Bd, s, None, True),
         "ext bwd only (retain)": lambda: torch.autograd.grad(y_e, [x, A, B], gy, retain_graph=True),
-        "ext_fused step": lambda: torch.autograd.grad(op(x, W, None, A, B, s, None, 2), [x, A, B], gy),
-        "ext_fused fwd (graph built)": lambda: op(x, W, None, A, B, s, None, 2),
         "fwd ATen sequence (3 GEMMs)": fwd_seq,
         "bwd ATen sequence (6 GEMMs)": bwd_seq,
         "one thin mm": lambda: torch.mm(gy, Bd),
