@@ -23,11 +23,13 @@
 //      polar(C) = U V^T from eig(C^T C), dead directions completed from eig(I - U U^T), then two
 //      Newton-Schulz steps Q <- Q (3I - Q^T Q) / 2 so that Q is orthogonal to rounding.
 //   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
-// Fast path (full_rank_transforms): when bounds from one eigendecomposition prove that the reference keeps every
-// component (the usual case), steps 1-4 are replaced by a Cholesky factor of G_B and the eigendecomposition of
-// L^T G_A L (one Jacobi solve instead of three, no inversion); the polar factor of step 5 is computed by
-// Newton-Schulz iterations (polar_ns, matrix products only), falling back to eig(C^T C) when they do not
-// converge. Both give the same transforms as the general path (to float64 rounding).
+// Fast path (full_rank_transforms): when bounds prove that the reference keeps every component (the usual
+// case), steps 1-4 are replaced by a Cholesky factor of G_B and, with M = L^T G_A L, T = L^-T M^1/4 (times a
+// rotation): in the nearest mode M^1/4 and M^-1/4 come from Newton-Schulz square roots (fourth_root_transforms,
+// matrix products only), in the svd mode (or when those do not settle) from one Jacobi eigendecomposition of M;
+// no inversion either way. The polar factor of step 5 is computed by Newton-Schulz iterations too (polar_ns),
+// falling back to eig(C^T C) when they do not converge. All give the same transforms as the general path (to
+// float64 rounding): the nearest mode's T Q does not depend on the basis of T's columns.
 #pragma once
 
 #ifdef BK_HOST_EMULATION
@@ -63,6 +65,7 @@ constexpr int STATUS_RANK_DEFICIENT = 4;
 constexpr int STATUS_RANK_SHIFT = 8;               // status >> 8: the live components k (0 for skipped pairs)
 constexpr int MAX_SWEEPS = 24;
 constexpr int NUM_MATS = 11;                       // r x r float64 buffers per pair
+constexpr int PATH_GENERAL = 0, PATH_FAST_EIG = 1, PATH_FAST_NS = 2;  // Ctx::path
 
 struct Ctx {
   int tid, nt, n;     // thread index, threads in the block (a multiple of 32 on the GPU), rank
@@ -79,6 +82,8 @@ struct Ctx {
   double* v1;
   double* v2;
   double* v3;
+  int path;           // how the last pair's T was found (PATH_*) and, on PATH_FAST_NS, the Newton-Schulz steps
+  int ns_steps;       // of both square roots: read by the host build's tests only
 };
 
 // The kernel's compile-time choice of register blocking for the r x r products (see matmul): 1 for small ranks,
@@ -402,6 +407,18 @@ BK_DEV void polar(CT& c, const double* Cm, double* Q, double* Vc, double* U, dou
   }
 }
 
+// P = op(A) B [n x n] and ||P - I||_F^2, summed over the block (the sum is also the barrier after P).
+template <class CT>
+BK_DEV double product_off_identity(CT& c, const double* A, bool tA, const double* B, double* P, int n) {
+  double res = 0.0;
+  matmul_store(c, A, tA, B, false, n, n, n, n, n, [&](int i, int j, double s) {
+    P[i * n + j] = s;
+    const double e = s - (i == j ? 1.0 : 0.0);
+    res += e * e;
+  });
+  return block_sum(c, res);
+}
+
 // Orthogonal polar factor Q [m x m] of a nonsingular Cm [m x m] by Newton-Schulz, Q <- Q (3I - Q^T Q) / 2 from
 // Q = Cm / (a bound on ||Cm||_2): matrix products only, no eigendecomposition. Converges (quadratically at
 // the end) to the same factor as polar() whenever Cm is nonsingular; stops one step after ||Q^T Q - I||_F
@@ -431,15 +448,10 @@ BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, 
   double* cur = Q;
   double* nxt = Qn;
   for (int it = 0; it < NS_MAX_ITERS; ++it) {
-    double res = 0.0;                                           // A = Q^T Q and ||A - I||_F^2
-    matmul_store(c, cur, true, cur, false, m, m, m, m, m, [&](int i, int j, double s) {
-      A[i * m + j] = s;
-      const double e = s - (i == j ? 1.0 : 0.0);
-      res += e * e;
-    });
-    // (each thread's share of res is summed in its tile order: with register blocking its last bit, and so
-    // at the threshold the iteration count, may differ from an unblocked build; Q converges either way)
-    res = block_sum(c, res);                                    // (also the barrier after A)
+    // A = Q^T Q and ||A - I||_F^2 (each thread's share is summed in its tile order: with register blocking its
+    // last bit, and so at the threshold the iteration count, may differ from an unblocked build; Q converges
+    // either way)
+    const double res = product_off_identity(c, cur, true, cur, A, m);
     if (!(res < 1e30)) return false;                            // NaN / divergence
     const double* q = cur;                                      // Qn = 1.5 Q - 0.5 Q A
     double* qn = nxt;
@@ -535,6 +547,126 @@ BK_DEV void write_identity(Ctx& c, float* out, int R, int n) {
   }
 }
 
+// Cholesky factor of the symmetric X [n x n] (destroyed: the trailing working copy), column by column, into the
+// lower triangle of L (zero above the diagonal). false (the same for every thread) when a pivot is not positive.
+BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
+  for (int j = 0; j < n; ++j) {
+    const double d = X[j * n + j];               // every thread reads the same value: a uniform decision
+    if (!(d > 0.0)) return false;
+    const double inv = 1.0 / sqrt(d), invd = 1.0 / d;
+    for (int i = c.tid; i < n; i += c.nt) L[i * n + j] = i >= j ? X[i * n + j] * inv : 0.0;
+    const int m = n - 1 - j;                     // trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d
+    for (int idx = c.tid; idx < m * m; idx += c.nt) {
+      const int i = j + 1 + idx / m, l = j + 1 + idx % m;
+      if (l <= i) X[i * n + l] -= X[i * n + j] * X[l * n + j] * invd;
+    }
+    BK_SYNC();
+  }
+  return true;
+}
+
+// Square root of a symmetric positive definite A [n x n] with eigenvalues in (0, 1] by the coupled Newton-Schulz
+// iteration (Higham, Functions of Matrices, 6.3): Y0 = A, Z0 = I, P = Z Y, Y <- Y (3I - P) / 2, Z <- (3I - P) Z / 2;
+// Y -> A^1/2 and Z -> A^-1/2 (stable: errors do not grow). Matrix products only, no eigendecomposition: on the
+// GPU each step is three block-wide products instead of the Jacobi sweeps' chain of dependent rotations. An
+// eigenvalue mu of A needs about log(1/mu) / log(2.25) steps to reach the quadratic phase. Stops one step after
+// ||P - I||_F < 1e-8; returns false (outputs unspecified) on divergence or after NS_ROOT_MAX_ITERS steps.
+// buf: five n x n workspaces (A may not be one of them); *Y, *Z point into them on return.
+constexpr int NS_ROOT_MAX_ITERS = 96;
+template <class CT>
+BK_DEV bool sqrt_ns(CT& c, const double* A, double* const* buf, double** Yout, double** Zout, int n) {
+  double *y = buf[0], *z = buf[1], *P = buf[2], *yn = buf[3], *zn = buf[4];
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    y[idx] = A[idx];
+    z[idx] = (idx / n == idx % n) ? 1.0 : 0.0;
+  }
+  BK_SYNC();
+  for (int it = 0; it < NS_ROOT_MAX_ITERS; ++it) {
+    const double res = product_off_identity(c, z, false, y, P, n);   // P = Z Y and ||P - I||_F^2
+    if (!(res < 1e30)) return false;                            // NaN / divergence
+    const double* yc = y;
+    const double* zc = z;
+    double* ynw = yn;
+    double* znw = zn;
+    matmul_store(c, y, false, P, false, n, n, n, n, n,
+                 [=](int i, int j, double s) { ynw[i * n + j] = 1.5 * yc[i * n + j] - 0.5 * s; });
+    matmul_store(c, P, false, z, false, n, n, n, n, n,
+                 [=](int i, int j, double s) { znw[i * n + j] = 1.5 * zc[i * n + j] - 0.5 * s; });
+    BK_SYNC();
+    double* t = y; y = yn; yn = t;
+    t = z; z = zn; zn = t;
+    if (res < 1e-16) {
+      c.ns_steps += it + 1;
+      *Yout = y;
+      *Zout = z;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Fast path's T and T^-1 without an eigendecomposition, for the nearest mode (whose final T Q does not depend
+// on the basis of T's columns): T = L^-T M^1/4, T^-1 = M^-1/4 L^T, the fourth roots as square roots of square
+// roots (sqrt_ns). On entry: L in b.Y, M (symmetric) in b.AW, kept. The full-rank gate is checked by a Cholesky
+// factorization of M - 1.1 gate I with gate computed from an upper bound on lambda_max (at least the gate of
+// the eigenvalue test: a pair it passes, the eigenvalue test passes too). Returns false, with nothing but the
+// workspaces written, when that factorization fails or an iteration does not converge: the caller then runs
+// the eigendecomposition path, which decides the pair exactly as before.
+template <class CT>
+BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
+  double fro = 0.0, rmax = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) fro += b.AW[idx] * b.AW[idx];
+  for (int i = c.tid; i < n; i += c.nt) {
+    double rs = 0.0;
+    for (int j = 0; j < n; ++j) rs += fabs(b.AW[i * n + j]);
+    rmax = fmax(rmax, rs);
+  }
+  fro = block_sum(c, fro);
+  rmax = block_max(c, rmax);
+  const double bound = fmin(sqrt(fro), rmax);                   // >= lambda_max (M is symmetric)
+  if (!(bound > 0.0) || !isfinite(bound)) return false;
+  const double gate = fmax(eps_f * eps_f * bound, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
+  for (int idx = c.tid; idx < n * n; idx += c.nt) b.X[idx] = b.AW[idx] - (idx / n == idx % n ? 1.1 * gate : 0.0);
+  BK_SYNC();
+  if (!cholesky(c, b.X, b.M1, n)) return false;                 // lambda_min <= 1.1 gate, or rounding: exact path
+  // A1 = M / bound (eigenvalues in (0, 1]); Y1 = A1^1/2 (eigenvalues in (0, 1] too), then Y1^1/2 = A1^1/4.
+  const double inv = 1.0 / bound;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) b.X[idx] = b.AW[idx] * inv;
+  BK_SYNC();
+  c.ns_steps = 0;
+  double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
+  double *y1 = nullptr, *z1 = nullptr;
+  if (!sqrt_ns(c, b.X, buf1, &y1, &z1, n)) return false;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {              // symmetrized copy of Y1 as the next input
+    const int i = idx / n, j = idx % n;
+    b.X[idx] = 0.5 * (y1[i * n + j] + y1[j * n + i]);
+  }
+  BK_SYNC();
+  double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
+  double *y2 = nullptr, *z2 = nullptr;
+  if (!sqrt_ns(c, b.X, buf2, &y2, &z2, n)) return false;
+  // M^1/4 = bound^1/4 Y2 (into X), M^-1/4 = bound^-1/4 Z2 (into W's workspace AW is kept: use the free buffer).
+  const double q = sqrt(sqrt(bound)), iq = 1.0 / q;
+  double* mq = b.X;
+  double* mqi = (y2 == b.M1 || z2 == b.M1) ? ((y2 == b.M2 || z2 == b.M2) ? b.M3 : b.M2) : b.M1;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int i = idx / n, j = idx % n;
+    mq[idx] = q * 0.5 * (y2[i * n + j] + y2[j * n + i]);
+    mqi[idx] = iq * 0.5 * (z2[i * n + j] + z2[j * n + i]);
+  }
+  BK_SYNC();
+  mm(c, b.W, mqi, false, b.Y, true, n);                          // T^-1 = M^-1/4 L^T
+  for (int j = c.tid; j < n; j += c.nt) {                        // L^T T[:, j] = M^1/4[:, j], one column per thread
+    for (int i = n - 1; i >= 0; --i) {
+      double s = mq[i * n + j];
+      for (int k = i + 1; k < n; ++k) s -= b.Y[k * n + i] * b.T[k * n + j];
+      b.T[i * n + j] = s / b.Y[i * n + i];
+    }
+  }
+  BK_SYNC();
+  return true;
+}
+
 // Steps 1-4 for a pair whose every component is live (see the header; the reference's decisions are the same):
 // with the Cholesky factor G_B = L L^T (a square root X = L) and M = L^T G_A L = H H^T = E diag(lambda) E^T
 // (one eigendecomposition; lambda = S^2, E = U), T^-1 = S^-1/2 U^T X^T = lambda^-1/4 E^T L^T and
@@ -546,21 +678,11 @@ BK_DEV void write_identity(Ctx& c, float* out, int R, int n) {
 // ||G_A||_F) suffices. Returns false (T, T^-1 not written) otherwise, or when G_B is not numerically positive
 // definite: the general path decides then.
 template <class CT>
-BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
+BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n,
+                                 bool basis_free) {
   // Cholesky, column by column: L into Y (zero above the diagonal), X the trailing working copy.
   copy_mat(c, b.X, b.GB, n);
-  for (int j = 0; j < n; ++j) {
-    const double d = b.X[j * n + j];             // every thread reads the same value: a uniform decision
-    if (!(d > 0.0)) return false;
-    const double inv = 1.0 / sqrt(d), invd = 1.0 / d;
-    for (int i = c.tid; i < n; i += c.nt) b.Y[i * n + j] = i >= j ? b.X[i * n + j] * inv : 0.0;
-    const int m = n - 1 - j;                     // trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d
-    for (int idx = c.tid; idx < m * m; idx += c.nt) {
-      const int i = j + 1 + idx / m, l = j + 1 + idx % m;
-      if (l <= i) b.X[i * n + l] -= b.X[i * n + j] * b.X[l * n + j] * invd;
-    }
-    BK_SYNC();
-  }
+  if (!cholesky(c, b.X, b.Y, n)) return false;
   // M = L^T G_A L, symmetrized, and its eigendecomposition (ascending).
   mm(c, b.M2, b.GA, false, b.Y, false, n);
   mm(c, b.M3, b.Y, true, b.M2, false, n);
@@ -569,6 +691,11 @@ BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_
     b.AW[idx] = 0.5 * (b.M3[i * n + j] + b.M3[j * n + i]);
   }
   BK_SYNC();
+  if (basis_free && fourth_root_transforms(c, b, eps_f, fro_b, fro_a, n)) {
+    c.path = PATH_FAST_NS;
+    return true;
+  }
+  c.path = PATH_FAST_EIG;
   sym_eig(c, b.AW, b.VW, b.M1, c.v1, n);
   const double lmin = c.v1[0], lmax = c.v1[n - 1];
   const double gate = fmax(eps_f * eps_f * lmax, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
@@ -735,7 +862,8 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
 
   // 1-4. T, T^-1 of the pair's live components (k of them) and of the rest.
   int k = n;
-  if (!full_rank_transforms(c, b, eps_f, fro_b, fro_a, n)) {
+  if (!full_rank_transforms(c, b, eps_f, fro_b, fro_a, n, mode == 0)) {
+    c.path = PATH_GENERAL;
     k = general_transforms(c, b, eps_f, n);
     if (k == 0) {
       write_identity(c, outT, R, n);

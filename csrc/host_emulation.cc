@@ -1,13 +1,14 @@
 // Host build of balance_math.cuh for tests (not part of the extension): the per-pair math run on the CPU
 // with one "thread", so that CI can check the CUDA kernel's algorithm against the reference without a GPU.
 //   g++ -O2 -shared -fPIC -DBK_HOST_EMULATION csrc/host_emulation.cc -o libbk_host.so
-// tests/test_projection_kernels.py builds it and calls bk_host_balance_transforms through ctypes.
+// tests/test_projection_kernels.py builds it and calls bk_host_balance_transforms through ctypes. paths (or null):
+// per pair, bk::PATH_* | Newton-Schulz steps << 8 (which r x r path found T: see balance_pair).
 #include <vector>
 
 #include "balance_math.cuh"
 
 extern "C" void bk_host_balance_transforms(const float* grams, const double* eps_f, int P, int n, int R, int mode,
-                                           int pair_eig, float* tw, int* status, double* gaps) {
+                                           int pair_eig, float* tw, int* status, double* gaps, int* paths) {
   std::vector<double> small((bk::small_bytes(n) + 7) / 8);
   std::vector<double> mats((size_t)bk::NUM_MATS * n * n);
   bk::CtxT<4> c;                    // the blocked products (the same sums as unblocked: see bk::matmul_tiles)
@@ -18,7 +19,11 @@ extern "C" void bk_host_balance_transforms(const float* grams, const double* eps
   bk::carve_small(c, small.data(), n);
   const bk::Mats m = bk::carve_mats(mats.data(), mats.data(), bk::NUM_MATS, n);
   const long long RR = (long long)R * R;
-  for (int p = 0; p < P; ++p)
+  for (int p = 0; p < P; ++p) {
+    c.path = -1;
+    c.ns_steps = 0;
     bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, eps_f[p], tw + (2 * p) * RR,
                      tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
+    if (paths) paths[p] = c.path | (c.path == bk::PATH_FAST_NS ? c.ns_steps << 8 : 0);
+  }
 }

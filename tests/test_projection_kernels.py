@@ -18,6 +18,7 @@ Outputs of kernels are poisoned (NaN) before they are written.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -446,8 +447,9 @@ def host_lib():
     return ctypes.CDLL(out)
 
 
-def _host_transforms(lib, GB, GA, mode, eps_f, pair_eig=True):
-    """The host-compiled kernel math on fp32 Grams [P, r, r] and eps_f [P]: (T, T^-1, status, gaps)."""
+def _host_transforms(lib, GB, GA, mode, eps_f, pair_eig=True, paths=None):
+    """The host-compiled kernel math on fp32 Grams [P, r, r] and eps_f [P]: (T, T^-1, status, gaps). ``paths``
+    (an int32 tensor [P], optional) receives per pair which r x r path ran (PATH_* | Newton-Schulz steps << 8)."""
     P, r, _ = GB.shape
     R = max(16, 1 << (r - 1).bit_length())
     g = torch.zeros(P, 2, R, R)
@@ -458,7 +460,8 @@ def _host_transforms(lib, GB, GA, mode, eps_f, pair_eig=True):
     eps = torch.as_tensor(eps_f, dtype=torch.float64).expand(P).contiguous()
     vp = ctypes.c_void_p
     lib.bk_host_balance_transforms(vp(g.data_ptr()), vp(eps.data_ptr()), P, r, R, 0 if mode == "nearest" else 1,
-                                   int(pair_eig), vp(tw.data_ptr()), vp(st.data_ptr()), vp(gaps.data_ptr()))
+                                   int(pair_eig), vp(tw.data_ptr()), vp(st.data_ptr()), vp(gaps.data_ptr()),
+                                   vp(paths.data_ptr()) if paths is not None else None)
     assert torch.isfinite(tw).all() and (tw[:, :, r:] == 0).all() and (tw[:, :, :, r:] == 0).all()
     return tw[:, 0, :r, :r].double(), tw[:, 1, :r, :r].double(), st, gaps
 
@@ -515,6 +518,38 @@ def test_cuda_math_on_host_rank_policy(host_lib, r, mode, pair_eig):
     T, W, st, gaps = _host_transforms(host_lib, GB, GA, mode, eps_f, pair_eig)
     ref = reference.balancing_transforms(GB, GA, mode, eps_f=eps_f)
     _compare_with_reference(T, W, st, gaps, ref, r, names, f"r={r} {mode} pair_eig={pair_eig}")
+
+
+PATH_GENERAL, PATH_FAST_EIG, PATH_FAST_NS = 0, 1, 2   # csrc/balance_math.cuh
+
+
+@pytest.mark.parametrize("r", [3, 8, 16, 64])
+@pytest.mark.parametrize("spread", [1.0, 0.3, 0.1])
+def test_cuda_math_on_host_newton_schulz_roots(host_lib, r, spread):
+    """Full-rank pairs in the nearest mode take the eigendecomposition-free path (Newton-Schulz fourth roots of
+    M = L^T G_A L) and still give the reference's transforms, also when the product's singular values spread
+    over a decade (M's over two: about as far as the fast path's full-rank gate lets them at r = 64); the svd
+    mode (whose components must be ordered) keeps the Jacobi path."""
+    g = torch.Generator().manual_seed(r)
+    s = torch.logspace(0, math.log10(spread), r, dtype=torch.float64)          # product singular values
+    U = torch.linalg.qr(torch.randn(96, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(80, r, generator=g, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+    Tm = Q * torch.linspace(0.7, 1.4, r, dtype=torch.float64)      # well conditioned: no factor dominates
+    B = (U * s.sqrt()) @ Tm                                    # unbalanced: B = U S^1/2 T, A = T^-1 S^1/2 V^T
+    A = torch.linalg.solve(Tm, s.sqrt()[:, None] * V.T)
+    GB, GA = reference.grams(A[None].float(), B[None].float(), torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for mode, path in (("nearest", PATH_FAST_NS), ("svd", PATH_FAST_EIG)):
+        paths = torch.full((1,), -1, dtype=torch.int32)
+        T, W, st, gaps = _host_transforms(host_lib, GB, GA, mode, eps, paths=paths)
+        ref = reference.balancing_transforms(GB, GA, mode)
+        assert int(st[0]) == r << 8, (mode, int(st[0]))       # every component live, no flag
+        assert int(paths[0]) & 255 == path, (mode, int(paths[0]))
+        if path == PATH_FAST_NS:
+            assert 0 < int(paths[0]) >> 8 < 2 * 96, int(paths[0]) >> 8
+        assert rel(T[0], ref.T[0]) < 1e-5 and rel(W[0], ref.T_inv[0]) < 1e-5, (mode, rel(T[0], ref.T[0]))
+        assert abs(gaps[0, 1].item() - ref.gap_after[0].item()) < 1e-6 + 1e-3 * ref.gap_after[0].item()
 
 
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 33])
