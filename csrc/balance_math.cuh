@@ -645,7 +645,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
   double *y2 = nullptr, *z2 = nullptr;
   if (!sqrt_ns(c, b.X, buf2, &y2, &z2, n)) return false;
-  // M^1/4 = bound^1/4 Y2 (into X), M^-1/4 = bound^-1/4 Z2 (into W's workspace AW is kept: use the free buffer).
+  // M^1/4 = bound^1/4 Y2 into X, M^-1/4 = bound^-1/4 Z2 into one of M1, M2, M3 that neither Y2 nor Z2 occupies.
   const double q = sqrt(sqrt(bound)), iq = 1.0 / q;
   double* mq = b.X;
   double* mqi = (y2 == b.M1 || z2 == b.M1) ? ((y2 == b.M2 || z2 == b.M2) ? b.M3 : b.M2) : b.M1;
@@ -676,7 +676,8 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
 // every product singular value (> product_floor): lambda_min(G_B) >= lambda_min(M) / lambda_max(G_A) and
 // lambda_max <= ||.||_F, so lambda_min(M) > 1.1 max(eps_f^2 lambda_max(M), max(RANK_RTOL, n eps_g) ||G_B||_F
 // ||G_A||_F) suffices. Returns false (T, T^-1 not written) otherwise, or when G_B is not numerically positive
-// definite: the general path decides then.
+// definite: the general path decides then. With basis_free (the nearest mode), fourth_root_transforms first
+// tries the same T up to a rotation of its columns without the eigendecomposition.
 template <class CT>
 BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n,
                                  bool basis_free) {
