@@ -5,21 +5,9 @@ call against ~18 us for aten::addmm. This times each entry point alone (perf_cou
 waits for the GPU except between batches) for the thin and the big products of that step.
     python bench/probe/host_gemm.py
 """
-import time
-
 import torch
 
-
-def host_us(fn, calls=200):
-    ts = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        ts.append((time.perf_counter() - t) / calls * 1e6)
-        torch.cuda.synchronize()
-    return sorted(ts)[2]
+from lora_profile import host_us  # (bench/probe/, the folder of this script)
 
 
 def main():
@@ -48,7 +36,7 @@ def main():
         "add_ (elementwise)": lambda: y.add_(y),
     }
     for name, fn in cases.items():
-        print(f"  {name:42s} {host_us(fn):7.1f} us host per call", flush=True)
+        print(f"  {name:42s} {host_us(fn, 200, 5):7.1f} us host per call", flush=True)
     for lib in ("cublas", "cublaslt"):
         try:
             torch.backends.cuda.preferred_blas_library(lib)
@@ -57,7 +45,7 @@ def main():
             continue
         print("backend", torch.backends.cuda.preferred_blas_library())
         for name in ("u   mm(x, A^T)", "u   addmm(0d, x, A^T, beta=0)", "big mm(x, W^T)", "big y.addmm_(x, W^T)"):
-            print(f"  {name:42s} {host_us(cases[name]):7.1f} us host per call", flush=True)
+            print(f"  {name:42s} {host_us(cases[name], 200, 5):7.1f} us host per call", flush=True)
 
 
 if __name__ == "__main__":

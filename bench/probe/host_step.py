@@ -2,23 +2,11 @@
 
     python bench/probe/host_step.py
 """
-import time
-
 import torch
 
+from lora_profile import host_us  # (bench/probe/, the folder of this script)
+
 from balora_kernels import _ext
-
-
-def host_us(fn, calls=50):
-    ts = []
-    for _ in range(7):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        ts.append((time.perf_counter() - t) / calls * 1e6)
-        torch.cuda.synchronize()
-    return sorted(ts)[3]
 
 
 def main():
@@ -66,7 +54,7 @@ def main():
         "one addmm beta0": lambda: torch.addmm(z, v.T, xd, beta=0, alpha=s),
     }
     for name, fn in cases.items():
-        print(f"  {name:34s} {host_us(fn):7.1f} us", flush=True)
+        print(f"  {name:34s} {host_us(fn, 50, 7):7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,30 +53,37 @@ def graph_us(fn, calls=10, reps=20):
     return sorted(ts)[len(ts) // 2]
 
 
-def host_us(fn, calls=30):
+def host_us(fn, calls=30, batches=5):
+    """Microseconds of host time per call of ``fn`` (the median of ``batches`` batches of ``calls`` calls;
+    nothing waits for the GPU inside a batch). Also used by host_gemm.py and host_step.py."""
     ts = []
-    for _ in range(5):
+    for _ in range(batches):
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(calls):
             fn()
         ts.append((time.perf_counter() - t) / calls * 1e6)
         torch.cuda.synchronize()
-    return sorted(ts)[2]
+    return sorted(ts)[batches // 2]
 
 
-def kernels_us(fn, iters=10):
-    """{kernel name: us per call} from torch.profiler (GPU time only), largest first."""
+def _profile(fn, activity, iters):
+    """torch.profiler's events of ``iters`` calls of ``fn`` (after 3 warm-up calls), recording ``activity``."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def kernels_us(fn, iters=10):
+    """{kernel name: us per call} from torch.profiler (GPU time only), largest first."""
     out = {}
-    for e in prof.key_averages():
+    for e in _profile(fn, "CUDA", iters):
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = e.self_cuda_time_total
@@ -87,14 +94,7 @@ def kernels_us(fn, iters=10):
 
 def host_ops_us(fn, iters=20):
     """{op: host us per call} (self CPU time) from torch.profiler, largest first (top 15)."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(iters):
-            fn()
-    out = {e.key[:80]: round(e.self_cpu_time_total / iters, 1) for e in prof.key_averages()}
+    out = {e.key[:80]: round(e.self_cpu_time_total / iters, 1) for e in _profile(fn, "CPU", iters)}
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:15])
 
 
