@@ -1,7 +1,8 @@
 """The optional compiled extension (``csrc/``): import it, or JIT-build and cache it; keep why it failed.
 
-It holds two ops: ``torch.ops.balora.balance_transforms`` (the projection's r x r step, csrc/balance.cu) and
-``torch.ops.balora.lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp).
+It holds the ops ``torch.ops.balora.balance_transforms`` (the projection's r x r step, csrc/balance.cu),
+``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, csrc/grouped.cu) and
+``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp).
 Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
 is built or a LoRA linear call on CUDA tensors picks its implementation:
 
@@ -55,6 +56,9 @@ def _build_tag() -> str:
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
 LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "prefill")
+GROUPED_GRAM_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "partials", "ranges", "counters", "grams")
+GROUPED_RESCALE_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "tw", "status", "skip_bits")
+GROUPED_MAX_RANK = 16   # csrc/grouped.cu: bk_grouped_max_rank()
 
 
 def _op_ok(name: str, args) -> bool:
@@ -74,6 +78,10 @@ def _have_lora_op() -> bool:
     return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS)
 
 
+def _have_grouped_ops() -> bool:
+    return _op_ok("grouped_gram", GROUPED_GRAM_ARGUMENTS) and _op_ok("grouped_rescale", GROUPED_RESCALE_ARGUMENTS)
+
+
 def _try_load() -> None:
     if os.environ.get("BALORA_KERNELS_DISABLE_EXT", "0") not in ("", "0"):
         raise RuntimeError("disabled by BALORA_KERNELS_DISABLE_EXT")
@@ -91,8 +99,10 @@ def _try_load() -> None:
             raise RuntimeError(f"the installed balora_kernels._C has no balance_transforms{OP_ARGUMENTS} (built "
                                "from other sources?); reinstall the package to rebuild it")
         _state["how"] = "prebuilt balora_kernels._C"
-        if not _have_lora_op():
-            _state["how"] += " (built from older sources: no lora_linear op; reinstall to rebuild it)"
+        missing = [name for name, ok in (("lora_linear", _have_lora_op()), ("grouped_gram/grouped_rescale",
+                                                                           _have_grouped_ops())) if not ok]
+        if missing:
+            _state["how"] += f" (built from older sources: no {', '.join(missing)}; reinstall to rebuild it)"
         return
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
@@ -110,9 +120,10 @@ def _try_load() -> None:
             extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"
-    if not (_have_op() and _have_lora_op()):
-        raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS} or "
-                           f"lora_linear{LORA_LINEAR_ARGUMENTS} is missing (another schema?)")
+    if not (_have_op() and _have_lora_op() and _have_grouped_ops()):
+        raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS}, "
+                           f"lora_linear{LORA_LINEAR_ARGUMENTS}, grouped_gram{GROUPED_GRAM_ARGUMENTS} or "
+                           f"grouped_rescale{GROUPED_RESCALE_ARGUMENTS} is missing (another schema?)")
 
 
 def load() -> Optional[object]:
@@ -134,6 +145,12 @@ def available() -> bool:
 def lora_linear_available() -> bool:
     """Whether ``torch.ops.balora.lora_linear`` can be used (the extension loaded and has it)."""
     return load() is not None and _have_lora_op()
+
+
+def grouped_available() -> bool:
+    """Whether the projection's CUDA Gram and rescale ops (``torch.ops.balora.grouped_gram`` / ``grouped_rescale``,
+    csrc/grouped.cu, ranks up to :data:`GROUPED_MAX_RANK`) can be used."""
+    return load() is not None and _have_grouped_ops()
 
 
 def state_token():
@@ -161,3 +178,15 @@ def balance_transforms(grams, eps_f, r: int, mode: int, tw, status, gaps) -> Non
     """``torch.ops.balora.balance_transforms``: grams fp32 [P, 2, R, R], eps_f fp64 [P] (each pair's factor
     rounding unit) in; tw fp32 [P, 2, R, R], status int32 [P], gaps fp64 [P, 2] out (csrc/bindings.cpp)."""
     torch.ops.balora.balance_transforms(grams, eps_f, r, mode, tw, status, gaps)
+
+
+def grouped_gram(tiles, n_b: int, n_a: int, r: int, dtype: int, partials, ranges, counters, grams) -> None:
+    """``torch.ops.balora.grouped_gram`` (csrc/grouped.cu): the Grams of every tile of the table into grams fp32
+    [P, 2, R, R]; dtype 0 float32, 1 bfloat16, 2 float16; counters int32 [2P] zero (left zero)."""
+    torch.ops.balora.grouped_gram(tiles, n_b, n_a, r, dtype, partials, ranges, counters, grams)
+
+
+def grouped_rescale(tiles, n_b: int, n_a: int, r: int, dtype: int, tw, status, skip_bits: int) -> None:
+    """``torch.ops.balora.grouped_rescale`` (csrc/grouped.cu): ``B <- B T``, ``A <- T^-1 A`` in place for every
+    tile of the table whose pair has none of ``skip_bits`` in ``status``."""
+    torch.ops.balora.grouped_rescale(tiles, n_b, n_a, r, dtype, tw, status, skip_bits)

@@ -12,7 +12,9 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
   ``paper_loop`` (the anchors' ref_project per module), ``torch_batched`` (the anchors' batched_project),
   ``floor`` (read both factors twice, write once, at the copy rate measured in this run);
 * per-kernel times of ours (gram / eig / rescale / stats, each the replay of a CUDA graph holding that step
-  alone: GPU time without the host's launch cost; for float32 adapters also the other Gram methods);
+  alone: GPU time without the host's launch cost); where ours takes the CUDA Gram / rescale (r <= 16), the
+  Triton kernels beside them (``gram_triton_ms``, ``rescale_triton_ms``); for float32 adapters also the
+  Triton Gram's other methods;
 * one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
   linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters.
 
@@ -141,21 +143,31 @@ def main():
                 status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
                 gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
                 case["gram_ms"] = graph_ms(plan.gram, bench)
-                if dtype == torch.float32:      # the other float32 Gram methods, for the record
-                    case["fp32_gram"] = plan.groups[0].fp32_gram
+                case["kernels"] = plan.kernels[r]   # {"gram", "rescale"}: "cuda" (csrc/grouped.cu) or "triton"
+                cuda = {k for k, v in case["kernels"].items() if v == "cuda"}
+                tri = plan if not cuda else TritonProjectionPlan(ad, kernels="triton")
+                if "gram" in cuda:                         # the Triton kernels beside the CUDA ones
+                    case["gram_triton_ms"] = graph_ms(tri.gram, bench)
+                if dtype == torch.float32:      # the other float32 Gram methods of the Triton kernel, for the record
+                    case["fp32_gram"] = tri.groups[0].fp32_gram
                     for alt in ("dot", "fp16x3", "fma"):
                         if alt != case["fp32_gram"] and (alt != "fma" or r <= FMA_MAX_RANK):
-                            case[f"gram_{alt}_ms"] = graph_ms(TritonProjectionPlan(ad, fp32_gram=alt).gram, bench)
+                            case[f"gram_{alt}_ms"] = graph_ms(
+                                TritonProjectionPlan(ad, fp32_gram=alt, kernels="triton").gram, bench)
                 case["eig_ms"] = graph_ms(lambda: plan.transforms_("nearest", status, gaps), bench)
                 case["rescale_ms"] = graph_ms(lambda: plan.rescale(status), bench)
-                case["rescale_method"] = plan.groups[0].launches[0].rescale_method
-                if r <= FMA_MAX_RANK:          # the other rescale method, for the record (on copies of the
-                    alt = "dot" if case["rescale_method"] == "outer" else "outer"   # adapters, same transforms)
-                    other = TritonProjectionPlan([(A.clone(), B.clone()) for A, B in ad], rescale=alt)
+                case["rescale_method"] = tri.groups[0].launches[0].rescale_method
+                alts = [("triton", case["rescale_method"])] if "rescale" in cuda else []
+                if r <= FMA_MAX_RANK:          # the other Triton rescale method, for the record
+                    alts.append((None, "dot" if case["rescale_method"] == "outer" else "outer"))
+                for label, method in alts:     # on copies of the adapters, same transforms
+                    other = TritonProjectionPlan([(A.clone(), B.clone()) for A, B in ad], rescale=method,
+                                                 kernels="triton")
                     for g_o, g in zip(other.groups, plan.groups):
                         g_o.tw.copy_(g.tw)
-                    case[f"rescale_{alt}_ms"] = graph_ms(lambda: other.rescale(status), bench)
+                    case[f"rescale_{label or method}_ms"] = graph_ms(lambda: other.rescale(status), bench)
                     del other
+                del tri
                 case["stats_ms"] = graph_ms(lambda: plan.stats(status, gaps), bench)
                 case["ours_svd_ms"] = bench(lambda: plan.run("svd"))
                 case["ours_over_floor"] = case["ours_ms"] / case["floor_ms"]

@@ -7,6 +7,8 @@
 #   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
 #   device run: bash bench/gpu_final.sh lora # build, LoRA-linear GPU tests, host/GPU profile probes (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
+#   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
+#                                                # .build/variants from bench/probe/build_grouped_variants.sh)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/balora-out}
@@ -29,6 +31,11 @@ mkdir -p "$OUT/bench"
     echo "== LoRA linear benchmark (writes the tuning table)"
     timeout 400 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
     cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null
+  elif [ "$PART" = grouped ]; then
+    echo "== GPU tests (projection)"
+    timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
+    echo "== CUDA Gram / rescale against Triton, launch variants"
+    timeout 240 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = proj ]; then
     echo "== GPU tests (projection)"
     timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"

@@ -24,6 +24,17 @@ def projection(path=os.path.join(HERE, "projection-h200.json")):
               if "paper_loop_ms" in c else
               f"| {c['model']} ({c['adapters']}) | {c['r']} | {c['dtype']} | {f(c, 'ours_ms')} | {f(c, 'gram_ms')} | "
               f"{f(c, 'eig_ms')} | {f(c, 'rescale_ms')} | {f(c, 'floor_ms')} | {c['ours_over_floor']:.1f} | - | - | - |")
+    alt = [c for c in d["cases"] if "gram_triton_ms" in c or "rescale_triton_ms" in c]
+    if alt:
+        print("\nGram and rescale of ranks <= 16: the kernel ours takes (csrc/grouped.cu where it says cuda) beside the "
+              "Triton kernels, same run, GPU ms\n")
+        print("| model | r | dtype | Gram: ours (kernel) | Gram: Triton | rescale: ours (kernel) | rescale: Triton |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for c in alt:
+            k = c["kernels"]
+            print(f"| {c['model']} | {c['r']} | {c['dtype']} | {c['gram_ms']:.3f} ({k['gram']}) | "
+                  f"{c.get('gram_triton_ms', c['gram_ms']):.3f} | {c['rescale_ms']:.3f} ({k['rescale']}) | "
+                  f"{c.get('rescale_triton_ms', c['rescale_ms']):.3f} |")
     s = d.get("llama1b_step", {})
     if "step_ms" in s:
         print(f"\n1B Llama, one AdamW step (8 x 1024 tokens, bf16 autocast, PEFT LoRA r=16 on all linear layers): "

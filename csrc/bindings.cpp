@@ -15,6 +15,13 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream);
 const char* bk_error_string(int err);
+int bk_grouped_max_rank();
+int bk_grouped_partial_size(int r);
+int bk_grouped_gram_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, float* partials,
+                           int partial_stride, const long long* ranges, int* counters, float* grams,
+                           cudaStream_t stream);
+int bk_grouped_rescale_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, const float* tw,
+                              const int* status, int skip_bits, cudaStream_t stream);
 }
 
 namespace {
@@ -57,13 +64,94 @@ void balance_transforms(const at::Tensor& grams, const at::Tensor& eps_f, int64_
   TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for P=", P, " r=", r, ": ", bk_error_string(err)));
 }
 
+// Checks shared by the grouped Gram and rescale (csrc/grouped.cu): the tile table and the rank / dtype codes.
+// The table's addresses, slots and pairs are the plan's (balora_kernels/ops/grouped_projection.py), not checked
+// here (that would need a host synchronisation).
+void check_tiles(const char* op, const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, int64_t dtype) {
+  TORCH_CHECK(tiles.is_cuda() && tiles.scalar_type() == at::kLong && tiles.is_contiguous() && tiles.dim() == 2 &&
+                  tiles.size(1) == 6, bk::msg(op, ": tiles must be a contiguous int64 CUDA tensor [n, 6], got ",
+                  tiles.scalar_type(), " ", tiles.sizes()));
+  TORCH_CHECK(n_b >= 0 && n_a >= 0 && n_b + n_a == tiles.size(0), bk::msg(op, ": n_b=", n_b, " + n_a=", n_a,
+              " must be the table's ", tiles.size(0), " tiles"));
+  TORCH_CHECK(r >= 1 && r <= bk_grouped_max_rank(), bk::msg(op, ": rank r=", r, " must be in [1, ",
+              bk_grouped_max_rank(), "]"));
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, bk::msg(op, ": dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got ",
+              dtype));
+}
+
+// tiles int64 [n_b + n_a, 6] (B tiles first), partials fp32 [S, R, R] (workspace: each tile's packed partial in
+// its slot), ranges int64 [2P, 2] (first slot, count of each Gram), counters int32 [2P] (zero; left zero)
+// -> grams fp32 [P, 2, R, R].
+void grouped_gram(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, int64_t dtype,
+                  const at::Tensor& partials, const at::Tensor& ranges, const at::Tensor& counters,
+                  const at::Tensor& grams) {
+  const char* op = "balora::grouped_gram";
+  check_tiles(op, tiles, n_b, n_a, r, dtype);
+  TORCH_CHECK(grams.is_cuda() && grams.scalar_type() == at::kFloat && grams.is_contiguous() && grams.dim() == 4 &&
+                  grams.size(1) == 2 && grams.size(2) == grams.size(3) && grams.size(2) >= r, bk::msg(op,
+              ": grams must be contiguous float32 [P, 2, R, R] with R >= r=", r, ", got ", grams.scalar_type(), " ",
+              grams.sizes()));
+  const int64_t P = grams.size(0), R = grams.size(2);
+  TORCH_CHECK(partials.is_cuda() && partials.scalar_type() == at::kFloat && partials.is_contiguous() &&
+                  partials.dim() == 3 && partials.size(1) * partials.size(2) >= bk_grouped_partial_size((int)r),
+              bk::msg(op, ": partials must be contiguous float32 [S, R, R] holding ", bk_grouped_partial_size((int)r),
+                      " floats per slot, got ", partials.scalar_type(), " ", partials.sizes()));
+  TORCH_CHECK(ranges.is_cuda() && ranges.scalar_type() == at::kLong && ranges.is_contiguous() &&
+                  ranges.sizes() == at::IntArrayRef({2 * P, 2}), bk::msg(op, ": ranges must be contiguous int64 [",
+                  2 * P, ", 2], got ", ranges.scalar_type(), " ", ranges.sizes()));
+  TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                  counters.dim() == 1 && counters.size(0) == 2 * P, bk::msg(op, ": counters must be contiguous int32 [",
+                  2 * P, "], got ", counters.scalar_type(), " ", counters.sizes()));
+  for (const at::Tensor* t : {&partials, &ranges, &counters, &grams})
+    TORCH_CHECK(t->device() == tiles.device(), bk::msg(op, ": all tensors must be on one device"));
+  if (n_b + n_a == 0) return;
+  c10::cuda::CUDAGuard guard(tiles.device());
+  const int err = bk_grouped_gram_launch(reinterpret_cast<const long long*>(tiles.data_ptr<int64_t>()),
+                                         (int)n_b, (int)n_a, (int)r, (int)R, (int)dtype, partials.data_ptr<float>(),
+                                         (int)(partials.size(1) * partials.size(2)),
+                                         reinterpret_cast<const long long*>(ranges.data_ptr<int64_t>()),
+                                         counters.data_ptr<int>(), grams.data_ptr<float>(),
+                                         at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for ", n_b + n_a, " tiles, r=", r, ": ", bk_error_string(err)));
+}
+
+// tiles as above, tw fp32 [P, 2, R, R] (T, T^-1), status int32 [P]: pairs with any of skip_bits are not touched.
+// Rescales the factors the table addresses in place.
+void grouped_rescale(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, int64_t dtype, const at::Tensor& tw,
+                     const at::Tensor& status, int64_t skip_bits) {
+  const char* op = "balora::grouped_rescale";
+  check_tiles(op, tiles, n_b, n_a, r, dtype);
+  TORCH_CHECK(tw.is_cuda() && tw.scalar_type() == at::kFloat && tw.is_contiguous() && tw.dim() == 4 &&
+                  tw.size(1) == 2 && tw.size(2) == tw.size(3) && tw.size(2) >= r, bk::msg(op,
+              ": tw must be contiguous float32 [P, 2, R, R] with R >= r=", r, ", got ", tw.scalar_type(), " ",
+              tw.sizes()));
+  TORCH_CHECK(status.is_cuda() && status.scalar_type() == at::kInt && status.is_contiguous() && status.dim() == 1 &&
+                  status.size(0) == tw.size(0), bk::msg(op, ": status must be contiguous int32 [", tw.size(0), "], got ",
+                  status.scalar_type(), " ", status.sizes()));
+  TORCH_CHECK(tw.device() == tiles.device() && status.device() == tiles.device(), bk::msg(op,
+              ": all tensors must be on one device"));
+  if (n_b + n_a == 0) return;
+  c10::cuda::CUDAGuard guard(tiles.device());
+  const int err = bk_grouped_rescale_launch(reinterpret_cast<const long long*>(tiles.data_ptr<int64_t>()), (int)n_b,
+                                            (int)n_a, (int)r, (int)tw.size(2), (int)dtype, tw.data_ptr<float>(),
+                                            status.data_ptr<int>(), (int)skip_bits, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for ", n_b + n_a, " tiles, r=", r, ": ", bk_error_string(err)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(balora, m) {
   m.def("balance_transforms(Tensor grams, Tensor eps_f, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()");
+  m.def("grouped_gram(Tensor tiles, int n_b, int n_a, int r, int dtype, Tensor(a!) partials, Tensor ranges, "
+        "Tensor(b!) counters, Tensor(c!) grams) -> ()");
+  m.def("grouped_rescale(Tensor tiles, int n_b, int n_a, int r, int dtype, Tensor tw, Tensor status, int skip_bits) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(balora, CUDA, m) { m.impl("balance_transforms", &balance_transforms); }
+TORCH_LIBRARY_IMPL(balora, CUDA, m) {
+  m.impl("balance_transforms", &balance_transforms);
+  m.impl("grouped_gram", &grouped_gram);
+  m.impl("grouped_rescale", &grouped_rescale);
+}
 
 // Importable as a Python module too (setup.py builds balora_kernels._C); the ops register on load.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "balora_kernels CUDA extension (torch.ops.balora)"; }

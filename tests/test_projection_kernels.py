@@ -247,16 +247,23 @@ def test_interp_gram_nonfinite_propagates():
 @pytest.mark.parametrize("method", ["dot", "outer"])
 def test_interp_rescale_kernel(method):
     pairs = make_pairs(MIXED_CPU, seed=2)
-    before = clone(pairs)
     plan = _plan(pairs, transforms="torch", k_chunk=24, rescale=method)
     methods = {lg.rescale_method for g in plan.groups for lg in g.launches}
     assert methods == ({method} if method == "dot" else {"outer", "dot"})       # "outer": ranks <= 8 only
-    status = torch.zeros(plan.n_pairs, dtype=torch.int32)
-    for g in plan.groups:                                       # pair 2 is non-finite: must not be touched
-        if 2 in g.pair_ids:
-            status[g.first + g.pair_ids.index(2)] = 1
-    pairs[2][0][0, 0] = float("nan")
-    before[2][0][0, 0] = float("nan")
+    check_rescale(plan, pairs)
+
+
+def check_rescale(plan, pairs, skip=2):
+    """``plan.rescale`` with random well-conditioned T (fp32, T^-1 its float64 inverse) per pair against float64:
+    within 2x plain PyTorch's float32 error (or 2e-7); pair ``skip`` (given a NaN and the non-finite status) is
+    left bit-identical."""
+    before = clone(pairs)
+    status = torch.zeros(plan.n_pairs, dtype=torch.int32, device=plan.device)
+    for g in plan.groups:                                       # pair `skip` is non-finite: must not be touched
+        if skip in g.pair_ids:
+            status[g.first + g.pair_ids.index(skip)] = 1
+    pairs[skip][0][0, 0] = float("nan")
+    before[skip][0][0, 0] = float("nan")
     Ts = {}
     for g in plan.groups:
         g.tw.zero_()
@@ -267,11 +274,11 @@ def test_interp_rescale_kernel(method):
             Ts[i] = (g.tw[p, 0, :g.r, :g.r].double(), g.tw[p, 1, :g.r, :g.r].double())
     plan.rescale(status)
     for i, ((A, B), (A0, B0)) in enumerate(zip(pairs, before)):
-        if i == 2:
+        if i == skip:
             assert torch.equal(A.isnan(), A0.isnan()) and torch.equal(A.nan_to_num(), A0.nan_to_num())
             assert torch.equal(B, B0)
             continue
-        T, W = Ts[i]
+        T, W = (t.to(A.device) for t in Ts[i])
         B64, A64 = f64(B0) @ T, W @ f64(A0)
         plainB = (B0.float() @ T.float()).to(B.dtype)
         plainA = (W.float() @ A0.float()).to(A.dtype)
@@ -648,8 +655,8 @@ def test_gpu_plan_small_rank_methods_match_reference(r, dtype, fp32_gram, rescal
     specs = llama_layer_specs(r, dtype) + [(r, 1000, 37, dtype)]
     pairs = make_pairs(specs, device="cuda", seed=100 + r)
     before = clone(pairs)
-    plan = _cuda_plan(pairs, fp32_gram=fp32_gram, rescale=rescale)
-    assert {g.fp32_gram for g in plan.groups} == {fp32_gram}
+    plan = _cuda_plan(pairs, fp32_gram=fp32_gram, rescale=rescale, kernels="triton")
+    assert {g.fp32_gram for g in plan.groups} == {fp32_gram} and all(k == TRITON for k in plan.kernels.values())
     assert {lg.rescale_method for g in plan.groups for lg in g.launches} == {rescale}
     stats = plan.run("nearest").as_dict()
     assert stats["projected"] == len(pairs) and stats["skipped_nonfinite"] == 0
@@ -667,11 +674,88 @@ def test_gpu_gram_methods(r, fp32_gram):
     15x the plain float32 Gram's.)"""
     specs = llama_layer_specs(r, torch.float32) + [(r, 1000, 37, torch.float32)]
     pairs = make_pairs(specs, device="cuda", seed=60 + r)
-    plan = _cuda_plan(pairs, fp32_gram=fp32_gram)
+    plan = _cuda_plan(pairs, fp32_gram=fp32_gram, kernels="triton")
     for g in plan.groups:
         g.grams.fill_(float("nan"))
     plan.gram()
     check_grams(plan, pairs, f"r={r} {fp32_gram}")
+
+
+TRITON, CUDA = {"gram": "triton", "rescale": "triton"}, {"gram": "cuda", "rescale": "cuda"}
+
+
+def _grouped_cases(dtype, seed):
+    """Every rank the CUDA Gram / rescale take (each of its rank blocks 4, 8, 16, full and partial), Llama-sized
+    and awkward shapes (one-tile, multi-tile with a short last tile, out < r), plus factors 16-byte misaligned
+    (views at an odd element offset: the kernels' scalar loads) beside aligned ones."""
+    specs = []
+    for r in (1, 3, 4, 5, 8, 12, 16):
+        specs += [(r, 4096, 4096, dtype), (r, 4096, 11008, dtype), (r, 1000, 37, dtype), (r, 37, 2500, dtype)]
+    pairs = make_pairs(specs, device="cuda", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for r in (4, 8, 16):
+        A = (torch.randn(r * 3001 + 1, generator=g) * 0.02).to(dtype).cuda()[1:].view(r, 3001)
+        B = (torch.randn(2049 * r + 1, generator=g) * 0.3).to(dtype).cuda()[1:].view(2049, r)
+        assert A.is_contiguous() and B.data_ptr() % 16 != 0
+        pairs.append((A, B))
+    return pairs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_cuda_gram(dtype):
+    """csrc/grouped.cu's Gram (the default for ranks <= 16 with the extension): every Gram within 2x the plain
+    float32 Gram's error against float64 (norm and per entry), zero padding, bitwise equal over two launches, the
+    per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other)."""
+    pairs = _grouped_cases(dtype, seed=80)
+    plan = _cuda_plan(pairs, kernels="cuda")    # "auto" keeps 16-bit Grams in Triton (measured faster)
+    assert all(k == CUDA for k in plan.kernels.values()) and plan.backend == "cuda-grouped+cuda-ext", plan.backend
+    for g in plan.groups:
+        g.grams.fill_(float("nan"))
+    plan.gram()
+    check_grams(plan, pairs, f"cuda {dtype}")
+    first = [g.grams.clone() for g in plan.groups]
+    for g in plan.groups:
+        g.grams.fill_(float("nan"))
+    plan.gram()
+    for g, f in zip(plan.groups, first):
+        assert torch.equal(g.grams, f) and int(g.counters.abs().sum()) == 0
+    pairs[4][0][1, 3] = float("nan")          # rank 3: A [3, 4096], B [11008, 3] (pair 5)
+    pairs[5][1][7, 0] = float("inf")
+    plan.gram()
+    G = {i: g.grams[p] for g in plan.groups for p, i in enumerate(g.pair_ids)}
+    assert not torch.isfinite(G[4][1]).all() and not torch.isfinite(G[5][0]).all()
+    assert torch.isfinite(G[4][0]).all() and torch.isfinite(G[5][1]).all() and torch.isfinite(G[6]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_cuda_rescale(dtype):
+    """csrc/grouped.cu's rescale: B T and T^-1 A within 2x plain PyTorch's error against float64 for every rank
+    block and shape of _grouped_cases (misaligned factors included); a skipped pair is left bit-identical."""
+    pairs = _grouped_cases(dtype, seed=90)
+    plan = _cuda_plan(pairs)
+    assert all(k["rescale"] == "cuda" for k in plan.kernels.values())
+    check_rescale(plan, pairs, skip=6)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_option():
+    """kernels="triton" keeps the Triton Gram / rescale for every rank; "auto" takes the CUDA rescale up to rank 16
+    and the CUDA Gram there for float32 factors only (a mixed plan says so); "cuda" takes both for 16-bit factors
+    too and refuses larger ranks, by name."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    pairs = make_pairs([(8, 256, 512, f32), (32, 512, 256, f32), (4, 128, 64, bf16)], device="cuda", seed=3)
+    assert _cuda_plan(pairs, kernels="triton").kernels == {8: TRITON, 32: TRITON, 4: TRITON}
+    auto = _cuda_plan(pairs)
+    assert auto.kernels == {8: CUDA, 32: TRITON, 4: {"gram": "triton", "rescale": "cuda"}}, auto.kernels
+    assert auto.backend == "triton+cuda-grouped+cuda-ext"
+    assert _cuda_plan([pairs[0], pairs[2]], kernels="cuda").kernels == {8: CUDA, 4: CUDA}
+    with pytest.raises(ValueError, match="kernels='cuda' takes ranks up to 16, got pairs of rank 32"):
+        _cuda_plan(pairs, kernels="cuda")
+    with pytest.raises(ValueError, match="kernels='cuda' is unavailable: the r x r step runs in torch"):
+        _cuda_plan(pairs[:1], kernels="cuda", transforms="torch")
+    assert _cuda_plan(pairs[:1], transforms="torch").kernels == {8: TRITON}
 
 
 @pytest.mark.gpu
@@ -828,6 +912,18 @@ def test_gpu_extension_errors_are_exceptions():
         torch.ops.balora.balance_transforms(*args)
     with pytest.raises(RuntimeError, match=r"tw must be contiguous float32 of grams' shape \[1, 2, 16, 16\], got \[3\]"):
         torch.ops.balora.balance_transforms(*args[:2], 8, 0, z(3), *args[5:])
+    tiles = torch.zeros(3, 6, dtype=torch.int64, device="cuda")
+    gram_args = [tiles, 2, 1, 8, 0, z(3, 16, 16), z(2, 2, dt=torch.int64), z(2, dt=torch.int32), z(1, 2, 16, 16)]
+    with pytest.raises(RuntimeError, match=r"grouped_gram: rank r=17 must be in \[1, 16\]"):
+        torch.ops.balora.grouped_gram(*gram_args[:3], 17, *gram_args[4:])
+    with pytest.raises(RuntimeError, match=r"grouped_gram: n_b=2 \+ n_a=2 must be the table's 3 tiles"):
+        torch.ops.balora.grouped_gram(tiles, 2, 2, *gram_args[3:])
+    with pytest.raises(RuntimeError, match=r"grouped_gram: counters must be contiguous int32 \[2\], got Int \[5\]"):
+        torch.ops.balora.grouped_gram(*gram_args[:7], z(5, dt=torch.int32), gram_args[8])
+    with pytest.raises(RuntimeError, match=r"grouped_rescale: dtype code must be 0 \(float32\), 1 \(bfloat16\) or 2"):
+        torch.ops.balora.grouped_rescale(tiles, 2, 1, 8, 7, z(1, 2, 16, 16), z(1, dt=torch.int32), 3)
+    with pytest.raises(RuntimeError, match=r"grouped_rescale: status must be contiguous int32 \[1\], got Int \[4\]"):
+        torch.ops.balora.grouped_rescale(tiles, 2, 1, 8, 0, z(1, 2, 16, 16), z(4, dt=torch.int32), 3)
 
 
 @pytest.mark.gpu

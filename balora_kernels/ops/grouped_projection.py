@@ -19,6 +19,14 @@ One projection of every adapter is a handful of launches, all on the current str
    one rounding; tiles of skipped pairs are not written (bit-identical);
 5. ``_stats_kernel``: one program folds the per-pair status into :class:`ProjectionStats` counters.
 
+Ranks up to 16 take CUDA-core kernels for steps 1-2 and 4 when the extension has them (``kernels="auto"``,
+:data:`KERNELS`): ``torch.ops.balora.grouped_gram`` (csrc/grouped.cu: one warp per tile, one lane per row, the
+tile's partial summed by a fixed butterfly; the last tile of each Gram to finish sums the partials in tile order,
+an integer counter per Gram, no float atomics: still bitwise reproducible) and ``grouped_rescale`` (one thread per
+row of B / column of A, float32 FMAs, one rounding), on the same tile tables. Measured on an H200
+(bench/results/projection-h200.json, ``gram_triton_ms`` / ``rescale_triton_ms`` beside ours). The Triton kernels
+above are the path for larger ranks and wherever the extension is not built (and what CI runs).
+
 Tables (addresses, strides, tile ranges) are built once in :class:`TritonProjectionPlan.__init__`.
 """
 from __future__ import annotations
@@ -91,6 +99,15 @@ FMA_MAX_RANK = 8        # "fma" keeps a [rows, RC, RC] float32 accumulator in re
 # H200, r = 8 (bench/results/projection-h200.json): 7B bf16 0.059 ms outer against 0.101 dot (1B: 0.043 against
 # 0.041); 7B float32 0.128 outer against 0.102 dot.
 RESCALE_METHODS = ("auto", "dot", "outer")
+# Which kernels compute a rank group's Grams and rescale: "triton" (above) or "cuda" (csrc/grouped.cu, ranks <=
+# _ext.GROUPED_MAX_RANK, when the r x r step runs in the extension and it has the ops); "cuda" takes both there;
+# "auto" takes the CUDA rescale there, and the CUDA Gram for groups of float32 factors only. Measured on an H200,
+# 7B adapters (bench/results/logs/grouped-cuda-probe-2026-11-28.json, GPU ms Triton -> CUDA): float32 Gram r = 8
+# 0.083 -> 0.039, r = 16 0.232 -> 0.083; bf16 Gram r = 8 0.055 -> 0.077, r = 16 0.058 -> 0.17 (slower: kept in
+# Triton); rescale float32 r = 8 0.101 -> 0.050, r = 16 0.110 -> 0.103, bf16 0.058 -> 0.039, 0.105 -> 0.089. A plan
+# says what each rank group took (``TritonProjectionPlan.kernels``) and why (``kernels_why``).
+KERNELS = ("auto", "triton", "cuda")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/grouped.cu's dtype codes
 
 
 def _rescale_method(r: int, dtype, requested: str) -> str:
@@ -446,8 +463,9 @@ class _RankGroup:
 
     def __init__(self, r: int, pair_ids: List[int], pairs: Sequence[Pair], first: int, device,
                  k_chunk: Optional[int] = None, fp32_gram: str = "auto", tune: Optional[Dict[str, int]] = None,
-                 rescale: str = "auto"):
+                 rescale: str = "auto", kernels: Tuple[str, str] = ("triton", "triton")):
         self.r, self.R = r, padded_rank(r)
+        self.gram_kernel, self.rescale_kernel = kernels      # each "triton" or "cuda" (decided by the plan)
         self.RC = _fma_rank_block(r)
         self.pair_ids, self.first, self.P = pair_ids, first, len(pair_ids)
         self.overrides = dict(tune or {})
@@ -478,8 +496,10 @@ class _RankGroup:
         self.launches = [_LaunchGroup(dt, tb, ta, device, self.R, self.overrides) for dt, (tb, ta) in by_dtype.items()]
         for lg in self.launches:
             lg.rescale_method = _rescale_method(r, lg.dtype, rescale)
-        # zeros: the "fma" Gram writes only the RC x RC corner of its slots
+        # zeros: the "fma" Gram writes only the RC x RC corner of its slots (the CUDA Gram: packed triangles)
         self.partials = torch.zeros((self.n_slots, self.R, self.R), dtype=torch.float32, device=device)
+        # the CUDA Gram's per-Gram tile counters: zero, and each launch leaves them zero
+        self.counters = torch.zeros(2 * self.P if self.gram_kernel == "cuda" else 0, dtype=torch.int32, device=device)
         self.grams = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
         self.tw = torch.empty((self.P, 2, self.R, self.R), dtype=torch.float32, device=device)
 
@@ -508,7 +528,10 @@ class TritonProjectionPlan:
     ``transforms``: ``"cuda"`` (the compiled extension), ``"torch"`` (reference math on the device) or
     None (the extension when it loads, else torch). Pairs are grouped by rank; within a rank group each
     parameter dtype gets its own Gram and rescale launch. ``k_chunk`` (tests) overrides the rows per tile;
-    ``fp32_gram`` (tests, benchmark) how float32 factors' Grams are computed (:data:`FP32_GRAM_METHODS`).
+    ``fp32_gram`` (tests, benchmark) how float32 factors' Grams are computed (:data:`FP32_GRAM_METHODS`) and
+    ``rescale`` the rescale method, both for the Triton kernels; ``kernels`` (:data:`KERNELS`) whether ranks up
+    to 16 take the CUDA Gram and rescale (``plan.kernels``: rank -> what its Gram and rescale took;
+    ``plan.kernels_why``).
     ``cuda_graph``: replay the projection from a CUDA graph (see :meth:`run`); None (default) does when the
     pairs are on CUDA and the extension loaded, unless ``BALORA_KERNELS_CUDA_GRAPH=0``. The plan's tables
     hold the parameters' addresses either way: re-allocated parameters need a new plan (``is_stale``;
@@ -519,7 +542,7 @@ class TritonProjectionPlan:
 
     def __init__(self, pairs: Sequence[Pair], transforms: Optional[str] = None, k_chunk: Optional[int] = None,
                  fp32_gram: str = "auto", cuda_graph: Optional[bool] = None, tune: Optional[Dict[str, int]] = None,
-                 rescale: str = "auto"):
+                 rescale: str = "auto", kernels: str = "auto"):
         self.pairs = list(pairs)
         reason = supports(self.pairs)
         if reason is not None:
@@ -537,15 +560,29 @@ class TritonProjectionPlan:
             raise ValueError(f"TritonProjectionPlan: fp32_gram must be one of {FP32_GRAM_METHODS}, got {fp32_gram!r}")
         if rescale not in RESCALE_METHODS:
             raise ValueError(f"TritonProjectionPlan: rescale must be one of {RESCALE_METHODS}, got {rescale!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"TritonProjectionPlan: kernels must be one of {KERNELS}, got {kernels!r}")
         self.transforms = transforms
-        self.backend = f"triton+{'cuda-ext' if transforms == 'cuda' else 'torch-eigh'}"
         by_rank: Dict[int, List[int]] = {}
         for i, (A, _) in enumerate(self.pairs):
             by_rank.setdefault(int(A.shape[0]), []).append(i)
+        cuda_ok, self.kernels_why = self._cuda_kernels_available(kernels)
         self.groups, first = [], 0
+        from .. import _ext
         for r, ids in by_rank.items():
-            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune, rescale))
+            if kernels == "cuda" and r > _ext.GROUPED_MAX_RANK:
+                raise ValueError(f"TritonProjectionPlan: kernels='cuda' takes ranks up to {_ext.GROUPED_MAX_RANK}, "
+                                 f"got pairs of rank {r}")
+            small = cuda_ok and r <= _ext.GROUPED_MAX_RANK
+            fp32 = all(t.dtype == torch.float32 for i in ids for t in self.pairs[i])
+            k = ("cuda" if small and (fp32 or kernels == "cuda") else "triton", "cuda" if small else "triton")
+            self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune, rescale, k))
             first += len(ids)
+        # rank -> {"gram": ..., "rescale": ...}, each "cuda" or "triton": the kernels of that rank group
+        self.kernels = {g.r: {"gram": g.gram_kernel, "rescale": g.rescale_kernel} for g in self.groups}
+        rxr = "cuda-ext" if transforms == "cuda" else "torch-eigh"
+        ks = {k for g in self.groups for k in (g.gram_kernel, g.rescale_kernel)}
+        self.backend = ("triton+" if ks != {"cuda"} else "") + ("cuda-grouped+" if "cuda" in ks else "") + rxr
         self.n_pairs = first
         self._signature = _signature(self.pairs)
         if cuda_graph not in (None, True, False):
@@ -560,6 +597,25 @@ class TritonProjectionPlan:
         self._graphs: Dict[str, tuple] = {}     # mode -> (CUDAGraph, packed stats buffer it writes)
         self._warm: set = set()                 # modes run once eagerly (kernels compiled)
 
+    def _cuda_kernels_available(self, kernels: str) -> Tuple[bool, str]:
+        """(whether rank groups up to GROUPED_MAX_RANK take the CUDA Gram / rescale, why); raises when
+        ``kernels="cuda"`` cannot be honoured."""
+        from .. import _ext
+        if kernels == "triton":
+            return False, "kernels='triton' requested"
+        if self.device.type != "cuda":
+            why = f"{self.device.type} tensors"
+        elif self.transforms != "cuda":
+            why = "the r x r step runs in torch (no extension): Gram and rescale in Triton"
+        elif not _ext.grouped_available():
+            why = f"the extension has no grouped_gram/grouped_rescale ({_ext.how()})"
+        else:
+            return True, (f"CUDA rescale for ranks <= {_ext.GROUPED_MAX_RANK}, and CUDA Gram there for float32 "
+                          f"factors{' and 16-bit ones (requested)' if kernels == 'cuda' else ''}; Triton otherwise")
+        if kernels == "cuda":
+            raise ValueError(f"TritonProjectionPlan: kernels='cuda' is unavailable: {why}")
+        return False, why
+
     def is_stale(self) -> bool:
         """True when any parameter was re-allocated or changed shape, strides, dtype or device.
 
@@ -572,6 +628,12 @@ class TritonProjectionPlan:
     def gram(self) -> None:
         """Grams of every pair into ``group.grams`` [P, 2, R, R] (fp32, deterministic)."""
         for g in self.groups:
+            if g.gram_kernel == "cuda":
+                from .. import _ext
+                for lg in g.launches:
+                    _ext.grouped_gram(lg.tiles, lg.n_b, lg.n_a, g.r, _DTYPE_CODES[lg.dtype], g.partials, g.ranges,
+                                      g.counters, g.grams)
+                continue
             for lg in g.launches:
                 t = lg.tune
                 fp32 = lg.dtype == torch.float32
@@ -598,6 +660,12 @@ class TritonProjectionPlan:
         """``B <- B T``, ``A <- T^-1 A`` in place for every pair whose status allows it."""
         for g in self.groups:
             st = status[g.first:g.first + g.P]
+            if g.rescale_kernel == "cuda":
+                from .. import _ext
+                for lg in g.launches:
+                    _ext.grouped_rescale(lg.tiles, lg.n_b, lg.n_a, g.r, _DTYPE_CODES[lg.dtype], g.tw, st,
+                                         STATUS_NONFINITE | STATUS_ZERO)
+                continue
             for lg in g.launches:
                 t = lg.tune
                 outer = lg.rescale_method == "outer"

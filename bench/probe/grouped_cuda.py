@@ -1,0 +1,143 @@
+"""Probe: the CUDA grouped Gram / rescale (csrc/grouped.cu) against the Triton kernels, and launch-shape variants.
+
+Variants are csrc/grouped.cu compiled with other launch macros into standalone libraries (no torch headers:
+``nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -D... csrc/grouped.cu``; bench/probe/build_grouped_variants.sh),
+loaded with ctypes and launched on the plan's own tables. For each 7B case (r, dtype): GPU time of the Triton
+Gram / rescale (a CUDA-graph replay, L2 flushed), of the extension's ops (the package's path) and of every
+variant; each variant's Grams against the Triton plan's (max relative error) and bitwise equal over two runs;
+its rescale against the Triton rescale of copies. Writes grouped-cuda-probe.json to --out.
+Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=".build/variants")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ranks", default="8,16")
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    from bench_projection import MODELS, graph_ms, llama_shapes, make_adapters
+    from balora_kernels.ops.grouped_projection import (_DTYPE_CODES, STATUS_NONFINITE, STATUS_ZERO,
+                                                       TritonProjectionPlan)
+
+    bench = lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    libs = {}
+    for path in sorted(glob.glob(os.path.join(args.variants, "*.so"))):
+        lib = ctypes.CDLL(path)
+        lib.bk_grouped_gram_launch.restype = ctypes.c_int
+        lib.bk_grouped_rescale_launch.restype = ctypes.c_int
+        libs[os.path.basename(path)[:-3]] = lib
+    P = ctypes.c_void_p
+    I = ctypes.c_int
+
+    def gram_with(lib, plan):
+        def run():
+            s = P(torch.cuda.current_stream().cuda_stream)
+            for g in plan.groups:
+                for lg in g.launches:
+                    err = lib.bk_grouped_gram_launch(P(lg.tiles.data_ptr()), I(lg.n_b), I(lg.n_a), I(g.r), I(g.R),
+                                                     I(_DTYPE_CODES[lg.dtype]), P(g.partials.data_ptr()),
+                                                     I(g.R * g.R), P(g.ranges.data_ptr()), P(g.counters.data_ptr()),
+                                                     P(g.grams.data_ptr()), s)
+                    assert err == 0, err
+        return run
+
+    def rescale_with(lib, plan, status):
+        def run():
+            s = P(torch.cuda.current_stream().cuda_stream)
+            for g in plan.groups:
+                st = status[g.first:g.first + g.P]
+                for lg in g.launches:
+                    err = lib.bk_grouped_rescale_launch(P(lg.tiles.data_ptr()), I(lg.n_b), I(lg.n_a), I(g.r), I(g.R),
+                                                        I(_DTYPE_CODES[lg.dtype]), P(g.tw.data_ptr()),
+                                                        P(st.data_ptr()), I(STATUS_NONFINITE | STATUS_ZERO), s)
+                    assert err == 0, err
+        return run
+
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": sorted(libs), "cases": []}
+    shapes = llama_shapes(**MODELS["llama2-7b"])
+    for r in [int(x) for x in args.ranks.split(",")]:
+        for dtype in (torch.float32, torch.bfloat16):
+            ad = make_adapters(shapes, r, dtype)
+            tri = TritonProjectionPlan(ad, kernels="triton")
+            tri.run("nearest")                  # balanced state, transforms in tri's tw
+            status = torch.zeros(tri.n_pairs, dtype=torch.int32, device="cuda")
+            gaps = torch.zeros(tri.n_pairs, 2, dtype=torch.float64, device="cuda")
+            tri.gram()
+            tri.transforms_("nearest", status, gaps)
+            ref_grams = [g.grams.clone() for g in tri.groups]
+            case = {"r": r, "dtype": str(dtype).replace("torch.", ""),
+                    "triton_gram_ms": graph_ms(tri.gram, bench),
+                    "triton_rescale_ms": graph_ms(lambda: tri.rescale(status), bench)}
+            ext = TritonProjectionPlan(ad, kernels="cuda")
+            case["ext_gram_ms"] = graph_ms(ext.gram, bench)
+            for g_e, g in zip(ext.groups, tri.groups):
+                g_e.tw.copy_(g.tw)
+            case["ext_rescale_ms"] = graph_ms(lambda: ext.rescale(status), bench)
+            # accuracy of the variants: Grams against Triton's; rescale of copies against Triton's rescale
+            copies_t = [(A.clone(), B.clone()) for A, B in ad]
+            ct = TritonProjectionPlan(copies_t, kernels="triton")
+            for g_c, g in zip(ct.groups, tri.groups):
+                g_c.tw.copy_(g.tw)
+            ct.rescale(status)
+            for name, lib in libs.items():
+                plan = TritonProjectionPlan(ad, kernels="cuda")
+                run = gram_with(lib, plan)
+                for g in plan.groups:
+                    g.grams.fill_(float("nan"))
+                run()
+                first = [g.grams.clone() for g in plan.groups]
+                run()
+                bitwise = all(torch.equal(a, g.grams) for a, g in zip(first, plan.groups))
+                err = max(((g.grams - ref).abs().max() / ref.abs().max()).item()
+                          for g, ref in zip(plan.groups, ref_grams))
+                v = {"gram_ms": graph_ms(run, bench), "gram_rel_err_vs_triton": err, "gram_bitwise_repeat": bitwise,
+                     "counters_zero": all(int(g.counters.abs().sum()) == 0 for g in plan.groups)}
+                copies = [(A.clone(), B.clone()) for A, B in ad]
+                cp = TritonProjectionPlan(copies, kernels="cuda")
+                for g_c, g in zip(cp.groups, tri.groups):
+                    g_c.tw.copy_(g.tw)
+                rescale_with(lib, cp, status)()
+                v["rescale_rel_err_vs_triton"] = max(
+                    max(((a.float() - b.float()).norm() / b.float().norm()).item(),
+                        ((c.float() - d.float()).norm() / d.float().norm()).item())
+                    for (a, c), (b, d) in zip(copies, copies_t))
+                v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
+                case[name] = v
+                del plan, cp, copies
+            res["cases"].append(case)
+            print(json.dumps(case), flush=True)
+            del ad, tri, ext, ct, copies_t
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "grouped-cuda-probe.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n7B, GPU ms (CUDA-graph replay)")
+    print(f"{'r':>3} {'dtype':9} {'what':14} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
+    for c in res["cases"]:
+        print(f"{c['r']:>3} {c['dtype']:9} {'triton':14} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
+        print(f"{c['r']:>3} {c['dtype']:9} {'ext':14} {c['ext_gram_ms']:7.4f} {c['ext_rescale_ms']:8.4f}")
+        for name in res["variants"]:
+            v = c[name]
+            print(f"{c['r']:>3} {c['dtype']:9} {name:14} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
+                  f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e}"
+                  f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}")
+
+
+if __name__ == "__main__":
+    main()
