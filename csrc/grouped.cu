@@ -23,8 +23,8 @@
 namespace {
 
 // Launch shapes (macros so that bench/probe builds can compare alternatives; the defaults are the measured choice:
-// bench/results/logs/grouped-cuda-probe-2026-11-28.json, 7B adapters on an H200). The rescale takes fewer, more
-// unrolled threads per tile for float32 (4-byte loads) than for 16-bit factors.
+// bench/results/logs/grouped-cuda-probe-2026-11-28.json and grouped-cuda-probe2-2026-11-28.json, 7B adapters on an
+// H200). The rescale takes fewer, more unrolled threads per tile for float32 (4-byte loads) than for 16-bit factors.
 #ifndef BK_GRAM_WARPS
 #define BK_GRAM_WARPS 2
 #endif
@@ -51,7 +51,6 @@ namespace {
 #endif
 constexpr int kFields = 6;            // the tile table's row (balora_kernels/ops/grouped_projection.py TILE_FIELDS)
 constexpr int kGramWarps = BK_GRAM_WARPS;   // tiles per Gram block (one per warp)
-constexpr int kPartialBatch = 8;            // partials loaded together by the Gram's final sum
 template <class T>
 __host__ __device__ constexpr int rescale_threads() { return sizeof(T) == 4 ? BK_RESCALE_THREADS_F32 : BK_RESCALE_THREADS_16; }
 constexpr unsigned kFull = 0xffffffffu;
@@ -228,16 +227,8 @@ __global__ void __launch_bounds__(kGramWarps * 32) grouped_gram_kernel(const lon
   for (int e = lane; e < r * (r + 1) / 2; e += 32) {
     int i, j;
     tri_index(e, i, j);   // r <= RK: the same packed index as the RK triangle
-    float s = 0.0f;   // in tile order; the loads of kPartialBatch tiles issued together
-    for (int c0 = 0; c0 < count; c0 += kPartialBatch) {
-      float p[kPartialBatch];
-#pragma unroll
-      for (int c = 0; c < kPartialBatch; ++c)
-        p[c] = c0 + c < count ? __ldcg(partials + (first + c0 + c) * partial_stride + e) : 0.0f;
-#pragma unroll
-      for (int c = 0; c < kPartialBatch; ++c)
-        if (c0 + c < count) s += p[c];
-    }
+    float s = 0.0f;   // in tile order (loading 8 tiles' partials together measured slower: registers)
+    for (int c = 0; c < count; ++c) s += __ldcg(partials + (first + c) * partial_stride + e);
     G[i * R + j] = s;
     G[j * R + i] = s;
   }

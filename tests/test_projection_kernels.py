@@ -10,8 +10,9 @@
   rank, status, slots and transforms, through the full-rank fast path and the general path.
 * GPU tests (``-m gpu``): the whole plan (CUDA extension) against the reference on Llama-like mixed
   shapes for r in {1, 8, 16, 64, 128} and fp32 / bf16 / fp16; the rank policy on the device's Grams;
-  the float32 Gram methods; degenerate pairs; CUDA-graph capture and replay; bitwise determinism; the
-  fallback without the extension. (The interpreted-kernel child is skipped where Triton's interpreter
+  the float32 Gram methods; the CUDA Gram and rescale of ranks <= 16 (csrc/grouped.cu: every rank block,
+  each dtype, misaligned factors, non-finite pairs, the kernels option, the ops' argument errors); degenerate
+  pairs; CUDA-graph capture and replay; bitwise determinism; the fallback without the extension. (The interpreted-kernel child is skipped where Triton's interpreter
   cannot run the kernels, triton < 3.9.)
 Outputs of kernels are poisoned (NaN) before they are written.
 """

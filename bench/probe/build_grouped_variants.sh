@@ -11,11 +11,6 @@ build() {  # name, macros...
   nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 "$@" csrc/grouped.cu -o "$out/$name.so"
 }
 build default
-build gram_u16_1 -DBK_GRAM_UNROLL_16=1
-build gram_w8 -DBK_GRAM_WARPS=8
-build gram_w2 -DBK_GRAM_WARPS=2
-build gram_us8 -DBK_GRAM_UNROLL_SMALL=8
-build resc_t128 -DBK_RESCALE_THREADS=128
-build resc_u1 -DBK_RESCALE_UNROLL_SMALL=1 -DBK_RESCALE_UNROLL_16=1
-build resc_u8 -DBK_RESCALE_UNROLL_SMALL=8 -DBK_RESCALE_UNROLL_16=4
+build gram_w4 -DBK_GRAM_WARPS=4
+build resc_f32_t256 -DBK_RESCALE_THREADS_F32=256
 ls -la "$out"
