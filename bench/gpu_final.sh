@@ -10,6 +10,7 @@
 #   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
+#   device run: bash bench/gpu_final.sh probe    # build, the CUDA Gram/rescale probe only
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/balora-out}
@@ -59,6 +60,9 @@ seed_build
     timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
     echo "== balora check"
     timeout 60 python3 -m balora_kernels check --json "$OUT/check.json" | tail -3; echo "rc=$?"
+  elif [ "$PART" = probe ]; then
+    echo "== CUDA Gram / rescale against Triton, launch variants"
+    timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = proj ]; then
     echo "== GPU tests (projection)"
     timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"

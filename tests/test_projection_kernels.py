@@ -704,12 +704,14 @@ def _grouped_cases(dtype, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gpu_cuda_gram(dtype):
+@pytest.mark.parametrize("k_chunk", [None, 999])
+def test_gpu_cuda_gram(dtype, k_chunk):
     """csrc/grouped.cu's Gram (the default for ranks <= 16 with the extension): every Gram within 2x the plain
     float32 Gram's error against float64 (norm and per entry), zero padding, bitwise equal over two launches, the
-    per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other)."""
+    per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tiles, so that
+    A's two-columns-per-lane loads meet a lone last column."""
     pairs = _grouped_cases(dtype, seed=80)
-    plan = _cuda_plan(pairs, kernels="cuda")    # "auto" keeps 16-bit Grams in Triton (measured faster)
+    plan = _cuda_plan(pairs, kernels="cuda", k_chunk=k_chunk)   # "auto" keeps 16-bit Grams in Triton
     assert all(k == CUDA for k in plan.kernels.values()) and plan.backend == "cuda-grouped+cuda-ext", plan.backend
     for g in plan.groups:
         g.grams.fill_(float("nan"))
