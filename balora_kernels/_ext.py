@@ -188,5 +188,7 @@ def grouped_gram(tiles, n_b: int, n_a: int, r: int, dtype: int, partials, ranges
 
 def grouped_rescale(tiles, n_b: int, n_a: int, r: int, dtype: int, tw, status, skip_bits: int) -> None:
     """``torch.ops.balora.grouped_rescale`` (csrc/grouped.cu): ``B <- B T``, ``A <- T^-1 A`` in place for every
-    tile of the table whose pair has none of ``skip_bits`` in ``status``."""
+    tile of the table whose pair has none of ``skip_bits`` in ``status``. The factors are reached through the
+    table's addresses, not arguments, so the op's schema does not mark them mutated: eager-only, under no_grad
+    (not for torch.compile graphs; autograd version counters are not bumped)."""
     torch.ops.balora.grouped_rescale(tiles, n_b, n_a, r, dtype, tw, status, skip_bits)

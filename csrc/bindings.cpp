@@ -116,7 +116,9 @@ void grouped_gram(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, 
 }
 
 // tiles as above, tw fp32 [P, 2, R, R] (T, T^-1), status int32 [P]: pairs with any of skip_bits are not touched.
-// Rescales the factors the table addresses in place.
+// Rescales the factors the table addresses in place. Those factors are not arguments, so the schema cannot mark
+// them mutated: an internal, eager-only op (TritonProjectionPlan calls it under no_grad; not for torch.compile
+// graphs, where it would look side-effect free).
 void grouped_rescale(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, int64_t dtype, const at::Tensor& tw,
                      const at::Tensor& status, int64_t skip_bits) {
   const char* op = "balora::grouped_rescale";

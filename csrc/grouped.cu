@@ -218,6 +218,7 @@ __global__ void __launch_bounds__(kGramWarps * 32) grouped_gram_kernel(const lon
   if (lane == 0) last = atomicAdd(counters + g, 1) == count - 1;
   last = __shfl_sync(kFull, last, 0);
   if (!last) return;
+  __syncwarp();        // the shuffle orders no memory: lane 0's atomic before every lane's fence and reads
   __threadfence();
   float* G = grams + (long long)g * R * R;
   for (int e = lane; e < R * R; e += 32) {   // zero outside the r x r block (and the padding of R)
