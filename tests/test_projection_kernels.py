@@ -11,9 +11,9 @@
 * GPU tests (``-m gpu``): the whole plan (CUDA extension) against the reference on Llama-like mixed
   shapes for r in {1, 8, 16, 64, 128} and fp32 / bf16 / fp16; the rank policy on the device's Grams;
   the float32 Gram methods; the CUDA Gram and rescale of ranks <= 16 (csrc/grouped.cu: every rank block,
-  each dtype, misaligned factors, non-finite pairs, the kernels option, the ops' argument errors); degenerate
-  pairs; CUDA-graph capture and replay; bitwise determinism; the fallback without the extension. (The interpreted-kernel child is skipped where Triton's interpreter
-  cannot run the kernels, triton < 3.9.)
+  each dtype, misaligned factors, odd tiles, non-finite pairs, the kernels option, the ops' argument errors);
+  degenerate pairs; CUDA-graph capture and replay; bitwise determinism; the fallback without the extension.
+  (The interpreted-kernel child is skipped where Triton's interpreter cannot run the kernels, triton < 3.9.)
 Outputs of kernels are poisoned (NaN) before they are written.
 """
 from __future__ import annotations
@@ -708,8 +708,8 @@ def _grouped_cases(dtype, seed):
 def test_gpu_cuda_gram(dtype, k_chunk):
     """csrc/grouped.cu's Gram (the default for ranks <= 16 with the extension): every Gram within 2x the plain
     float32 Gram's error against float64 (norm and per entry), zero padding, bitwise equal over two launches, the
-    per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tiles, so that
-    A's two-columns-per-lane loads meet a lone last column."""
+    per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tile starts and
+    lengths (a lane's last rows / columns past the tile's end, in every unrolled step)."""
     pairs = _grouped_cases(dtype, seed=80)
     plan = _cuda_plan(pairs, kernels="cuda", k_chunk=k_chunk)   # "auto" keeps 16-bit Grams in Triton
     assert all(k == CUDA for k in plan.kernels.values()) and plan.backend == "cuda-grouped+cuda-ext", plan.backend
