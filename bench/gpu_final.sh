@@ -11,6 +11,9 @@
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
 #   device run: bash bench/gpu_final.sh probe    # build, the CUDA Gram/rescale probe only
+#   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
+#                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
+#                                                # run beside the build), then as "grouped" without its probe
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/balora-out}
@@ -33,8 +36,23 @@ save_build() {
   local d; d=.bkcache/$(python3 -c "from balora_kernels import _ext; print(_ext._build_tag())")
   mkdir -p "$OUT/prev" && cp "$d/balance.cuda.o" "$d/.ninja_log" "$d/.ninja_deps" "$OUT/prev/" 2>/dev/null && balance_sha > "$OUT/prev/balance.sha"
 }
+projection_tests() {
+  echo "== GPU tests (projection)"
+  timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
+}
+projection_bench_check() {
+  echo "== projection benchmark"
+  timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
+  echo "== balora check"
+  timeout 60 python3 -m balora_kernels check --json "$OUT/check.json" | tail -3; echo "rc=$?"
+}
 seed_build
 {
+  if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probe, beside the CPU-bound build
+    timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --json "$OUT/eig_phases.json" \
+      > "$OUT/eig_phases.log" 2>&1 &
+    probe_pid=$!
+  fi
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -52,14 +70,15 @@ seed_build
     timeout 400 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
     cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null
   elif [ "$PART" = grouped ]; then
-    echo "== GPU tests (projection)"
-    timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
+    projection_tests
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
-    echo "== projection benchmark"
-    timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
-    echo "== balora check"
-    timeout 60 python3 -m balora_kernels check --json "$OUT/check.json" | tail -3; echo "rc=$?"
+    projection_bench_check
+  elif [ "$PART" = rxr ]; then
+    echo "== r x r kernel: phases and launch variants (bench/probe/eig_phases.py)"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; echo "rc=$?"; cat "$OUT/eig_phases.log"
+    projection_tests
+    projection_bench_check
   elif [ "$PART" = probe ]; then
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"

@@ -4,42 +4,15 @@
 //        eps_f  fp64 [P]           (each pair's factor rounding unit: the product noise floor)
 // Output tw     fp32 [P, 2, R, R]  ([p, 0] = T, [p, 1] = T^-1, zero-padded), gaps fp64 [P, 2],
 //        status int32 [P]          (bits 0-2: nonfinite / zero / rank-deficient, bits 8+: live components k)
-// The math is in balance_math.cuh. This file needs only the CUDA runtime (no torch headers), so that
+// The math is in balance_math.cuh, the kernel template in balance_kernel.cuh; the common ranks take the
+// fixed-rank kernels of balance_fixed.cu. This file needs only the CUDA runtime (no torch headers), so that
 // tools/check_cuda_build.sh can compile it with plain nvcc; csrc/bindings.cpp is the torch-facing side.
-#include <cuda_runtime.h>
-
-#include "balance_math.cuh"
+#include "balance_kernel.cuh"
 
 namespace {
 
 constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
 constexpr int kBlockedRank = 33;            // ranks from here take the register-blocked kernel
-
-// TB_MAX: register blocking of the r x r products (bk::CtxT): 4 for ranks above 32, 1 below (see bk::matmul_store).
-template <int TB_MAX>
-__global__ void __launch_bounds__(256, 2) balance_transforms_kernel(const float* __restrict__ grams,
-                                          const double* __restrict__ eps_f, int P, int n, int R, int mode,
-                                          float* __restrict__ tw, int* __restrict__ status,
-                                          double* __restrict__ gaps, double* __restrict__ scratch,
-                                          int mats_in_smem) {
-  extern __shared__ double smem[];
-  bk::CtxT<TB_MAX> c;
-  c.tid = threadIdx.x;
-  c.nt = blockDim.x;
-  c.n = n;
-  c.pair_eig = mats_in_smem == bk::NUM_MATS;
-  bk::carve_small(c, smem, n);
-  double* fast = smem + (bk::small_bytes(n) + 7) / 8;
-  const long long nn = (long long)n * n;
-  double* slow = scratch + (long long)blockIdx.x * (bk::NUM_MATS - mats_in_smem) * nn;
-  const bk::Mats m = bk::carve_mats(fast, slow, mats_in_smem, n);
-  const long long RR = (long long)R * R;
-  for (int p = blockIdx.x; p < P; p += gridDim.x) {
-    bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, eps_f[p], tw + (2 * p) * RR,
-                     tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
-    __syncthreads();
-  }
-}
 
 }  // namespace
 
@@ -50,7 +23,8 @@ extern "C" {
 // the float64 global scratch elements the launch needs.
 void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* smem_bytes, int* mats_in_smem,
                        long long* scratch_doubles) {
-  *threads = n <= 8 ? 64 : (n <= 32 ? 128 : 256);
+  *threads = n == 4 ? BK_FIXED_N4_THREADS : n == 8 ? BK_FIXED_N8_THREADS : n == 16 ? BK_FIXED_N16_THREADS
+           : n == 32 ? BK_FIXED_N32_THREADS : n <= 8 ? 64 : (n <= 32 ? 128 : 256);
   const long long small = (bk::small_bytes(n) + 7) / 8 * 8;
   const long long mat = 8LL * n * n;
   int in_smem = 0;
@@ -77,20 +51,24 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
   if (dev < 0 || dev >= 64 || smem_bytes > configured[dev]) {
-    err = cudaFuncSetAttribute(balance_transforms_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kMaxSmemBytes);
+    err = cudaFuncSetAttribute(bk::balance_transforms_kernel<1, 0, 0, 2>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
     if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(balance_transforms_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 kMaxSmemBytes);
+      err = cudaFuncSetAttribute(bk::balance_transforms_kernel<4, 0, 0, 2>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
+    if (err == cudaSuccess) err = (cudaError_t)bk::configure_fixed_rank(kMaxSmemBytes);
     if (err != cudaSuccess) return (int)err;
     if (dev >= 0 && dev < 64) configured[dev] = kMaxSmemBytes;
   }
+  const int fixed = bk::launch_fixed_rank(grams, eps_f, P, n, R, mode, tw, status, gaps, scratch, threads, grid,
+                                          smem_bytes, mats_in_smem, stream);
+  if (fixed >= 0) return fixed;
   if (n >= kBlockedRank)
-    balance_transforms_kernel<4><<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
-                                                                        scratch, mats_in_smem);
+    bk::balance_transforms_kernel<4, 0, 0, 2><<<grid, threads, smem_bytes, stream>>>(
+        grams, eps_f, P, n, R, mode, tw, status, gaps, scratch, mats_in_smem);
   else
-    balance_transforms_kernel<1><<<grid, threads, smem_bytes, stream>>>(grams, eps_f, P, n, R, mode, tw, status, gaps,
-                                                                        scratch, mats_in_smem);
+    bk::balance_transforms_kernel<1, 0, 0, 2><<<grid, threads, smem_bytes, stream>>>(
+        grams, eps_f, P, n, R, mode, tw, status, gaps, scratch, mats_in_smem);
   return (int)cudaGetLastError();
 }
 

@@ -44,14 +44,18 @@ using std::isfinite;
 using std::fma;
 using std::nan;
 using std::frexp;
+using std::log;
+using std::ceil;
 using std::ldexp;
 inline float bk_fdiv(float a, float b) { return a / b; }
 inline float bk_rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double bk_rsqrt(double x) { return 1.0 / std::sqrt(x); }
 #else
 #define BK_DEV __device__ __forceinline__
 #define BK_HD __host__ __device__ inline
 __device__ __forceinline__ float bk_fdiv(float a, float b) { return __fdividef(a, b); }
 __device__ __forceinline__ float bk_rsqrtf(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double bk_rsqrt(double x) { return rsqrt(x); }
 #define BK_SYNC() __syncthreads()
 #endif
 
@@ -553,7 +557,7 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
   for (int j = 0; j < n; ++j) {
     const double d = X[j * n + j];               // every thread reads the same value: a uniform decision
     if (!(d > 0.0)) return false;
-    const double inv = 1.0 / sqrt(d), invd = 1.0 / d;
+    const double inv = bk_rsqrt(d), invd = inv * inv;
     for (int i = c.tid; i < n; i += c.nt) L[i * n + j] = i >= j ? X[i * n + j] * inv : 0.0;
     const int m = n - 1 - j;                     // trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d
     for (int idx = c.tid; idx < m * m; idx += c.nt) {
@@ -570,18 +574,20 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
 // Y -> A^1/2 and Z -> A^-1/2 (stable: errors do not grow). Matrix products only, no eigendecomposition: on the
 // GPU each step is three block-wide products instead of the Jacobi sweeps' chain of dependent rotations. An
 // eigenvalue mu of A needs about log(1/mu) / log(2.25) steps to reach the quadratic phase. Stops one step after
-// ||P - I||_F < 1e-8; returns false (outputs unspecified) on divergence or after NS_ROOT_MAX_ITERS steps.
+// ||P - I||_F < 1e-8; returns false (outputs unspecified) on divergence or after max_iters steps.
 // buf: five n x n workspaces (A may not be one of them); *Y, *Z point into them on return.
 constexpr int NS_ROOT_MAX_ITERS = 96;
+constexpr int NS_ROOT_QUADRATIC_STEPS = 8;   // the quadratic phase's steps (6 suffice in exact arithmetic) + 2
 template <class CT>
-BK_DEV bool sqrt_ns(CT& c, const double* A, double* const* buf, double** Yout, double** Zout, int n) {
+BK_DEV bool sqrt_ns(CT& c, const double* A, double* const* buf, double** Yout, double** Zout, int n,
+                    int max_iters = NS_ROOT_MAX_ITERS) {
   double *y = buf[0], *z = buf[1], *P = buf[2], *yn = buf[3], *zn = buf[4];
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     y[idx] = A[idx];
     z[idx] = (idx / n == idx % n) ? 1.0 : 0.0;
   }
   BK_SYNC();
-  for (int it = 0; it < NS_ROOT_MAX_ITERS; ++it) {
+  for (int it = 0; it < max_iters; ++it) {
     const double res = product_off_identity(c, z, false, y, P, n);   // P = Z Y and ||P - I||_F^2
     if (!(res < 1e30)) return false;                            // NaN / divergence
     const double* yc = y;
@@ -607,11 +613,15 @@ BK_DEV bool sqrt_ns(CT& c, const double* A, double* const* buf, double** Yout, d
 
 // Fast path's T and T^-1 without an eigendecomposition, for the nearest mode (whose final T Q does not depend
 // on the basis of T's columns): T = L^-T M^1/4, T^-1 = M^-1/4 L^T, the fourth roots as square roots of square
-// roots (sqrt_ns). On entry: L in b.Y, M (symmetric) in b.AW, kept. The full-rank gate is checked by a Cholesky
-// factorization of M - 1.1 gate I with gate computed from an upper bound on lambda_max (at least the gate of
-// the eigenvalue test: a pair it passes, the eigenvalue test passes too). Returns false, with nothing but the
-// workspaces written, when that factorization fails or an iteration does not converge: the caller then runs
-// the eigendecomposition path, which decides the pair exactly as before.
+// roots (sqrt_ns). On entry: L in b.Y, M (symmetric) in b.AW, kept. The full-rank gate, lambda_min(M) > 1.1 gate
+// with gate computed from an upper bound on lambda_max (at least the gate of the eigenvalue test: a pair it
+// passes, the eigenvalue test passes too), is read off the first root's inverse: Z1 = (M / bound)^-1/2, so
+// lambda_min(M) = bound / lambda_max(Z1)^2 >= bound / ||Z1||_inf^2. A pair above the gate has every eigenvalue
+// of M / bound above 1.1 gate / bound, from which the first root converges within the steps its linear phase
+// needs (log(bound / (1.1 gate)) / log(2.25)) plus NS_ROOT_QUADRATIC_STEPS (at most 6 in exact arithmetic, from
+// any start): more steps than that mean a pair below the gate. Returns false, with nothing but the workspaces
+// written, when the gate is not proven or an iteration does not converge: the caller then runs the
+// eigendecomposition path, which decides the pair exactly as before.
 template <class CT>
 BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
   double fro = 0.0, rmax = 0.0;
@@ -626,9 +636,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   const double bound = fmin(sqrt(fro), rmax);                   // >= lambda_max (M is symmetric)
   if (!(bound > 0.0) || !isfinite(bound)) return false;
   const double gate = fmax(eps_f * eps_f * bound, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
-  for (int idx = c.tid; idx < n * n; idx += c.nt) b.X[idx] = b.AW[idx] - (idx / n == idx % n ? 1.1 * gate : 0.0);
-  BK_SYNC();
-  if (!cholesky(c, b.X, b.M1, n)) return false;                 // lambda_min <= 1.1 gate, or rounding: exact path
+  if (!(1.1 * gate < bound)) return false;                      // lambda_min <= 1.1 gate: exact path
   // A1 = M / bound (eigenvalues in (0, 1]); Y1 = A1^1/2 (eigenvalues in (0, 1] too), then Y1^1/2 = A1^1/4.
   const double inv = 1.0 / bound;
   for (int idx = c.tid; idx < n * n; idx += c.nt) b.X[idx] = b.AW[idx] * inv;
@@ -636,7 +644,16 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   c.ns_steps = 0;
   double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
   double *y1 = nullptr, *z1 = nullptr;
-  if (!sqrt_ns(c, b.X, buf1, &y1, &z1, n)) return false;
+  const double steps = ceil(log(bound / (1.1 * gate)) / log(2.25)) + NS_ROOT_QUADRATIC_STEPS;
+  if (!sqrt_ns(c, b.X, buf1, &y1, &z1, n, steps < NS_ROOT_MAX_ITERS ? (int)steps : NS_ROOT_MAX_ITERS)) return false;
+  double zmax = 0.0;                                             // ||Z1||_inf >= lambda_max(Z1)
+  for (int i = c.tid; i < n; i += c.nt) {
+    double rs = 0.0;
+    for (int j = 0; j < n; ++j) rs += fabs(z1[i * n + j]);
+    zmax = fmax(zmax, rs);
+  }
+  zmax = block_max(c, zmax);
+  if (!(bound > 1.1 * gate * zmax * zmax)) return false;        // gate not proven (or rounding): exact path
   for (int idx = c.tid; idx < n * n; idx += c.nt) {              // symmetrized copy of Y1 as the next input
     const int i = idx / n, j = idx % n;
     b.X[idx] = 0.5 * (y1[i * n + j] + y1[j * n + i]);
@@ -654,13 +671,15 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
     mq[idx] = q * 0.5 * (y2[i * n + j] + y2[j * n + i]);
     mqi[idx] = iq * 0.5 * (z2[i * n + j] + z2[j * n + i]);
   }
+  for (int i = c.tid; i < n; i += c.nt) c.v3[i] = 1.0 / b.Y[i * n + i];
   BK_SYNC();
-  mm(c, b.W, mqi, false, b.Y, true, n);                          // T^-1 = M^-1/4 L^T
+  double* w = b.W;                                               // T^-1 = M^-1/4 L^T
+  matmul_store(c, mqi, false, b.Y, true, n, n, n, n, n, [=](int i, int j, double s) { w[i * n + j] = s; });
   for (int j = c.tid; j < n; j += c.nt) {                        // L^T T[:, j] = M^1/4[:, j], one column per thread
     for (int i = n - 1; i >= 0; --i) {
       double s = mq[i * n + j];
       for (int k = i + 1; k < n; ++k) s -= b.Y[k * n + i] * b.T[k * n + j];
-      b.T[i * n + j] = s / b.Y[i * n + i];
+      b.T[i * n + j] = s * c.v3[i];
     }
   }
   BK_SYNC();
@@ -878,10 +897,12 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   // 5. C = T^T G_B + T^-1 G_A. Q = blockdiag(Q_live, Q_rest) placed in the chosen slots: Q_live =
   //    polar(C_live) (nearest) or sign(diag C_live) (svd); Q_rest = polar(C_rest). Never rotate across live
   //    and rest.
-  mm(c, b.M2, b.T, true, b.GB, false, n);
-  mm(c, b.M3, b.W, false, b.GA, false, n);
-  for (int idx = c.tid; idx < n * n; idx += c.nt) b.M2[idx] += b.M3[idx];     // M2 = C
-  BK_SYNC();
+  // (one round: the second product adds onto the first's outputs, which the same thread wrote: both products
+  // have one shape, so matmul_store hands each output to the same thread)
+  double* m2 = b.M2;
+  matmul_store(c, b.T, true, b.GB, false, n, n, n, n, n, [=](int i, int j, double s) { m2[i * n + j] = s; });
+  matmul_store(c, b.W, false, b.GA, false, n, n, n, n, n, [=](int i, int j, double s) { m2[i * n + j] += s; });
+  BK_SYNC();                                                  // M2 = C
   const int mr = n - k;
   double* C_live = b.M3;                       // compact k x k, then the compact mr x mr rest block
   double* C_rest = b.M3 + k * k;               // (k^2 + mr^2 <= n^2)
@@ -916,21 +937,27 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   }
   BK_SYNC();
   double* Q = b.M2;
-  double* Tq = b.M1;
-  mm(c, Tq, b.T, false, Q, false, n);                          // T Q
-  mm(c, b.Y, Q, true, b.W, false, n);                          // Q^T T^-1
-  copy_mat(c, b.T, Tq, n);
-  copy_mat(c, b.W, b.Y, n);
+  double* Tq = b.M1;                                           // the final T, T^-1 (independent products: one round)
+  double* Wq = b.Y;
+  matmul_store(c, b.T, false, Q, false, n, n, n, n, n, [=](int i, int j, double s) { Tq[i * n + j] = s; });  // T Q
+  matmul_store(c, Q, true, b.W, false, n, n, n, n, n, [=](int i, int j, double s) { Wq[i * n + j] = s; });   // Q^T T^-1
+  BK_SYNC();
 
-  // 6. gap after, from the Grams; a last guard against non-finite transforms.
-  mm(c, b.M1, b.T, true, b.GB, false, n);
-  mm(c, b.M2, b.M1, false, b.T, false, n);                     // T^T G_B T
-  mm(c, b.M1, b.W, false, b.GA, false, n);
-  mm(c, b.M3, b.M1, false, b.W, true, n);                      // T^-1 G_A T^-T
-  const double gap_after = rel_gap(c, b.M2, b.M3, n);
+  // 6. gap after, from the Grams (two rounds of two products); a last guard against non-finite transforms.
+  double* m3 = b.M3;
+  double* x = b.X;
+  matmul_store(c, Tq, true, b.GB, false, n, n, n, n, n, [=](int i, int j, double s) { m3[i * n + j] = s; });
+  matmul_store(c, Wq, false, b.GA, false, n, n, n, n, n, [=](int i, int j, double s) { x[i * n + j] = s; });
+  BK_SYNC();
+  double* bal_b = b.M2;
+  double* bal_a = b.T;
+  matmul_store(c, m3, false, Tq, false, n, n, n, n, n, [=](int i, int j, double s) { bal_b[i * n + j] = s; });  // T^T G_B T
+  matmul_store(c, x, false, Wq, true, n, n, n, n, n, [=](int i, int j, double s) { bal_a[i * n + j] = s; });  // T^-1 G_A T^-T
+  BK_SYNC();
+  const double gap_after = rel_gap(c, bal_b, bal_a, n);
   double nonfinite = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt)
-    if (!(isfinite(b.T[idx]) && isfinite(b.W[idx]))) nonfinite = 1.0;
+    if (!(isfinite(Tq[idx]) && isfinite(Wq[idx]))) nonfinite = 1.0;
   if (block_sum(c, nonfinite) > 0.0 || !isfinite(gap_after)) {
     write_identity(c, outT, R, n);
     write_identity(c, outW, R, n);
@@ -938,8 +965,8 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
     BK_SYNC();
     return;
   }
-  write_out(c, outT, R, b.T, n);
-  write_out(c, outW, R, b.W, n);
+  write_out(c, outT, R, Tq, n);
+  write_out(c, outW, R, Wq, n);
   if (c.tid == 0) {
     *status = ((k < n) ? STATUS_RANK_DEFICIENT : 0) | (k << STATUS_RANK_SHIFT);
     gaps[0] = gap_before;

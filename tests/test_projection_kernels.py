@@ -812,12 +812,13 @@ def test_gpu_degenerate_pairs(r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("r", [3, 8, 16, 64])
+@pytest.mark.parametrize("r", [3, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("mode", ["nearest", "svd"])
 def test_gpu_rank_policy_matches_reference(r, mode):
     """The CUDA r x r kernel on the device's own Grams: the reference's live components (product floor with
     each pair's eps_f, bf16 factors included), slots, transforms and status (rank included); then the whole
-    plan keeps every product and balances it."""
+    plan keeps every product and balances it. Ranks 4, 8, 16, 32 run the fixed-rank kernels
+    (csrc/balance_fixed.cu), the others the run-time-rank one."""
     named = rank_policy_pairs(r, seed=100 + r)
     names = [n for n, _, _ in named]
     pairs = [(A.cuda(), B.cuda()) for _, A, B in named]
@@ -848,6 +849,54 @@ def test_gpu_rank_policy_matches_reference(r, mode):
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_and_replay():
     _graph_capture_and_replay("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("own_capture", [False, True])
+def test_gpu_graph_stats_branch_counts(own_capture):
+    """In a captured projection the counters run on a side branch beside the rescale: they still see every
+    pair's status and gaps of that replay (a NaN pair, a zero product, rank-deficient pairs), in the plan's own
+    graph and in a caller's capture, and the rescale still skips the skipped pairs."""
+    specs = llama_layer_specs(8, torch.float32) + [(8, 1000, 37, torch.float32)] * 3
+    pairs = make_pairs(specs, device="cuda", seed=40)
+    plan = _cuda_plan(pairs, cuda_graph=not own_capture)
+
+    def counts(it):
+        fresh = make_pairs(specs, device="cuda", seed=41 + it)
+        fresh[-3][0][0, 0] = float("nan")            # non-finite pair: skipped, left as it is
+        fresh[-2][1].zero_()                          # zero product: skipped
+        fresh[-1][1][:, -1] = 0                       # rank-deficient: projected
+        for (A, B), (A2, B2) in zip(pairs, fresh):
+            A.copy_(A2)
+            B.copy_(B2)
+        return fresh
+
+    if own_capture:
+        plan.run("nearest")
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            stats = plan.run("nearest")
+    for it in range(3):
+        fresh = counts(it)
+        if own_capture:
+            g.replay()
+        else:
+            stats = plan.run("nearest")               # eager, then captured, then replayed
+        d = stats.as_dict()
+        assert d["pairs"] == len(pairs) and d["projected"] == len(pairs) - 2, d
+        assert d["skipped_nonfinite"] == 1 and d["skipped_zero"] == 1 and d["rank_deficient"] == 1, d
+        # the largest gap after is the rank-deficient pair's (its dead component cannot be balanced): this
+        # replay's value, from the reference
+        A, B = fresh[-1]
+        ref = reference.balancing_transforms(*reference.grams(A[None].cpu(), B[None].cpu(), torch.float32), "nearest")
+        assert abs(d["gap_after"] - ref.gap_after.item()) <= 1e-3 * ref.gap_after.item(), (d, ref.gap_after)
+        assert d["gap_before"] > d["gap_after"] > 0.01, d
+        for i in (-3, -2):                            # bit for bit (the NaN pair too)
+            for X, X0 in zip(pairs[i], fresh[i]):
+                assert torch.equal(X.view(torch.int32), X0.view(torch.int32)), i
+    if not own_capture:
+        assert plan._graphs, "the plan's third run must replay its own graph"
 
 
 def _graph_capture_and_replay(transforms):

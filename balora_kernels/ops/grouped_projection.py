@@ -596,6 +596,8 @@ class TritonProjectionPlan:
         self.cuda_graph = bool(cuda_graph)
         self._graphs: Dict[str, tuple] = {}     # mode -> (CUDAGraph, packed stats buffer it writes)
         self._warm: set = set()                 # modes run once eagerly (kernels compiled)
+        # the stats branch of a captured projection (see _run_kernels); made here, not during a capture
+        self._side_stream = torch.cuda.Stream(self.device) if graphs_possible else None
 
     def _cuda_kernels_available(self, kernels: str) -> Tuple[bool, str]:
         """(whether rank groups up to GROUPED_MAX_RANK take the CUDA Gram / rescale, why); raises when
@@ -676,8 +678,10 @@ class TritonProjectionPlan:
                     SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, OUTER=outer, RC=g.RC if outer else g.R,
                     num_warps=t["rescale_warps"], num_stages=t["rescale_stages"])
 
-    def stats(self, status: torch.Tensor, gaps: torch.Tensor) -> ProjectionStats:
-        packed = torch.empty(7, dtype=torch.float64, device=self.device)
+    def stats(self, status: torch.Tensor, gaps: torch.Tensor, packed: Optional[torch.Tensor] = None) -> ProjectionStats:
+        """The counters of the pairs' status and gaps, reduced on the device into ``packed`` (7 float64)."""
+        if packed is None:
+            packed = torch.empty(7, dtype=torch.float64, device=self.device)
         _stats_kernel[(1,)](status, gaps, packed, self.n_pairs, BLOCK=256)
         return PackedProjectionStats(packed)
 
@@ -736,8 +740,20 @@ class TritonProjectionPlan:
             return ProjectionStats(z, z, z, z, z, zf, zf)
         self.gram()
         self.transforms_(mode, status, gaps)
+        side = self._side_stream
+        if side is None or not torch.cuda.is_current_stream_capturing():
+            self.rescale(status)
+            return self.stats(status, gaps)
+        # In a graph the counters (which need only status and gaps) are a branch beside the rescale: their
+        # launch no longer follows it. (Eagerly, the extra stream switches would cost the host more than that.)
+        main = torch.cuda.current_stream(self.device)
+        packed = torch.empty(7, dtype=torch.float64, device=self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            stats = self.stats(status, gaps, packed)
         self.rescale(status)
-        return self.stats(status, gaps)
+        main.wait_stream(side)
+        return stats
 
 
 def torch_transforms(grams: torch.Tensor, r: int, mode: str, tw: torch.Tensor, status: torch.Tensor,

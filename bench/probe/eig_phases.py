@@ -3,7 +3,9 @@
 Builds an instrumented copy of csrc/balance.cu (the same math; thread 0 of each block adds the clock cycles
 since the previous mark to that phase's counter) as a plain CUDA shared library, so no torch extension build
 is needed, then runs it on the Grams of balanced Llama-2-7B adapters (the benchmark's steady state) and prints
-the mean cycles per pair of each phase and the kernel time (CUDA events) next to the uninstrumented copy.
+the mean cycles per pair of each phase and the kernel time (CUDA events) next to the uninstrumented copy, to
+the launch-shape VARIANTS of the working tree and (with --baseline) to another tree's csrc/; each case says
+whether every build wrote the same bits as the working tree's.
 
     python bench/probe/eig_phases.py --build-only --out .bkcache/eig_phases   # here (nvcc, no GPU needed)
     python bench/probe/eig_phases.py --lib .bkcache/eig_phases                # on the device
@@ -20,7 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # (the fp32 write of T, T^-1 at the end of a pair is not counted in any phase). In the nearest mode full-rank
 # pairs take the Newton-Schulz fourth roots, which return before the eigendecomposition's marks: their
 # "T, T^-1" phase then holds M = L^T G_A L, the Cholesky test, both roots and T (the two phases before it read 0).
-PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after"]
+PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after",
+          "(reset)", "NS: M, bound", "NS: sqrt 1 (+ gate)", "NS: sqrt 2", "NS: T, T^-1", "C",
+          "NS steps: P = Z Y, residual sum", "NS steps: Y P, P Z"]
+NSLOT = 16
+# Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
+VARIANTS = [("runtime_rank", ["-DBK_FIXED_RANKS=0"]),
+            ("fixed_fewer_threads", ["-DBK_FIXED_N8_THREADS=32", "-DBK_FIXED_N16_THREADS=64"]),
+            ("fixed_more_threads", ["-DBK_FIXED_N8_THREADS=128", "-DBK_FIXED_N16_THREADS=256"])]
+JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
 MARKS = [
@@ -30,23 +40,39 @@ MARKS = [
     ("  const double lmin = c.v1[0], lmax = c.v1[n - 1];", 3),
     ("  // 5. C = T^T G_B + T^-1 G_A.", 4),
     ("  double* Q = b.M2;\n  double* Tq = b.M1;", 5),
-    ("  write_out(c, outT, R, b.T, n);", 6),
+    ("  write_out(c, outT, R, Tq, n);", 6),
+    # finer marks of the Newton-Schulz fast path (their phases then hold parts of "T, T^-1" / "C + polar")
+    ("  double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 8),
+    ("  double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 9),
+    ("  for (int i = c.tid; i < n; i += c.nt) c.v3[i] = 1.0 / b.Y[i * n + i];", 10),
+    ("  if (mode == 0) {\n    if (!polar_ns(", 12),
+    # inside sqrt_ns's loop: its two halves (the phases "NS: sqrt 1/2" then hold only the rest)
+    ("    const double* yc = y;", 13),
+    ("    double* t = y; y = yn; yn = t;", 14),
+]
+# marks that end a phase at the end of a block (appended after the anchor)
+MARKS_AFTER = [
+    ("      b.T[i * n + j] = s * c.v3[i];\n    }\n  }\n  BK_SYNC();\n  return true;\n}\n\n// Steps 1-4 for", 11),
 ]
 
 
-def build(out, baseline=None):
+def build(out, baseline=None, variants=True):
     """prof: the instrumented working tree; plain: the working tree; base: csrc/ of another tree (optional)."""
     os.makedirs(out, exist_ok=True)
     src = open(os.path.join(ROOT, "csrc", "balance_math.cuh")).read()
-    hook = ('__device__ unsigned long long bk_prof[8 * 8192];\n__device__ unsigned long long bk_last[8192];\n'
+    hook = ('__device__ unsigned long long bk_prof[16 * 8192];\n__device__ unsigned long long bk_last[8192];\n'
             '__device__ __forceinline__ void bk_mark(int ph) {\n  __syncthreads();\n'
             '  if (threadIdx.x == 0) {\n    const unsigned long long now = clock64();\n'
-            '    bk_prof[8 * blockIdx.x + ph] += now - bk_last[blockIdx.x];\n    bk_last[blockIdx.x] = now;\n  }\n'
+            '    bk_prof[16 * blockIdx.x + ph] += now - bk_last[blockIdx.x];\n    bk_last[blockIdx.x] = now;\n  }\n'
             '  __syncthreads();\n}\n')
     src = src.replace("namespace bk {", hook + "namespace bk {", 1)
     for anchor, ph in MARKS:
         assert src.count(anchor) == 1, anchor
         src = src.replace(anchor, f"  bk_mark({ph});\n" + anchor)
+    for anchor, ph in MARKS_AFTER:
+        assert src.count(anchor) == 1, anchor
+        head, tail = anchor.split("  return true;", 1)
+        src = src.replace(anchor, head + f"  bk_mark({ph});\n  return true;" + tail)
     # the pair starts: reset the clock at the top of balance_pair
     anchor = "  const int n = c.n;\n  double bad = 0.0;"
     assert src.count(anchor) == 1
@@ -55,13 +81,29 @@ def build(out, baseline=None):
     cu = open(os.path.join(ROOT, "csrc", "balance.cu")).read()
     cu += ('\nextern "C" int bk_prof_read(unsigned long long* host, int n) {\n'
            '  return (int)cudaMemcpyFromSymbol(host, bk_prof, sizeof(unsigned long long) * n);\n}\n'
-           'extern "C" int bk_prof_reset() {\n  static unsigned long long zeros[8 * 8192];\n'
+           'extern "C" int bk_prof_reset() {\n  static unsigned long long zeros[16 * 8192];\n'
            '  return (int)cudaMemcpyToSymbol(bk_prof, zeros, sizeof(zeros));\n}\n')
     open(os.path.join(out, "balance.cu"), "w").write(cu)
-    builds = [("prof", out), ("plain", os.path.join(ROOT, "csrc"))] + [(f"base", baseline)] * bool(baseline)
-    for name, d in builds:
-        subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC", "-I", d,
-                        os.path.join(d, "balance.cu"), "-o", os.path.join(out, f"libbk_{name}.so")], check=True)
+    for f in ("balance_kernel.cuh", "balance_fixed.cu"):              # the rest of the kernel's sources, as they are
+        if os.path.exists(os.path.join(ROOT, "csrc", f)):
+            open(os.path.join(out, f), "w").write(open(os.path.join(ROOT, "csrc", f)).read())
+    # one translation unit, so that the fixed-rank kernels add to the same bk_prof as the others
+    fixed = os.path.exists(os.path.join(out, "balance_fixed.cu"))
+    with open(os.path.join(out, "prof_all.cu"), "w") as f:
+        f.write('#include "balance.cu"\n' + '#include "balance_fixed.cu"\n' * fixed)
+    builds = [("prof", out, []), ("plain", os.path.join(ROOT, "csrc"), [])]
+    builds += [("base", baseline, [])] * bool(baseline)
+    builds += [(name, os.path.join(ROOT, "csrc"), flags) for name, flags in VARIANTS if variants]
+    procs = []
+    for name, d, flags in builds:
+        cus = [os.path.join(d, f) for f in ("balance.cu", "balance_fixed.cu") if os.path.exists(os.path.join(d, f))]
+        if name == "prof":
+            cus = [os.path.join(d, "prof_all.cu")]
+        procs.append(subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC",
+                                       "-I", d] + flags + cus + ["-o", os.path.join(out, f"libbk_{name}.so")]))
+        if len(procs) >= JOBS:
+            assert procs.pop(0).wait() == 0
+    assert all(p.wait() == 0 for p in procs)
     print("built", out)
 
 
@@ -72,7 +114,8 @@ def run(libdir):
     from balora_kernels.ops.grouped_projection import padded_rank
     dev = torch.device("cuda")
     vp, ip = ctypes.c_void_p, ctypes.c_int
-    libs = {k: ctypes.CDLL(os.path.join(libdir, f"libbk_{k}.so")) for k in ("plain", "prof", "base")
+    names = ["plain", "prof", "base"] + [name for name, _ in VARIANTS]
+    libs = {k: ctypes.CDLL(os.path.join(libdir, f"libbk_{k}.so")) for k in names
             if os.path.exists(os.path.join(libdir, f"libbk_{k}.so"))}
     if "plain" not in libs or "prof" not in libs:
         raise SystemExit(f"{libdir} needs libbk_plain.so and libbk_prof.so (run with --build-only first)")
@@ -128,14 +171,14 @@ def run(libdir):
             else:
                 case[f"{name}_bitwise_equal_plain"] = bool(torch.equal(tw, ref_tw))
             if name == "prof":
-                buf = (ctypes.c_ulonglong * (8 * 8192))()
-                assert lib.bk_prof_read(buf, 8 * 8192) == 0
-                per = [0.0] * 8
+                buf = (ctypes.c_ulonglong * (NSLOT * 8192))()
+                assert lib.bk_prof_read(buf, NSLOT * 8192) == 0
+                per = [0.0] * NSLOT
                 for b in range(min(gr.value, P)):
-                    for ph in range(8):
-                        per[ph] += buf[8 * b + ph]
+                    for ph in range(NSLOT):
+                        per[ph] += buf[NSLOT * b + ph]
                 n_runs = reps * P
-                case["cycles_per_pair"] = {PHASES[ph]: per[ph] / n_runs for ph in range(7)}
+                case["cycles_per_pair"] = {PHASES[ph]: per[ph] / n_runs for ph in range(len(PHASES)) if ph != 7}
                 case["threads"], case["grid"], case["mats_in_smem"] = th.value, gr.value, ms.value
         res["cases"].append(case)
         print(json.dumps(case))
@@ -149,9 +192,10 @@ if __name__ == "__main__":
     ap.add_argument("--lib", default=None)
     ap.add_argument("--baseline", default=None, help="a csrc/ folder to build as 'base' beside the working tree")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-variants", action="store_true", help="build only prof, plain (and base)")
     a = ap.parse_args()
     if a.build_only:
-        build(a.out, a.baseline)
+        build(a.out, a.baseline, not a.no_variants)
     else:
         res = run(a.lib or a.out)
         if a.json:
