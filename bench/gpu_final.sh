@@ -83,8 +83,7 @@ seed_build
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = proj ]; then
-    echo "== GPU tests (projection)"
-    timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
+    projection_tests
     echo "== projection benchmark"
     timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = 1 ]; then

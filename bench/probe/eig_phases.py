@@ -20,8 +20,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (the fp32 write of T, T^-1 at the end of a pair is not counted in any phase). In the nearest mode full-rank
-# pairs take the Newton-Schulz fourth roots, which return before the eigendecomposition's marks: their
-# "T, T^-1" phase then holds M = L^T G_A L, the Cholesky test, both roots and T (the two phases before it read 0).
+# pairs take the Newton-Schulz fourth roots, which return before the eigendecomposition's marks: their time is
+# in the "NS: ..." phases (M = L^T G_A L is in "NS: M, bound"; "M=L^T G_A L" and "jacobi eig(M)" read 0).
 PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after",
           "(reset)", "NS: M, bound", "NS: sqrt 1 (+ gate)", "NS: sqrt 2", "NS: T, T^-1", "C",
           "NS steps: P = Z Y, residual sum", "NS steps: Y P, P Z"]
