@@ -11,6 +11,9 @@
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
 #   device run: bash bench/gpu_final.sh probe    # build, the CUDA Gram/rescale probe only
+#   device run: bash bench/gpu_final.sh gram     # CUDA Gram variants + ncu beside the build (carry .build/variants
+#                                                # from bench/probe/build_grouped_variants.sh), then as "grouped"
+#                                                # without its probe
 #   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
 #                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
 #                                                # run beside the build), then as "grouped" without its probe
@@ -48,6 +51,15 @@ projection_bench_check() {
 }
 seed_build
 {
+  if [ "$PART" = gram ] && [ -d .build/variants ]; then   # GPU-only probe (no extension needed), beside the build
+    { timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --ranks 8,16 --out "$OUT"
+      for v in default no_prefetch; do
+        timeout 40 ncu --clock-control none -k regex:grouped_ --section SpeedOfLight --section Occupancy \
+          --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+          python3 bench/probe/grouped_cuda.py --variants .build/variants --once $v > "$OUT/ncu_$v.txt" 2>&1
+      done; } > "$OUT/grouped_probe.log" 2>&1 &
+    probe_pid=$!
+  fi
   if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probe, beside the CPU-bound build
     timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --json "$OUT/eig_phases.json" \
       > "$OUT/eig_phases.log" 2>&1 &
@@ -77,6 +89,11 @@ seed_build
   elif [ "$PART" = rxr ]; then
     echo "== r x r kernel: phases and launch variants (bench/probe/eig_phases.py)"
     [ -n "${probe_pid:-}" ] && wait "$probe_pid"; echo "rc=$?"; cat "$OUT/eig_phases.log"
+    projection_tests
+    projection_bench_check
+  elif [ "$PART" = gram ]; then
+    echo "== CUDA Gram variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; echo "rc=$?"; tail -12 "$OUT/grouped_probe.log"
     projection_tests
     projection_bench_check
   elif [ "$PART" = probe ]; then

@@ -103,8 +103,10 @@ RESCALE_METHODS = ("auto", "dot", "outer")
 # _ext.GROUPED_MAX_RANK, when the r x r step runs in the extension and it has the ops); "cuda" takes both there;
 # "auto" takes the CUDA rescale there, and the CUDA Gram for groups of float32 factors only. Measured on an H200,
 # 7B adapters (bench/results/logs/grouped-cuda-probe-2026-11-28.json, GPU ms Triton -> CUDA): float32 Gram r = 8
-# 0.083 -> 0.039, r = 16 0.232 -> 0.083; bf16 Gram r = 8 0.055 -> 0.077, r = 16 0.058 -> 0.17 (slower: kept in
-# Triton); rescale float32 r = 8 0.101 -> 0.050, r = 16 0.110 -> 0.103, bf16 0.058 -> 0.039, 0.105 -> 0.089. A plan
+# 0.083 -> 0.039, r = 16 0.232 -> 0.083 (0.072 since its lanes prefetch their next rows,
+# bench/results/logs/session8-grouped-final-probe-2026-12-01.txt); bf16 Gram r = 8 0.055 -> 0.077, r = 16
+# 0.058 -> 0.17 (slower: kept in Triton); rescale float32 r = 8 0.101 -> 0.050, r = 16 0.110 -> 0.103, bf16
+# 0.058 -> 0.039, 0.105 -> 0.089. A plan
 # says what each rank group took (``TritonProjectionPlan.kernels``) and why (``kernels_why``).
 KERNELS = ("auto", "triton", "cuda")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/grouped.cu's dtype codes

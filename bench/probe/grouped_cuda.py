@@ -2,11 +2,12 @@
 
 Variants are csrc/grouped.cu compiled with other launch macros into standalone libraries (no torch headers:
 ``nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -D... csrc/grouped.cu``; bench/probe/build_grouped_variants.sh),
-loaded with ctypes and launched on the plan's own tables. For each 7B case (r, dtype): GPU time of the Triton
-Gram / rescale (a CUDA-graph replay, L2 flushed), of the extension's ops (the package's path) and of every
-variant; each variant's Grams against the Triton plan's (max relative error) and bitwise equal over two runs;
-its rescale against the Triton rescale of copies. Writes grouped-cuda-probe.json to --out.
-Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR]
+loaded with ctypes and launched on the plan's own tables (no extension needed: it can run beside the extension's
+build). For each 7B case (r, dtype): GPU time of the Triton Gram / rescale (a CUDA-graph replay, L2 flushed) and
+of every variant, on tiles of each --k-chunks size; each variant's Grams against the Triton plan's (max relative
+error) and bitwise equal over two runs; its rescale against the Triton rescale of copies. Writes
+grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and one rescale of that variant (r=16 fp32), for ncu.
+Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME]
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def main():
     ap.add_argument("--variants", default=".build/variants")
     ap.add_argument("--out", default=".")
     ap.add_argument("--ranks", default="8,16")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--k-chunks", default="1024", help="rows per tile of the plans the variants run on")
+    ap.add_argument("--once", default=None, help="run variant ONCE's Gram and rescale once (r=16 fp32), for ncu")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -44,6 +48,12 @@ def main():
         libs[os.path.basename(path)[:-3]] = lib
     P = ctypes.c_void_p
     I = ctypes.c_int
+
+    def plan_of(pairs, **kw):   # tables only (Triton kernels, torch r x r step): no extension needed
+        plan = TritonProjectionPlan(pairs, kernels="triton", transforms="torch", **kw)
+        for g in plan.groups:
+            g.counters = torch.zeros(2 * g.P, dtype=torch.int32, device="cuda")
+        return plan
 
     def gram_with(lib, plan):
         def run():
@@ -69,12 +79,24 @@ def main():
                     assert err == 0, err
         return run
 
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": sorted(libs), "cases": []}
     shapes = llama_shapes(**MODELS["llama2-7b"])
+    if args.once:
+        ad = make_adapters(shapes, 16, torch.float32)
+        plan = plan_of(ad)
+        status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
+        for g in plan.groups:
+            g.tw.zero_()
+            g.tw[:, :, :16, :16] = torch.eye(16, device="cuda")
+        gram_with(libs[args.once], plan)()
+        rescale_with(libs[args.once], plan, status)()
+        torch.cuda.synchronize()
+        return
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": sorted(libs), "cases": []}
+    k_chunks = [int(x) for x in args.k_chunks.split(",")]
     for r in [int(x) for x in args.ranks.split(",")]:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
             ad = make_adapters(shapes, r, dtype)
-            tri = TritonProjectionPlan(ad, kernels="triton")
+            tri = plan_of(ad)
             tri.run("nearest")                  # balanced state, transforms in tri's tw
             status = torch.zeros(tri.n_pairs, dtype=torch.int32, device="cuda")
             gaps = torch.zeros(tri.n_pairs, 2, dtype=torch.float64, device="cuda")
@@ -84,57 +106,54 @@ def main():
             case = {"r": r, "dtype": str(dtype).replace("torch.", ""),
                     "triton_gram_ms": graph_ms(tri.gram, bench),
                     "triton_rescale_ms": graph_ms(lambda: tri.rescale(status), bench)}
-            ext = TritonProjectionPlan(ad, kernels="cuda")
-            case["ext_gram_ms"] = graph_ms(ext.gram, bench)
-            for g_e, g in zip(ext.groups, tri.groups):
-                g_e.tw.copy_(g.tw)
-            case["ext_rescale_ms"] = graph_ms(lambda: ext.rescale(status), bench)
             # accuracy of the variants: Grams against Triton's; rescale of copies against Triton's rescale
             copies_t = [(A.clone(), B.clone()) for A, B in ad]
-            ct = TritonProjectionPlan(copies_t, kernels="triton")
+            ct = plan_of(copies_t)
             for g_c, g in zip(ct.groups, tri.groups):
                 g_c.tw.copy_(g.tw)
             ct.rescale(status)
             for name, lib in libs.items():
-                plan = TritonProjectionPlan(ad, kernels="cuda")
-                run = gram_with(lib, plan)
-                for g in plan.groups:
-                    g.grams.fill_(float("nan"))
-                run()
-                first = [g.grams.clone() for g in plan.groups]
-                run()
-                bitwise = all(torch.equal(a, g.grams) for a, g in zip(first, plan.groups))
-                err = max(((g.grams - ref).abs().max() / ref.abs().max()).item()
-                          for g, ref in zip(plan.groups, ref_grams))
-                v = {"gram_ms": graph_ms(run, bench), "gram_rel_err_vs_triton": err, "gram_bitwise_repeat": bitwise,
-                     "counters_zero": all(int(g.counters.abs().sum()) == 0 for g in plan.groups)}
-                copies = [(A.clone(), B.clone()) for A, B in ad]
-                cp = TritonProjectionPlan(copies, kernels="cuda")
-                for g_c, g in zip(cp.groups, tri.groups):
-                    g_c.tw.copy_(g.tw)
-                rescale_with(lib, cp, status)()
-                v["rescale_rel_err_vs_triton"] = max(
-                    max(((a.float() - b.float()).norm() / b.float().norm()).item(),
-                        ((c.float() - d.float()).norm() / d.float().norm()).item())
-                    for (a, c), (b, d) in zip(copies, copies_t))
-                v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
-                case[name] = v
-                del plan, cp, copies
+                for kc in k_chunks:
+                    plan = plan_of(ad, k_chunk=kc)
+                    run = gram_with(lib, plan)
+                    for g in plan.groups:
+                        g.grams.fill_(float("nan"))
+                    run()
+                    first = [g.grams.clone() for g in plan.groups]
+                    run()
+                    bitwise = all(torch.equal(a, g.grams) for a, g in zip(first, plan.groups))
+                    err = max(((g.grams - ref).abs().max() / ref.abs().max()).item()
+                              for g, ref in zip(plan.groups, ref_grams))
+                    v = {"gram_ms": graph_ms(run, bench), "gram_rel_err_vs_triton": err,
+                         "gram_bitwise_repeat": bitwise,
+                         "counters_zero": all(int(g.counters.abs().sum()) == 0 for g in plan.groups)}
+                    copies = [(A.clone(), B.clone()) for A, B in ad]
+                    cp = plan_of(copies, k_chunk=kc)
+                    for g_c, g in zip(cp.groups, tri.groups):
+                        g_c.tw.copy_(g.tw)
+                    rescale_with(lib, cp, status)()
+                    v["rescale_rel_err_vs_triton"] = max(
+                        max(((a.float() - b.float()).norm() / b.float().norm()).item(),
+                            ((c.float() - d.float()).norm() / d.float().norm()).item())
+                        for (a, c), (b, d) in zip(copies, copies_t))
+                    v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
+                    case[name if kc == 1024 else f"{name}@k{kc}"] = v
+                    del plan, cp, copies
             res["cases"].append(case)
             print(json.dumps(case), flush=True)
-            del ad, tri, ext, ct, copies_t
+            del ad, tri, ct, copies_t
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "grouped-cuda-probe.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("\n7B, GPU ms (CUDA-graph replay)")
-    print(f"{'r':>3} {'dtype':9} {'what':14} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
+    print(f"{'r':>3} {'dtype':9} {'what':16} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
     for c in res["cases"]:
-        print(f"{c['r']:>3} {c['dtype']:9} {'triton':14} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
-        print(f"{c['r']:>3} {c['dtype']:9} {'ext':14} {c['ext_gram_ms']:7.4f} {c['ext_rescale_ms']:8.4f}")
-        for name in res["variants"]:
-            v = c[name]
-            print(f"{c['r']:>3} {c['dtype']:9} {name:14} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
+        print(f"{c['r']:>3} {c['dtype']:9} {'triton':16} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
+        for name, v in c.items():
+            if not isinstance(v, dict):
+                continue
+            print(f"{c['r']:>3} {c['dtype']:9} {name:16} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
                   f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e}"
                   f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}")
 
