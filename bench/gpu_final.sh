@@ -53,6 +53,7 @@ seed_build
 {
   if [ "$PART" = gram ] && [ -d .build/variants ]; then   # GPU-only probe (no extension needed), beside the build
     { timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --ranks 8,16 --out "$OUT"
+      echo "probe rc=$?"
       for v in default no_prefetch; do
         timeout 40 ncu --clock-control none -k regex:grouped_ --section SpeedOfLight --section Occupancy \
           --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
@@ -93,7 +94,8 @@ seed_build
     projection_bench_check
   elif [ "$PART" = gram ]; then
     echo "== CUDA Gram variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
-    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; echo "rc=$?"; tail -12 "$OUT/grouped_probe.log"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"   # (its rc is the last ncu run's; the probe's own is in the log)
+    sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
     projection_tests
     projection_bench_check
   elif [ "$PART" = probe ]; then

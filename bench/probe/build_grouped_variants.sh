@@ -6,8 +6,8 @@
 # Tried on an H200 in session 8 and removed again (bench/results/logs/session8-grouped-*-2026-12-01.*): the Gram's
 # triangle split over 2 or 4 warps per tile (0.079 - 0.15 ms against 0.072 with prefetch, r = 16 float32), a
 # register cap by __launch_bounds__ (spills), tiles of 512 rows (no better); for the rescale four output columns
-# per shared-memory read of T for all rows of a thread (0.115 - 0.133 ms against 0.103), a prefetch of the next
-# rows (0.101 - 0.137), rows of B through shared memory so that every warp access covers whole lines
+# per shared-memory read of T for all rows of a thread (0.115 - 0.216 ms against 0.103), a prefetch of the next
+# rows (0.101 - 0.166), rows of B through shared memory so that every warp access covers whole lines
 # (0.104 - 0.145). The rescale's limit is not understood (ncu: ~59% of DRAM bandwidth, 20 warps per SM).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,15 +15,21 @@ out="${1:-.build/variants}"
 mkdir -p "$out"
 build() {  # name, macros...
   local name="$1"; shift
-  nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu -o "$out/$name.so" \
-    > "$out/$name.ptxas.txt" 2>&1
+  if ! nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu -o "$out/$name.so" \
+    > "$out/$name.ptxas.txt" 2>&1; then
+    cat "$out/$name.ptxas.txt" >&2
+    echo "build of variant $name failed" >&2
+    return 1
+  fi
   echo "$name: gram f32 r16 $(grep -A3 'Compiling entry.*grouped_gram_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')," \
-    "rescale f32 r16 $(grep -A3 'Compiling entry.*grouped_rescale_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')"
+    "rescale f32 r16 $(grep -A3 'Compiling entry.*grouped_rescale_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')," \
+    "spill stores $(grep -o '[0-9]* bytes spill stores' "$out/$name.ptxas.txt" | sort -un | tr '\n' ' ')"
 }
-build default &
-build no_prefetch -DBK_GRAM_PREFETCH=0
-wait
-build gram_w4 -DBK_GRAM_WARPS=4 &
-build resc_f32_t256 -DBK_RESCALE_THREADS_F32=256
-wait
+pair() {  # two builds side by side (2 cores); fails when either does
+  build "${1}" ${2:+$2} & local p=$!
+  build "${3}" ${4:+$4}
+  wait "$p"
+}
+pair default "" no_prefetch -DBK_GRAM_PREFETCH=0
+pair gram_w4 -DBK_GRAM_WARPS=4 resc_f32_t256 -DBK_RESCALE_THREADS_F32=256
 ls -la "$out"

@@ -137,7 +137,7 @@ def main():
                             ((c.float() - d.float()).norm() / d.float().norm()).item())
                         for (a, c), (b, d) in zip(copies, copies_t))
                     v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
-                    case[name if kc == 1024 else f"{name}@k{kc}"] = v
+                    case[name if len(k_chunks) == 1 else f"{name}@k{kc}"] = v
                     del plan, cp, copies
             res["cases"].append(case)
             print(json.dumps(case), flush=True)
@@ -147,13 +147,13 @@ def main():
     with open(os.path.join(args.out, "grouped-cuda-probe.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("\n7B, GPU ms (CUDA-graph replay)")
-    print(f"{'r':>3} {'dtype':9} {'what':16} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
+    print(f"{'r':>3} {'dtype':9} {'what':20} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
     for c in res["cases"]:
-        print(f"{c['r']:>3} {c['dtype']:9} {'triton':16} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
+        print(f"{c['r']:>3} {c['dtype']:9} {'triton':20} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
         for name, v in c.items():
             if not isinstance(v, dict):
                 continue
-            print(f"{c['r']:>3} {c['dtype']:9} {name:16} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
+            print(f"{c['r']:>3} {c['dtype']:9} {name:20} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
                   f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e}"
                   f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}")
 
