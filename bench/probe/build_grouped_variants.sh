@@ -9,6 +9,8 @@
 # per shared-memory read of T for all rows of a thread (0.115 - 0.216 ms against 0.103), a prefetch of the next
 # rows (0.101 - 0.166), rows of B through shared memory so that every warp access covers whole lines
 # (0.104 - 0.145). The rescale's limit is not understood (ncu: ~59% of DRAM bandwidth, 20 warps per SM).
+# Kept: the Gram's prefetch (BK_GRAM_PREFETCH) and, for float32 at rank block 16 only, the rescale's prefetch with
+# one row per thread and step (BK_RESCALE_PREFETCH_F32_16; no_prefetch = both as before session 8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-.build/variants}"
@@ -26,10 +28,10 @@ build() {  # name, macros...
     "spill stores $(grep -o '[0-9]* bytes spill stores' "$out/$name.ptxas.txt" | sort -un | tr '\n' ' ')"
 }
 pair() {  # two builds side by side (2 cores); fails when either does
-  build "${1}" ${2:+$2} & local p=$!
-  build "${3}" ${4:+$4}
+  build "$1" $2 & local p=$!   # $2, $4: macro lists, split on spaces
+  build "$3" $4
   wait "$p"
 }
-pair default "" no_prefetch -DBK_GRAM_PREFETCH=0
-pair gram_w4 -DBK_GRAM_WARPS=4 resc_f32_t256 -DBK_RESCALE_THREADS_F32=256
+pair default "" no_prefetch "-DBK_GRAM_PREFETCH=0 -DBK_RESCALE_PREFETCH_F32_16=0 -DBK_RESCALE_UNROLL_F32_16=2"
+pair rescale_u2 "-DBK_RESCALE_PREFETCH_F32_16=0 -DBK_RESCALE_UNROLL_F32_16=2" rescale_pf_u2 -DBK_RESCALE_UNROLL_F32_16=2
 ls -la "$out"

@@ -5,8 +5,8 @@ Variants are csrc/grouped.cu compiled with other launch macros into standalone l
 loaded with ctypes and launched on the plan's own tables (no extension needed: it can run beside the extension's
 build). For each 7B case (r, dtype): GPU time of the Triton Gram / rescale (a CUDA-graph replay, L2 flushed) and
 of every variant, on tiles of each --k-chunks size; each variant's Grams against the Triton plan's (max relative
-error) and bitwise equal over two runs; its rescale against the Triton rescale of copies. Writes
-grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and one rescale of that variant (r=16 fp32), for ncu.
+error) and bitwise equal over two runs; its rescale against the Triton rescale of copies; each kernel's time on
+the B tiles alone and on the A tiles alone. Writes grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and one rescale of that variant (r=16 fp32), for ncu.
 Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME]
 """
 from __future__ import annotations
@@ -55,25 +55,34 @@ def main():
             g.counters = torch.zeros(2 * g.P, dtype=torch.int32, device="cuda")
         return plan
 
-    def gram_with(lib, plan):
+    def tiles_of(lg, part):   # (table address, n_b, n_a): all tiles, the B tiles only or the A tiles only
+        if part == "b":
+            return lg.tiles.data_ptr(), lg.n_b, 0
+        if part == "a":
+            return lg.tiles[lg.n_b:].data_ptr(), 0, lg.n_a
+        return lg.tiles.data_ptr(), lg.n_b, lg.n_a
+
+    def gram_with(lib, plan, part=None):
         def run():
             s = P(torch.cuda.current_stream().cuda_stream)
             for g in plan.groups:
                 for lg in g.launches:
-                    err = lib.bk_grouped_gram_launch(P(lg.tiles.data_ptr()), I(lg.n_b), I(lg.n_a), I(g.r), I(g.R),
+                    tp, nb, na = tiles_of(lg, part)
+                    err = lib.bk_grouped_gram_launch(P(tp), I(nb), I(na), I(g.r), I(g.R),
                                                      I(_DTYPE_CODES[lg.dtype]), P(g.partials.data_ptr()),
                                                      I(g.R * g.R), P(g.ranges.data_ptr()), P(g.counters.data_ptr()),
                                                      P(g.grams.data_ptr()), s)
                     assert err == 0, err
         return run
 
-    def rescale_with(lib, plan, status):
+    def rescale_with(lib, plan, status, part=None):
         def run():
             s = P(torch.cuda.current_stream().cuda_stream)
             for g in plan.groups:
                 st = status[g.first:g.first + g.P]
                 for lg in g.launches:
-                    err = lib.bk_grouped_rescale_launch(P(lg.tiles.data_ptr()), I(lg.n_b), I(lg.n_a), I(g.r), I(g.R),
+                    tp, nb, na = tiles_of(lg, part)
+                    err = lib.bk_grouped_rescale_launch(P(tp), I(nb), I(na), I(g.r), I(g.R),
                                                         I(_DTYPE_CODES[lg.dtype]), P(g.tw.data_ptr()),
                                                         P(st.data_ptr()), I(STATUS_NONFINITE | STATUS_ZERO), s)
                     assert err == 0, err
@@ -137,6 +146,9 @@ def main():
                             ((c.float() - d.float()).norm() / d.float().norm()).item())
                         for (a, c), (b, d) in zip(copies, copies_t))
                     v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
+                    for part in "ba":   # where the time goes: rows of B / columns of A alone
+                        v[f"gram_{part}_ms"] = graph_ms(gram_with(lib, plan, part), bench)
+                        v[f"rescale_{part}_ms"] = graph_ms(rescale_with(lib, cp, status, part), bench)
                     case[name if len(k_chunks) == 1 else f"{name}@k{kc}"] = v
                     del plan, cp, copies
             res["cases"].append(case)
@@ -147,14 +159,16 @@ def main():
     with open(os.path.join(args.out, "grouped-cuda-probe.json"), "w") as f:
         json.dump(res, f, indent=1)
     print("\n7B, GPU ms (CUDA-graph replay)")
-    print(f"{'r':>3} {'dtype':9} {'what':20} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9}")
+    print(f"{'r':>3} {'dtype':9} {'what':20} {'gram':>7} {'rescale':>8} {'gram err':>9} {'resc err':>9} "
+          f"{'gram B/A':>15} {'rescale B/A':>15}")
     for c in res["cases"]:
         print(f"{c['r']:>3} {c['dtype']:9} {'triton':20} {c['triton_gram_ms']:7.4f} {c['triton_rescale_ms']:8.4f}")
         for name, v in c.items():
             if not isinstance(v, dict):
                 continue
             print(f"{c['r']:>3} {c['dtype']:9} {name:20} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
-                  f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e}"
+                  f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e} "
+                  f"{v['gram_b_ms']:7.4f}/{v['gram_a_ms']:7.4f} {v['rescale_b_ms']:7.4f}/{v['rescale_a_ms']:7.4f}"
                   f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}")
 
 
