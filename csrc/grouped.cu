@@ -44,7 +44,7 @@ namespace {
 #define BK_RESCALE_UNROLL_F32_SMALL 4
 #endif
 #ifndef BK_RESCALE_UNROLL_F32_16
-#define BK_RESCALE_UNROLL_F32_16 1
+#define BK_RESCALE_UNROLL_F32_16 (BK_RESCALE_PREFETCH_F32_16 ? 1 : 2)
 #endif
 #ifndef BK_RESCALE_PREFETCH_F32_16   // float32, rank block 16: each thread loads its next rows before it rescales
 #define BK_RESCALE_PREFETCH_F32_16 1  // the current ones (two buffers)
@@ -336,27 +336,27 @@ __global__ void __launch_bounds__(rescale_threads<T>()) grouped_rescale_kernel(c
         if (k >= tl.k_len) break;
       }
     }
-    return;
-  }
-  for (int k = threadIdx.x; k < tl.k_len; k += NT * U) {
-    float v[U][RK];
+  } else {
+    for (int k = threadIdx.x; k < tl.k_len; k += NT * U) {
+      float v[U][RK];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = k + NT * u;
-      if (kk < tl.k_len) load_vec<false, T, RK>(base + kk * next, step, r, vec, v[u]);
-    }
+      for (int u = 0; u < U; ++u) {
+        const int kk = k + NT * u;
+        if (kk < tl.k_len) load_vec<false, T, RK>(base + kk * next, step, r, vec, v[u]);
+      }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = k + NT * u;
-      if (kk >= tl.k_len) continue;
-      float out[RK];
+      for (int u = 0; u < U; ++u) {
+        const int kk = k + NT * u;
+        if (kk >= tl.k_len) continue;
+        float out[RK];
 #pragma unroll
-      for (int j = 0; j < RK; ++j) out[j] = v[u][0] * M[j];
+        for (int j = 0; j < RK; ++j) out[j] = v[u][0] * M[j];
 #pragma unroll
-      for (int i = 1; i < RK; ++i)
+        for (int i = 1; i < RK; ++i)
 #pragma unroll
-        for (int j = 0; j < RK; ++j) out[j] = fmaf(v[u][i], M[i * RK + j], out[j]);
-      store_vec<T, RK>(base + kk * next, step, r, vec, out);
+          for (int j = 0; j < RK; ++j) out[j] = fmaf(v[u][i], M[i * RK + j], out[j]);
+        store_vec<T, RK>(base + kk * next, step, r, vec, out);
+      }
     }
   }
 }

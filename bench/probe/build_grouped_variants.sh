@@ -6,9 +6,10 @@
 # Tried on an H200 in session 8 and removed again (bench/results/logs/session8-grouped-*-2026-12-01.*): the Gram's
 # triangle split over 2 or 4 warps per tile (0.079 - 0.15 ms against 0.072 with prefetch, r = 16 float32), a
 # register cap by __launch_bounds__ (spills), tiles of 512 rows (no better); for the rescale four output columns
-# per shared-memory read of T for all rows of a thread (0.115 - 0.216 ms against 0.103), a prefetch of the next
-# rows (0.101 - 0.166), rows of B through shared memory so that every warp access covers whole lines
-# (0.104 - 0.145). The rescale's limit is not understood (ncu: ~59% of DRAM bandwidth, 20 warps per SM).
+# per shared-memory read of T for all rows of a thread (0.115 - 0.216 ms against 0.103), the kept prefetch with
+# two rows per step, 64 / 256 threads or 512-row tiles (0.101 - 0.166), rows of B through shared memory so that
+# every warp access covers whole lines (0.104 - 0.145). The rescale's limit is not understood (ncu: ~60% of DRAM
+# bandwidth at 20 - 22 warps per SM).
 # Kept: the Gram's prefetch (BK_GRAM_PREFETCH) and, for float32 at rank block 16 only, the rescale's prefetch with
 # one row per thread and step (BK_RESCALE_PREFETCH_F32_16; no_prefetch = both as before session 8).
 set -euo pipefail

@@ -6,7 +6,8 @@ loaded with ctypes and launched on the plan's own tables (no extension needed: i
 build). For each 7B case (r, dtype): GPU time of the Triton Gram / rescale (a CUDA-graph replay, L2 flushed) and
 of every variant, on tiles of each --k-chunks size; each variant's Grams against the Triton plan's (max relative
 error) and bitwise equal over two runs; its rescale against the Triton rescale of copies; each kernel's time on
-the B tiles alone and on the A tiles alone. Writes grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and one rescale of that variant (r=16 fp32), for ncu.
+the B tiles alone and on the A tiles alone. Writes grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and
+one rescale of that variant (r=16 fp32), for ncu.
 Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME]
 """
 from __future__ import annotations
