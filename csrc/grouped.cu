@@ -137,6 +137,20 @@ __device__ __forceinline__ void store_vec(T* p, long long step, int r, bool vec,
     if (c < r) p[c * step] = from_float<T>(v[c]);
 }
 
+// One row of B (column of A) times M (i ascending, float32 FMAs), rounded once and written over the row.
+template <class T, int RK>
+__device__ __forceinline__ void rescale_row(const float (&v)[RK], const float* M, T* base, long long offset,
+                                            long long step, int r, bool vec) {
+  float out[RK];
+#pragma unroll
+  for (int j = 0; j < RK; ++j) out[j] = v[0] * M[j];
+#pragma unroll
+  for (int i = 1; i < RK; ++i)
+#pragma unroll
+    for (int j = 0; j < RK; ++j) out[j] = fmaf(v[i], M[i * RK + j], out[j]);
+  store_vec<T, RK>(base + offset, step, r, vec, out);
+}
+
 // Whether tile rows can be read as 16-byte vectors: rows of B (step 1) of exactly RK elements, 16-byte aligned.
 template <class T, int RK>
 __device__ __forceinline__ bool vec_rows(const Tile& tl, bool is_b, int r) {
@@ -311,14 +325,7 @@ __global__ void __launch_bounds__(rescale_threads<T>()) grouped_rescale_kernel(c
       for (int u = 0; u < U; ++u) {
         const int kk = k + NT * u;
         if (kk >= tl.k_len) continue;
-        float out[RK];
-#pragma unroll
-        for (int j = 0; j < RK; ++j) out[j] = v[u][0] * M[j];
-#pragma unroll
-        for (int i = 1; i < RK; ++i)
-#pragma unroll
-          for (int j = 0; j < RK; ++j) out[j] = fmaf(v[u][i], M[i * RK + j], out[j]);
-        store_vec<T, RK>(base + kk * next, step, r, vec, out);
+        rescale_row<T, RK>(v[u], M, base, kk * next, step, r, vec);
       }
     };
     if (threadIdx.x < tl.k_len) {
@@ -348,14 +355,7 @@ __global__ void __launch_bounds__(rescale_threads<T>()) grouped_rescale_kernel(c
       for (int u = 0; u < U; ++u) {
         const int kk = k + NT * u;
         if (kk >= tl.k_len) continue;
-        float out[RK];
-#pragma unroll
-        for (int j = 0; j < RK; ++j) out[j] = v[u][0] * M[j];
-#pragma unroll
-        for (int i = 1; i < RK; ++i)
-#pragma unroll
-          for (int j = 0; j < RK; ++j) out[j] = fmaf(v[u][i], M[i * RK + j], out[j]);
-        store_vec<T, RK>(base + kk * next, step, r, vec, out);
+        rescale_row<T, RK>(v[u], M, base, kk * next, step, r, vec);
       }
     }
   }
