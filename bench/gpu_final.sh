@@ -62,8 +62,8 @@ seed_build
     probe_pid=$!
   fi
   if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probe, beside the CPU-bound build
-    timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --json "$OUT/eig_phases.json" \
-      > "$OUT/eig_phases.log" 2>&1 &
+    timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --ranks 16,48,64,128 --pairs 224,112 \
+      --json "$OUT/eig_phases.json" > "$OUT/eig_phases.log" 2>&1 &
     probe_pid=$!
   fi
   date -u +%FT%TZ

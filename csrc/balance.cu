@@ -11,8 +11,37 @@
 
 namespace {
 
-constexpr int kMaxSmemBytes = 100 * 1024;   // leaves room for two blocks per SM
+constexpr int kMaxSmemBytes = 100 * 1024;   // ranks <= 32: every matrix fits, and two blocks per SM
 constexpr int kBlockedRank = 33;            // ranks from here take the register-blocked kernel
+
+// Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the Newton-Schulz
+// workspaces first (see bk::carve_mats). With at most one pair per SM (P <= SMs), or r > 64, one block per SM
+// takes all the shared memory a block may opt in to (227 KB on an H100 / H200: 6 matrices at r = 64, all of them
+// up to r = 48); with more pairs two blocks per SM take kMaxSmemBytes each (2 matrices at r = 64, 5 at r = 48),
+// so that 2 x SMs pairs still run in one wave. Measured on an H200 (7B adapters, r = 64; bench/results/logs/
+// session9-rxr-probe-2026-12-01.json and session9-rxr-probe2-2026-12-01.json): 224 pairs 1.47 ms (one block per
+// SM, so two waves: 1.66; two blocks of 113 KB, 3 matrices each: 1.56; before this session 2.13), 112 pairs
+// 0.84 ms (two blocks of 113 KB per SM: 1.14; before 1.38). BK_BLOCKED_ONE_PER_SM=0 (a probe switch): two
+// blocks per SM for any P.
+#ifndef BK_BLOCKED_ONE_PER_SM
+#define BK_BLOCKED_ONE_PER_SM 1
+#endif
+
+// The dynamic shared memory one block may opt in to on the current device (cached per device).
+int optin_smem_limit() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return kMaxSmemBytes;
+  if (cached[dev] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      v = 0;
+    }
+    cached[dev] = v > kMaxSmemBytes ? v : kMaxSmemBytes;
+  }
+  return cached[dev];
+}
 
 }  // namespace
 
@@ -27,12 +56,19 @@ void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* 
            : n == 32 ? BK_FIXED_N32_THREADS : n <= 8 ? 64 : (n <= 32 ? 128 : 256);
   const long long small = (bk::small_bytes(n) + 7) / 8 * 8;
   const long long mat = 8LL * n * n;
-  int in_smem = 0;
-  if (small + bk::NUM_MATS * mat <= kMaxSmemBytes) in_smem = bk::NUM_MATS;
-  else if (small + 2 * mat <= kMaxSmemBytes) in_smem = 2;
+  int in_smem = 0, per_sm = n <= 32 ? 4 : (n <= 64 ? 2 : 1);
+  if (n >= kBlockedRank) {
+    const bool one = n > 64 || (BK_BLOCKED_ONE_PER_SM && P <= num_sms);
+    per_sm = one ? 1 : 2;
+    const long long fit = ((one ? optin_smem_limit() : kMaxSmemBytes) - small) / mat;
+    in_smem = fit < 0 ? 0 : (fit > bk::NUM_MATS ? bk::NUM_MATS : (int)fit);
+  } else if (small + bk::NUM_MATS * mat <= kMaxSmemBytes) {
+    in_smem = bk::NUM_MATS;
+  } else if (small + 2 * mat <= kMaxSmemBytes) {
+    in_smem = 2;
+  }
   *mats_in_smem = in_smem;
   *smem_bytes = (int)(small + in_smem * mat);
-  const int per_sm = n <= 32 ? 4 : (n <= 64 ? 2 : 1);
   int g = num_sms * per_sm;
   if (g > P) g = P;
   if (g < 1) g = 1;
@@ -45,20 +81,20 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream) {
   if (P == 0) return 0;
-  // Raise the dynamic shared-memory limit once per device (not again while a CUDA graph is captured).
-  static int configured[64] = {0};
+  // Raise the dynamic shared-memory limits once per device (not again while a CUDA graph is captured).
+  static bool configured[64] = {false};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return (int)err;
-  if (dev < 0 || dev >= 64 || smem_bytes > configured[dev]) {
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
     err = cudaFuncSetAttribute(bk::balance_transforms_kernel<1, 0, 0, 2>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
     if (err == cudaSuccess)
       err = cudaFuncSetAttribute(bk::balance_transforms_kernel<4, 0, 0, 2>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes);
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, optin_smem_limit());
     if (err == cudaSuccess) err = (cudaError_t)bk::configure_fixed_rank(kMaxSmemBytes);
     if (err != cudaSuccess) return (int)err;
-    if (dev >= 0 && dev < 64) configured[dev] = kMaxSmemBytes;
+    if (dev >= 0 && dev < 64) configured[dev] = true;
   }
   const int fixed = bk::launch_fixed_rank(grams, eps_f, P, n, R, mode, tw, status, gaps, scratch, threads, grid,
                                           smem_bytes, mats_in_smem, stream);

@@ -171,16 +171,24 @@ BK_DEV void copy_mat(Ctx& c, double* dst, const double* src, int n) {
 }
 
 // C [m x p] = op(A) [m x q] op(B) [q x p]; compact row-major operands with the given leading dims.
-// Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains);
-// every output is still the sum over k = 0..q-1 in ascending order, by fma from 0.0, whatever TB: the result
-// does not depend on the blocking (nor on the number of threads). `store(i, j, s)` receives each output (no
-// barrier at the end: the caller's).
+// Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains):
+// TB consecutive rows i0 + a and TB columns jc + b tp strided by tp = ceil(p / TB), so that the threads of a warp
+// (consecutive jc) read consecutive elements of a row of B and write consecutive outputs: one shared-memory
+// wavefront per load where TB consecutive columns per thread made a 4-way bank conflict at TB = 4
+// (BK_MATMUL_STRIDED_COLS=0 builds the consecutive columns, for comparison). Every output is still the sum over
+// k = 0..q-1 in ascending order, by fma from 0.0, whatever TB and column order: the result does not depend on
+// the blocking (nor on the number of threads). `store(i, j, s)` receives each output, always from the same
+// thread for a given shape (no barrier at the end: the caller's).
+#ifndef BK_MATMUL_STRIDED_COLS
+#define BK_MATMUL_STRIDED_COLS 1
+#endif
 template <int TB, class Store>
 BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
                          int lda, int ldb, Store store) {
   const int tm = (m + TB - 1) / TB, tp = (p + TB - 1) / TB;
+  const int col_step = BK_MATMUL_STRIDED_COLS ? tp : 1;
   for (int t = c.tid; t < tm * tp; t += c.nt) {
-    const int i0 = (t / tp) * TB, j0 = (t % tp) * TB;
+    const int i0 = (t / tp) * TB, j0 = BK_MATMUL_STRIDED_COLS ? t % tp : (t % tp) * TB;
     double acc[TB][TB];
     for (int a = 0; a < TB; ++a)
       for (int b = 0; b < TB; ++b) acc[a][b] = 0.0;
@@ -191,7 +199,7 @@ BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B
         av[a] = tA ? A[k * lda + i] : A[i * lda + k];
       }
       for (int b = 0; b < TB; ++b) {
-        const int j = j0 + b < p ? j0 + b : p - 1;
+        const int j = j0 + b * col_step < p ? j0 + b * col_step : p - 1;
         bv[b] = tB ? B[j * ldb + k] : B[k * ldb + j];
       }
       for (int a = 0; a < TB; ++a)
@@ -199,7 +207,7 @@ BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B
     }
     for (int a = 0; a < TB; ++a)
       for (int b = 0; b < TB; ++b)
-        if (i0 + a < m && j0 + b < p) store(i0 + a, j0 + b, acc[a][b]);
+        if (i0 + a < m && j0 + b * col_step < p) store(i0 + a, j0 + b * col_step, acc[a][b]);
   }
 }
 
@@ -997,14 +1005,27 @@ BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
 
 BK_HD long long small_bytes(int n) { return 8LL * small_doubles(n) + 4LL * small_ints(n) + 8; }
 
-// The first `in_fast` matrices (AW, VW first, then the rest) come from `fast`, the others from `slow`.
+// The first `in_fast` matrices come from `fast`, the others from `slow`. Order: the workspaces of the Newton-Schulz
+// square roots (M1, M2, M3, VW, T: every product of the fast path's iterations) and X (their input, then the
+// polar factor's), then AW, Y, W, GB, GA (BK_CARVE_LEGACY=1, a probe switch: the earlier order, AW and VW first).
+// Measured on an H200 (7B adapters, r = 64, bench/results/logs/session9-rxr-probe-2026-12-01.json): 1.46 ms
+// against 1.67 with AW and VW first (two blocks per SM, 2 matrices each); Y before X: no different (0.84 ms
+// either way at one block per SM, session9-rxr-probe2-2026-12-01.json).
+#ifndef BK_CARVE_LEGACY
+#define BK_CARVE_LEGACY 0
+#endif
 BK_DEV Mats carve_mats(double* fast, double* slow, int in_fast, int n) {
   double* ptrs[NUM_MATS];
   const long long nn = (long long)n * n;
   for (int i = 0; i < NUM_MATS; ++i) ptrs[i] = (i < in_fast) ? fast + i * nn : slow + (i - in_fast) * nn;
   Mats m;
+#if BK_CARVE_LEGACY
   m.AW = ptrs[0]; m.VW = ptrs[1]; m.GB = ptrs[2]; m.GA = ptrs[3]; m.X = ptrs[4]; m.Y = ptrs[5];
   m.T = ptrs[6]; m.W = ptrs[7]; m.M1 = ptrs[8]; m.M2 = ptrs[9]; m.M3 = ptrs[10];
+#else
+  m.M1 = ptrs[0]; m.M2 = ptrs[1]; m.M3 = ptrs[2]; m.VW = ptrs[3]; m.T = ptrs[4]; m.X = ptrs[5];
+  m.AW = ptrs[6]; m.Y = ptrs[7]; m.W = ptrs[8]; m.GB = ptrs[9]; m.GA = ptrs[10];
+#endif
   return m;
 }
 

@@ -9,6 +9,8 @@ whether every build wrote the same bits as the working tree's.
 
     python bench/probe/eig_phases.py --build-only --out .bkcache/eig_phases   # here (nvcc, no GPU needed)
     python bench/probe/eig_phases.py --lib .bkcache/eig_phases                # on the device
+    python bench/probe/eig_phases.py --lib .bkcache/eig_phases --ranks 48,64 --pairs 224,112
+      (--pairs: time the first P of the 224 adapters too; the r x r kernel's launch shape depends on P)
 """
 import argparse
 import ctypes
@@ -27,9 +29,9 @@ PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-
           "NS steps: P = Z Y, residual sum", "NS steps: Y P, P Z"]
 NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
-VARIANTS = [("runtime_rank", ["-DBK_FIXED_RANKS=0"]),
-            ("fixed_fewer_threads", ["-DBK_FIXED_N8_THREADS=32", "-DBK_FIXED_N16_THREADS=64"]),
-            ("fixed_more_threads", ["-DBK_FIXED_N8_THREADS=128", "-DBK_FIXED_N16_THREADS=256"])]
+VARIANTS = [("cols_consecutive", ["-DBK_MATMUL_STRIDED_COLS=0"]),
+            ("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
+            ("legacy_carve", ["-DBK_CARVE_LEGACY=1"])]
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -107,7 +109,7 @@ def build(out, baseline=None, variants=True):
     print("built", out)
 
 
-def run(libdir):
+def run(libdir, ranks=(8, 16, 64), pairs=(224,)):
     import torch
     sys.path.insert(0, ROOT)
     from balora_kernels import reference
@@ -121,7 +123,7 @@ def run(libdir):
         raise SystemExit(f"{libdir} needs libbk_plain.so and libbk_prof.so (run with --build-only first)")
     res = {"gpu": torch.cuda.get_device_name(), "phases": PHASES, "cases": []}
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for r in (8, 16, 64):
+    for r in ranks:
         torch.manual_seed(r)
         shapes = ([(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]) * 32
         GB, GA = [], []
@@ -132,56 +134,58 @@ def run(libdir):
             A, B = A.float(), B.float()
             GB.append(B.T @ B)
             GA.append(A @ A.T)
-        P, R = len(shapes), padded_rank(r)
-        grams = torch.zeros(P, 2, R, R, device=dev)
-        grams[:, 0, :r, :r] = torch.stack(GB)
-        grams[:, 1, :r, :r] = torch.stack(GA)
-        eps = torch.full((P,), 2.0 ** -24, device=dev, dtype=torch.float64)
-        case = {"r": r, "pairs": P}
-        for name, lib in libs.items():
-            th, gr, sm, ms = ip(), ip(), ip(), ip()
-            scr = ctypes.c_longlong()
-            lib.bk_balance_config(P, r, sms, ctypes.byref(th), ctypes.byref(gr), ctypes.byref(sm), ctypes.byref(ms),
-                                  ctypes.byref(scr))
-            scratch = torch.empty(scr.value, device=dev, dtype=torch.float64)
-            tw = torch.empty(P, 2, R, R, device=dev)
-            st = torch.empty(P, device=dev, dtype=torch.int32)
-            gaps = torch.empty(P, 2, device=dev, dtype=torch.float64)
+        P_all, R = len(shapes), padded_rank(r)
+        grams_all = torch.zeros(P_all, 2, R, R, device=dev)
+        grams_all[:, 0, :r, :r] = torch.stack(GB)
+        grams_all[:, 1, :r, :r] = torch.stack(GA)
+        for P in pairs:
+            grams = grams_all[:P].contiguous()
+            eps = torch.full((P,), 2.0 ** -24, device=dev, dtype=torch.float64)
+            case = {"r": r, "pairs": P}
+            for name, lib in libs.items():
+                th, gr, sm, ms = ip(), ip(), ip(), ip()
+                scr = ctypes.c_longlong()
+                lib.bk_balance_config(P, r, sms, ctypes.byref(th), ctypes.byref(gr), ctypes.byref(sm), ctypes.byref(ms),
+                                      ctypes.byref(scr))
+                scratch = torch.empty(scr.value, device=dev, dtype=torch.float64)
+                tw = torch.empty(P, 2, R, R, device=dev)
+                st = torch.empty(P, device=dev, dtype=torch.int32)
+                gaps = torch.empty(P, 2, device=dev, dtype=torch.float64)
 
-            def launch():
-                err = lib.bk_balance_launch(vp(grams.data_ptr()), vp(eps.data_ptr()), P, r, R, 0, vp(tw.data_ptr()),
-                                            vp(st.data_ptr()), vp(gaps.data_ptr()), vp(scratch.data_ptr()), th, gr,
-                                            sm, ms, vp(0))
-                assert err == 0, err
-            launch()
-            torch.cuda.synchronize()
-            if name == "prof":
-                lib.bk_prof_reset()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            reps = 20
-            ev[0].record()
-            for _ in range(reps):
+                def launch():
+                    err = lib.bk_balance_launch(vp(grams.data_ptr()), vp(eps.data_ptr()), P, r, R, 0, vp(tw.data_ptr()),
+                                                vp(st.data_ptr()), vp(gaps.data_ptr()), vp(scratch.data_ptr()), th, gr,
+                                                sm, ms, vp(0))
+                    assert err == 0, err
                 launch()
-            ev[1].record()
-            torch.cuda.synchronize()
-            case[f"{name}_ms"] = ev[0].elapsed_time(ev[1]) / reps
-            case[f"{name}_status_full_rank"] = int(((st & 7) == 0).sum())
-            if name == "plain":
-                ref_tw = tw.clone()
-            else:
-                case[f"{name}_bitwise_equal_plain"] = bool(torch.equal(tw, ref_tw))
-            if name == "prof":
-                buf = (ctypes.c_ulonglong * (NSLOT * 8192))()
-                assert lib.bk_prof_read(buf, NSLOT * 8192) == 0
-                per = [0.0] * NSLOT
-                for b in range(min(gr.value, P)):
-                    for ph in range(NSLOT):
-                        per[ph] += buf[NSLOT * b + ph]
-                n_runs = reps * P
-                case["cycles_per_pair"] = {PHASES[ph]: per[ph] / n_runs for ph in range(len(PHASES)) if ph != 7}
-                case["threads"], case["grid"], case["mats_in_smem"] = th.value, gr.value, ms.value
-        res["cases"].append(case)
-        print(json.dumps(case))
+                torch.cuda.synchronize()
+                if name == "prof":
+                    lib.bk_prof_reset()
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                reps = 20
+                ev[0].record()
+                for _ in range(reps):
+                    launch()
+                ev[1].record()
+                torch.cuda.synchronize()
+                case[f"{name}_ms"] = ev[0].elapsed_time(ev[1]) / reps
+                case[f"{name}_status_full_rank"] = int(((st & 7) == 0).sum())
+                if name == "plain":
+                    ref_tw = tw.clone()
+                else:
+                    case[f"{name}_bitwise_equal_plain"] = bool(torch.equal(tw, ref_tw))
+                if name == "prof":
+                    buf = (ctypes.c_ulonglong * (NSLOT * 8192))()
+                    assert lib.bk_prof_read(buf, NSLOT * 8192) == 0
+                    per = [0.0] * NSLOT
+                    for b in range(min(gr.value, P)):
+                        for ph in range(NSLOT):
+                            per[ph] += buf[NSLOT * b + ph]
+                    n_runs = reps * P
+                    case["cycles_per_pair"] = {PHASES[ph]: per[ph] / n_runs for ph in range(len(PHASES)) if ph != 7}
+                    case["threads"], case["grid"], case["mats_in_smem"] = th.value, gr.value, ms.value
+            res["cases"].append(case)
+            print(json.dumps(case))
     return res
 
 
@@ -193,10 +197,12 @@ if __name__ == "__main__":
     ap.add_argument("--baseline", default=None, help="a csrc/ folder to build as 'base' beside the working tree")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-variants", action="store_true", help="build only prof, plain (and base)")
+    ap.add_argument("--ranks", default="8,16,64", help="ranks to time (comma-separated)")
+    ap.add_argument("--pairs", default="224", help="numbers of pairs (the first of the 7B adapters) to time")
     a = ap.parse_args()
     if a.build_only:
         build(a.out, a.baseline, not a.no_variants)
     else:
-        res = run(a.lib or a.out)
+        res = run(a.lib or a.out, tuple(int(r) for r in a.ranks.split(",")), tuple(int(p) for p in a.pairs.split(",")))
         if a.json:
             json.dump(res, open(a.json, "w"), indent=1)
