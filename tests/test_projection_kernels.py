@@ -850,7 +850,7 @@ def test_gpu_rank_policy_matches_reference(r, mode):
 @pytest.mark.parametrize("r", [40, 64, 128])
 def test_gpu_transforms_same_bits_for_every_launch_shape(r):
     """csrc/balance.cu places a rank >= 33 pair's matrices by the number of pairs P: one block per SM with all
-    the shared memory it may opt in to when P <= SMs (or r > 64), two blocks per SM with half each above, the
+    the shared memory it may opt in to when P <= SMs (or r > 64), two blocks per SM with 100 KB each above, the
     rest of the 11 matrices in global memory. Every placement gives the same bits, and the reference's
     decisions: P > SMs pairs (the rank-policy cases of several seeds, every kind of pair) in one launch, then in
     launches of 8 pairs. T, T^-1 against the reference for the pairs the reference keeps whole: the rest block
