@@ -89,7 +89,8 @@ seed_build
     projection_bench_check
   elif [ "$PART" = rxr ]; then
     echo "== r x r kernel: phases and launch variants (bench/probe/eig_phases.py)"
-    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; echo "rc=$?"; cat "$OUT/eig_phases.log"
+    if [ -n "${probe_pid:-}" ]; then wait "$probe_pid"; echo "rc=$?"; cat "$OUT/eig_phases.log"
+    else echo "(not run: no probe builds in .bkcache/eig_phases)"; fi
     projection_tests
     projection_bench_check
   elif [ "$PART" = gram ]; then
