@@ -112,6 +112,8 @@ def build(out, baseline=None, variants=True):
 def run(libdir, ranks=(8, 16, 64), pairs=(224,)):
     import torch
     sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_projection import MODELS, llama_shapes
     from balora_kernels import reference
     from balora_kernels.ops.grouped_projection import padded_rank
     dev = torch.device("cuda")
@@ -125,7 +127,7 @@ def run(libdir, ranks=(8, 16, 64), pairs=(224,)):
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for r in ranks:
         torch.manual_seed(r)
-        shapes = ([(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]) * 32
+        shapes = llama_shapes(**MODELS["llama2-7b"])
         GB, GA = [], []
         for (o, i) in shapes:
             A = torch.randn(r, i, device=dev, dtype=torch.float64) / math.sqrt(i)

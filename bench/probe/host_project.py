@@ -5,19 +5,22 @@ Python loop over every pair's address, shape, strides, dtype and device). This t
 adapters of the benchmark's 7B and 1B models (CUDA tensors; no kernel runs, no extension needed) and its parts.
     python bench/probe/host_project.py
 """
+import os
+import sys
+
 import torch
 
 from lora_profile import host_us  # (bench/probe/, the folder of this script)
 
-from balora_kernels.ops.grouped_projection import _signature
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_projection import MODELS, llama_shapes  # noqa: E402  (bench/)
 
-
-def shapes(layers, h, f):
-    return ([(h, h)] * 4 + [(f, h), (f, h), (h, f)]) * layers   # (out, in)
+from balora_kernels.ops.grouped_projection import _signature  # noqa: E402
 
 
 def main():
-    for name, sh in (("llama2-7b", shapes(32, 4096, 11008)), ("llama-1b", shapes(16, 2048, 5632))):
+    for name, cfg in MODELS.items():
+        sh = llama_shapes(**cfg)
         pairs = [(torch.empty(16, i, device="cuda"), torch.empty(o, 16, device="cuda")) for o, i in sh]
         sig = _signature(pairs)
         cases = {
