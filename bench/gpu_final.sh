@@ -14,9 +14,13 @@
 #   device run: bash bench/gpu_final.sh gram     # CUDA Gram variants + ncu beside the build (carry .build/variants
 #                                                # from bench/probe/build_grouped_variants.sh), then as "grouped"
 #                                                # without its probe
+#   device run: bash bench/gpu_final.sh tune64   # the Triton Gram / rescale at r = 64 (fp32, bf16): HEAD's kernels
+#                                                # (git archive, no extension) beside the working tree's, then the
+#                                                # working tree's launch-parameter search (bench/tune_projection.py)
 #   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
 #                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
-#                                                # run beside the build), then as "grouped" without its probe
+#                                                # run beside the build; NCU_TRITON=1: then ncu of the Triton Gram
+#                                                # and rescale at r = 64), then as "grouped" without its probe
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/balora-out}
@@ -61,9 +65,17 @@ seed_build
       done; } > "$OUT/grouped_probe.log" 2>&1 &
     probe_pid=$!
   fi
-  if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probe, beside the CPU-bound build
-    timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --ranks 16,48,64,128 --pairs 224,112 \
-      --json "$OUT/eig_phases.json" > "$OUT/eig_phases.log" 2>&1 &
+  if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probes, beside the CPU-bound build
+    { timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --ranks 16,48,64,128 --pairs 224,112 \
+        --json "$OUT/eig_phases.json" > "$OUT/eig_phases.log" 2>&1
+      if [ -n "${NCU_TRITON:-}" ]; then   # the Triton Gram and rescale at r = 64 under ncu (no extension needed)
+        for dt in float32 bfloat16; do
+          BALORA_KERNELS_DISABLE_EXT=1 timeout 100 ncu --clock-control none -k 'regex:_gram_partial_kernel|_rescale_kernel' \
+            --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            --section MemoryWorkloadAnalysis --section LaunchStats python3 bench/probe/triton_once.py --rank 64 \
+            --dtype $dt > "$OUT/ncu_triton_r64_$dt.txt" 2>&1
+        done
+      fi; } &
     probe_pid=$!
   fi
   date -u +%FT%TZ
@@ -99,6 +111,16 @@ seed_build
     sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
     projection_tests
     projection_bench_check
+  elif [ "$PART" = tune64 ]; then
+    cases=gram:float32:64,rescale:float32:64,gram:bfloat16:64,rescale:bfloat16:64
+    rm -rf /tmp/bk_head && mkdir -p /tmp/bk_head && git archive HEAD | tar -x -C /tmp/bk_head
+    cp bench/tune_projection.py /tmp/bk_head/bench/    # this tree's script (--cases) on HEAD's package
+    echo "== HEAD's Triton Gram / rescale at r = 64 (default launch parameters only)"
+    (cd /tmp/bk_head && BALORA_KERNELS_DISABLE_EXT=1 PYTHONPATH=/tmp/bk_head timeout 150 python3 bench/tune_projection.py \
+      --cases "$cases" --budget-s 0 --out "$OUT/head"); echo "rc=$?"
+    echo "== the working tree's, then its launch-parameter search (per case)"
+    BALORA_KERNELS_DISABLE_EXT=1 timeout 330 python3 bench/tune_projection.py --cases "$cases" --budget-s 60 \
+      --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = probe ]; then
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"

@@ -43,6 +43,23 @@ def projection(path=os.path.join(HERE, "projection-h200.json")):
               f"= {100 * s['paper_over_step']:.0f}%.")
 
 
+def tune_r64(head=os.path.join(HERE, "tune_projection-h200-r64-head-2026-12-02.json"),
+             tree=os.path.join(HERE, "tune_projection-h200-r64-2026-12-02.json")):
+    """The Triton Gram / rescale at r = 64: the previous commit's kernels beside this code's (same device call)."""
+    if not (os.path.exists(head) and os.path.exists(tree)):
+        return
+    h, t = json.load(open(head)), json.load(open(tree))
+    print(f"\nTriton Gram and rescale at r = 64, 7B adapters — {t['gpu']}, triton {t['triton']}, {t['date'][:10]}; "
+          f"GPU ms (CUDA-graph replay of the kernel alone): the previous kernels and this code's, same device call "
+          f"(bench/tune_projection.py; 'tuned': the best launch parameters its search found, now the defaults)\n")
+    print("| kernel | dtype | before | now, old launch parameters | now, tuned |")
+    print("| --- | --- | --- | --- | --- |")
+    before = {(c["kernel"], c["dtype"]): c["default_ms"] for c in h["cases"]}
+    for c in t["cases"]:
+        print(f"| {c['kernel']} | {c['dtype']} | {before[(c['kernel'], c['dtype'])]:.3f} | {c['default_ms']:.3f} | "
+              f"{c['best_ms']:.3f} |")
+
+
 def lora_linear(path=os.path.join(HERE, "lora_linear-H200.json")):
     d = json.load(open(path))
     m = d["meta"]
@@ -64,4 +81,5 @@ def lora_linear(path=os.path.join(HERE, "lora_linear-H200.json")):
 
 if __name__ == "__main__":
     projection()
+    tune_r64()
     lora_linear()

@@ -1,6 +1,8 @@
 """Launch parameters of the grouped Gram and rescale kernels, measured on the GPU (Llama-2-7B adapters).
 
     python bench/tune_projection.py [--out DIR] [--budget-s 240]
+    python bench/tune_projection.py --cases rescale:bfloat16:64,gram:bfloat16:64   # some cases only: written to
+                                                        # tune_projection-<gpu>-<cases>.json beside the full run's
 
 For each case (kernel, parameter dtype, rank) a coordinate search over the parameters of
 ``grouped_projection.TUNE_KEYS`` (and, for float32 Grams, the method of ``FP32_GRAM_METHODS``): one
@@ -40,7 +42,7 @@ CANDIDATES = {
 CASES = [  # (kernel, dtype, r)
     ("gram", torch.float32, 8), ("gram", torch.float32, 16), ("gram", torch.bfloat16, 16), ("gram", torch.float32, 64),
     ("rescale", torch.float32, 8), ("rescale", torch.float32, 16), ("rescale", torch.bfloat16, 16),
-    ("rescale", torch.float32, 64),
+    ("rescale", torch.float32, 64), ("gram", torch.bfloat16, 64), ("rescale", torch.bfloat16, 64),
 ]
 
 
@@ -52,8 +54,12 @@ def _bench(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--budget-s", type=float, default=240.0, help="seconds of search per case")
+    ap.add_argument("--cases", default="", help="kernel:dtype:r,... (default: every case of CASES)")
     args = ap.parse_args()
+    cases = CASES
+    if args.cases:
+        cases = [(k, getattr(torch, d), int(r)) for k, d, r in (c.split(":") for c in args.cases.split(","))]
     import triton
 
     from balora_kernels.ops import grouped_projection as gp
@@ -64,7 +70,8 @@ def main():
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "shapes": "llama2-7b (224 adapters)", "timing": "median ms of a CUDA graph replay (do_bench, L2 flushed)",
            "cases": []}
-    for kernel, dtype, r in CASES:
+    for kernel, dtype, r in cases:
+        t_start = time.time()
         torch.manual_seed(0)
         ad = make_adapters(shapes, r, dtype)
         R = gp.padded_rank(r)
@@ -122,7 +129,8 @@ def main():
         del ad
     os.makedirs(args.out, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in res["gpu"].lower().replace("nvidia", "")).strip("-")
-    path = os.path.join(args.out, f"tune_projection-{slug}.json")
+    tag = "".join(ch if ch.isalnum() else "-" for ch in args.cases)
+    path = os.path.join(args.out, f"tune_projection-{slug}{'-' + tag if tag else ''}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", path)

@@ -26,6 +26,11 @@ constexpr int kBlockedRank = 33;            // ranks from here take the register
 #ifndef BK_BLOCKED_ONE_PER_SM
 #define BK_BLOCKED_ONE_PER_SM 1
 #endif
+// Probe switch: at most this many of the matrices of ranks >= kBlockedRank in shared memory (fewer leave the
+// multiprocessor more L1 cache for the ones in global memory).
+#ifndef BK_BLOCKED_MAX_MATS
+#define BK_BLOCKED_MAX_MATS 11
+#endif
 
 // The dynamic shared memory one block may opt in to on the current device (cached per device).
 int optin_smem_limit() {
@@ -61,7 +66,8 @@ void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* 
     const bool one = n > 64 || (BK_BLOCKED_ONE_PER_SM && P <= num_sms);
     per_sm = one ? 1 : 2;
     const long long fit = ((one ? optin_smem_limit() : kMaxSmemBytes) - small) / mat;
-    in_smem = fit < 0 ? 0 : (fit > bk::NUM_MATS ? bk::NUM_MATS : (int)fit);
+    const int cap = BK_BLOCKED_MAX_MATS < bk::NUM_MATS ? BK_BLOCKED_MAX_MATS : bk::NUM_MATS;
+    in_smem = fit < 0 ? 0 : (fit > cap ? cap : (int)fit);
   } else if (small + bk::NUM_MATS * mat <= kMaxSmemBytes) {
     in_smem = bk::NUM_MATS;
   } else if (small + 2 * mat <= kMaxSmemBytes) {

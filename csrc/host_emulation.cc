@@ -27,3 +27,19 @@ extern "C" void bk_host_balance_transforms(const float* grams, const double* eps
     if (paths) paths[p] = c.path | (c.path == bk::PATH_FAST_NS ? c.ns_steps << 8 : 0);
   }
 }
+
+// bk::FlatIter against the loop it replaces, `for (idx = tid; idx < rows * width; idx += nt)`, for every thread of a
+// block of nt: returns 0 when each thread's (row, col) sequence is exactly row * width + col = tid, tid + nt, ...
+// with col < width; otherwise 1 + the first thread whose sequence differs.
+extern "C" int bk_host_flat_iter_check(int nt, int width, int rows) {
+  for (int tid = 0; tid < nt; ++tid) {
+    bk::Ctx c;
+    c.tid = tid;
+    c.nt = nt;
+    long long expect = tid;
+    for (bk::FlatIter it(c, width); it.row < rows; it.next(), expect += nt)
+      if (it.col < 0 || it.col >= width || (long long)it.row * width + it.col != expect) return 1 + tid;
+    if (expect < (long long)rows * width) return 1 + tid;   // stopped early
+  }
+  return 0;
+}

@@ -254,6 +254,19 @@ def test_interp_rescale_kernel(method):
     check_rescale(plan, pairs)
 
 
+@interp_only
+def test_interp_rescale_16bit_tf32_pair():
+    """16-bit factors above R = 16: the "dot" rescale multiplies by T's tf32 hi / lo split (two products) instead of
+    3xTF32; float16 here (the interpreter's bfloat16 arithmetic is not trusted), float32 beside it keeps tf32x3."""
+    from balora_kernels.ops import grouped_projection as gp
+    pairs = make_pairs([(20, 40, 36, torch.float16), (4, 30, 20, torch.float16), (20, 33, 41, torch.float16),
+                        (20, 40, 36, torch.float32)], seed=5)
+    plan = _plan(pairs, transforms="torch", k_chunk=16)
+    used = {(lg.dtype, gp._tf32_pair_rescale(lg.dtype, g.rescale_precision)) for g in plan.groups for lg in g.launches}
+    assert (torch.float16, True) in used and (torch.float32, False) in used, used
+    check_rescale(plan, pairs)
+
+
 def check_rescale(plan, pairs, skip=2):
     """``plan.rescale`` with random well-conditioned T (fp32, T^-1 its float64 inverse) per pair against float64:
     within 2x plain PyTorch's float32 error (or 2e-7); pair ``skip`` (given a NaN and the non-finite status) is
@@ -558,6 +571,17 @@ def test_cuda_math_on_host_newton_schulz_roots(host_lib, r, spread):
             assert 0 < int(paths[0]) >> 8 < 2 * 96, int(paths[0]) >> 8
         assert rel(T[0], ref.T[0]) < 1e-5 and rel(W[0], ref.T_inv[0]) < 1e-5, (mode, rel(T[0], ref.T[0]))
         assert abs(gaps[0, 1].item() - ref.gap_after[0].item()) < 1e-6 + 1e-3 * ref.gap_after[0].item()
+
+
+def test_cuda_flat_iter_matches_the_loop_it_replaces(host_lib):
+    """bk::FlatIter (the Cholesky update's (row, col) per thread, no division per step) visits, in every thread
+    of a block, exactly the flat indices tid, tid + nt, ... of the loop it replaces (so each element keeps its
+    thread: the same bits): checked for the kernels' block sizes (and the host's one thread) over every width a
+    rank <= 128 gives. The host build runs one thread, so this is where the GPU's mapping is checked on the CPU."""
+    f = host_lib.bk_host_flat_iter_check
+    bad = [(nt, w, rows) for nt in (1, 32, 64, 128, 256) for w in range(1, 131) for rows in (0, 1, 2, w, 131)
+           if f(nt, w, rows) != 0]
+    assert not bad, bad[:5]
 
 
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 33])

@@ -79,7 +79,10 @@ def _num_warps(R: int) -> int:
 # accumulator on the CUDA cores (RC = max(4, next_pow2(r)): no padding to 16), summed over the tile once at the end;
 # "dot" is tl.dot on the float32 values (_dot_precision: FMA dots for R <= 16, 3xTF32 on the tensor cores
 # above); "fp16x3" splits each tile, scaled per column by a power of two, into three float16 pieces (hi + mid +
-# lo carry all 24 bits of float32) and sums the six significant products on the tensor cores. "auto"
+# lo carry all 24 bits of float32) and sums the six significant products on the tensor cores, in four products:
+# hi^T mid + mid^T hi and hi^T lo + lo^T hi are X + X^T of X = hi^T mid + hi^T lo (7B fp32 R = 64, the same
+# default launch parameters side by side, bench/results/tune_projection-h200-r64-head-2026-12-02.json: 0.497 ms with
+# six products, 0.479 with four). "auto"
 # (default): "fma" for r <= FMA_MAX_RANK, "dot" for R = 16, "fp16x3" above. Measured on an H200, 7B shapes
 # (bench/results/projection-h200.json; r = 16 fma: bench/results/logs/session4-projection-probe-2026-11-28.txt):
 # r = 8 0.085 ms with fma against 0.23 with FMA
@@ -139,6 +142,18 @@ def _fma_rank_block(r: int) -> int:
     return max(4, triton.next_power_of_2(r))
 
 
+# The "dot" rescale of 16-bit factors above R = 16 (where float32 factors take 3xTF32): the factors are exact in tf32,
+# so X T = X T_hi + X T_lo takes two tf32 products (T split once per tile, _tf32_pair) where tf32x3 takes three.
+# 7B bf16 R = 64, the same default launch parameters side by side: 0.956 ms with tf32x3, 0.715 with the pair (0.408
+# with its measured launch parameters, _MEASURED_TUNE). False: tf32x3 for them too
+# (BALORA_KERNELS_RESCALE_TF32_PAIR=0, for comparison).
+RESCALE_TF32_PAIR = os.environ.get("BALORA_KERNELS_RESCALE_TF32_PAIR", "1") != "0"
+
+
+def _tf32_pair_rescale(dtype, precision: str) -> bool:
+    return RESCALE_TF32_PAIR and dtype != torch.float32 and precision == "tf32x3"
+
+
 def _dot_precision(R: int, kernel: str) -> str:
     """fp32 dot precision: exact fp32 FMA dots for r <= 16 (the 7B Grams ran in ~0.27 ms at r = 8 and
     16 on an H200, against 3.7 / 0.44 ms with 3xTF32), 3xTF32 on the tensor cores above (~2^-21
@@ -172,17 +187,24 @@ def _split3_fp16(x):
 
 @triton.jit
 def _gram_fp16x3(x):
-    """``x^T x`` [N, N] float32 of ``x`` float32 [K, N] scaled to |x| < 2: the six products of its float16 pieces
-    above float32 rounding (hi hi, hi mid, mid hi, mid mid, hi lo, lo hi), in a fixed order."""
+    """``(S, X)`` [N, N] float32 with ``x^T x = S + X + X^T`` for ``x`` float32 [K, N] scaled to |x| < 2: the six
+    products of its float16 pieces above float32 rounding in four tensor-core products, ``S = hi^T hi + mid^T mid``
+    and ``X = hi^T mid + hi^T lo`` (``mid^T hi``, ``lo^T hi`` are ``X^T``'s terms), each in a fixed order."""
     hi, mid, lo = _split3_fp16(x)
-    hit, midt, lot = tl.trans(hi), tl.trans(mid), tl.trans(lo)
-    acc = tl.dot(hit, hi)
-    acc = tl.dot(hit, mid, acc)
-    acc = tl.dot(midt, hi, acc)
-    acc = tl.dot(midt, mid, acc)
-    acc = tl.dot(hit, lo, acc)
-    acc = tl.dot(lot, hi, acc)
-    return acc
+    hit = tl.trans(hi)
+    sym = tl.dot(hit, hi)
+    sym = tl.dot(tl.trans(mid), mid, sym)
+    cross = tl.dot(hit, mid)
+    cross = tl.dot(hit, lo, cross)
+    return sym, cross
+
+
+@triton.jit
+def _tf32_pair(x):
+    """``(hi, lo)`` float32 with ``hi + lo = x`` exactly: ``hi`` is x with its 13 low mantissa bits cleared (exact in
+    tf32), ``lo`` the rest (a tf32 product keeps its 10 leading bits: ``hi + lo`` in tf32 carries 21 bits of x)."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
@@ -234,29 +256,39 @@ def _gram_dot_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE: tl.constexp
     for t in range(pid, n_b, NUM_PROGS):
         base, _, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
         acc = tl.zeros((R, R), dtype=tl.float32)
+        accx = tl.zeros((R, R), dtype=tl.float32)     # SPLIT: the tile's Gram is acc + accx + accx^T
         for kk in range(0, k_len, BLOCK_K):
             rows = kk + offs_k
             mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
             b = tl.load(base + (k0 + rows)[:, None] * r + offs_r[None, :], mask=mask, other=0.0)
             if SPLIT:   # b = b' diag(1/s): G += diag(1/s) (b'^T b') diag(1/s), exact power-of-two scalings
                 s, inv = _pow2_scales(tl.max(tl.abs(b), axis=0))
-                acc += _gram_fp16x3(b * s[None, :]) * inv[:, None] * inv[None, :]
+                sym, cross = _gram_fp16x3(b * s[None, :])
+                acc += sym * inv[:, None] * inv[None, :]
+                accx += cross * inv[:, None] * inv[None, :]
             else:
                 acc = tl.dot(tl.trans(b), b, acc, input_precision=PRECISION)
+        if SPLIT:
+            acc += accx + tl.trans(accx)
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
     # A tiles: columns [k0, k0 + k_len) of A [r, in] (row stride from the table): G_A += A_t A_t^T.
     for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
         base, stride, k0, k_len, slot, _ = _tile(tiles_ptr, t, FIELDS, DTYPE)
         acc = tl.zeros((R, R), dtype=tl.float32)
+        accx = tl.zeros((R, R), dtype=tl.float32)
         for kk in range(0, k_len, BLOCK_K):
             cols = kk + offs_k
             mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
             a = tl.load(base + offs_r[:, None] * stride + (k0 + cols)[None, :], mask=mask, other=0.0)
             if SPLIT:
                 s, inv = _pow2_scales(tl.max(tl.abs(a), axis=1))
-                acc += _gram_fp16x3(tl.trans(a * s[:, None])) * inv[:, None] * inv[None, :]
+                sym, cross = _gram_fp16x3(tl.trans(a * s[:, None]))
+                acc += sym * inv[:, None] * inv[None, :]
+                accx += cross * inv[:, None] * inv[None, :]
             else:
                 acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
+        if SPLIT:
+            acc += accx + tl.trans(accx)
         tl.store(partial_ptr + slot * (R * R) + out_offs, acc)
 
 
@@ -308,6 +340,8 @@ def _rescale_kernel(
     NUM_PROGS: tl.constexpr, FIELDS: tl.constexpr, SKIP_BITS: tl.constexpr,
     OUTER: tl.constexpr,  # "outer": RC rank-1 updates of a [BLOCK_K, RC] float32 tile instead of an R x R tl.dot
     RC: tl.constexpr,     # OUTER: max(4, next_pow2(r)) <= R
+    TF32_PAIR: tl.constexpr = False,  # "dot" with 16-bit factors (exact in tf32): X T = X T_hi + X T_lo, T_hi = T
+                                      # cut to tf32, two tf32 products instead of tf32x3's three (PRECISION unused)
 ):
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R)
@@ -322,6 +356,8 @@ def _rescale_kernel(
         tp = tw_ptr + pair * (2 * R * R)
         if not OUTER:
             T = tl.load(tp + mat)
+            if TF32_PAIR:
+                T, T_lo = _tf32_pair(T)
         for kk in range(0, k_len, BLOCK_K):
             rows = kk + offs_k
             if OUTER:   # out = sum_i B[:, i] T[i, :], i ascending
@@ -336,7 +372,10 @@ def _rescale_kernel(
                 mask = (rows < k_len)[:, None] & (offs_r < r)[None, :]
                 ptrs = base + (k0 + rows)[:, None] * r + offs_r[None, :]
                 b = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                out = tl.dot(b, T, input_precision=PRECISION)
+                if TF32_PAIR:
+                    out = tl.dot(b, T_lo, tl.dot(b, T, input_precision="tf32"), input_precision="tf32")
+                else:
+                    out = tl.dot(b, T, input_precision=PRECISION)
                 tl.store(ptrs, out.to(DTYPE), mask=mask)
     # A <- T^-1 A, tile by tile of columns.
     for t in range(n_b + pid, n_b + n_a, NUM_PROGS):
@@ -346,6 +385,8 @@ def _rescale_kernel(
         wp = tw_ptr + pair * (2 * R * R) + R * R
         if not OUTER:
             W = tl.load(wp + mat)
+            if TF32_PAIR:
+                W, W_lo = _tf32_pair(W)
         for kk in range(0, k_len, BLOCK_K):
             cols = kk + offs_k
             if OUTER:   # out = sum_j W[:, j] A[j, :], j ascending
@@ -360,7 +401,10 @@ def _rescale_kernel(
                 mask = (offs_r < r)[:, None] & (cols < k_len)[None, :]
                 ptrs = base + offs_r[:, None] * stride + (k0 + cols)[None, :]
                 a = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                out = tl.dot(W, a, input_precision=PRECISION)
+                if TF32_PAIR:
+                    out = tl.dot(W_lo, a, tl.dot(W, a, input_precision="tf32"), input_precision="tf32")
+                else:
+                    out = tl.dot(W, a, input_precision=PRECISION)
                 tl.store(ptrs, out.to(DTYPE), mask=mask)
 
 
@@ -425,14 +469,19 @@ TUNE_KEYS = ("k_chunk", "gram_block_k", "gram_warps", "gram_stages", "gram_progs
 # Measured on an H200 (bench/tune_projection.py -> bench/results/tune_projection-h200.json, Llama-2-7B adapters,
 # GPU time of each kernel alone): per (padded rank, float32 or 16-bit parameters), the best configuration found.
 # Gram fp32 R=16 0.270 -> 0.232 ms, 16-bit R=16 0.064 -> 0.058, fp32 R=64 0.934 -> 0.498; rescale fp32 R=16
-# 0.142 -> 0.101, 16-bit R=16 0.110 -> 0.105, fp32 R=64 0.930 -> 0.612. Other ranks keep the rules above.
+# 0.142 -> 0.101, 16-bit R=16 0.110 -> 0.105, fp32 R=64 0.930 -> 0.612. R=64 again after the four-product fp16x3
+# Gram and the two-product 16-bit rescale (bench/results/tune_projection-h200-r64-2026-12-02.json): Gram fp32
+# 0.479 -> 0.468, bf16 0.161 -> 0.147; rescale bf16 0.715 -> 0.408 (fp32 unchanged, 0.613). Other ranks keep the
+# rules above.
 _MEASURED_TUNE = {
     (16, True): dict(gram_block_k=128, gram_warps=2, gram_stages=1, gram_progs=8,
                      rescale_block_k=64, rescale_warps=4, rescale_stages=3, rescale_progs=4),
     (16, False): dict(gram_block_k=256, gram_warps=4, gram_stages=3, gram_progs=16,
                       rescale_block_k=128, rescale_warps=4, rescale_stages=1, rescale_progs=16),
-    (64, True): dict(gram_block_k=64, gram_warps=4, gram_stages=1, gram_progs=16,
+    (64, True): dict(gram_block_k=64, gram_warps=4, gram_stages=3, gram_progs=4,
                      rescale_block_k=64, rescale_warps=4, rescale_stages=3, rescale_progs=16),
+    (64, False): dict(gram_block_k=64, gram_warps=4, gram_stages=3, gram_progs=16,
+                      rescale_block_k=128, rescale_warps=4, rescale_stages=1, rescale_progs=4),
 }
 
 
@@ -678,6 +727,7 @@ class TritonProjectionPlan:
                     DTYPE=_TL_DTYPES[lg.dtype], R=g.R, BLOCK_K=t["rescale_block_k"], PRECISION=g.rescale_precision,
                     NUM_PROGS=lg.rescale_programs, FIELDS=TILE_FIELDS,
                     SKIP_BITS=STATUS_NONFINITE | STATUS_ZERO, OUTER=outer, RC=g.RC if outer else g.R,
+                    TF32_PAIR=_tf32_pair_rescale(lg.dtype, g.rescale_precision),
                     num_warps=t["rescale_warps"], num_stages=t["rescale_stages"])
 
     def stats(self, status: torch.Tensor, gaps: torch.Tensor, packed: Optional[torch.Tensor] = None) -> ProjectionStats:

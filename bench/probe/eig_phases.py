@@ -31,7 +31,10 @@ NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
 VARIANTS = [("cols_consecutive", ["-DBK_MATMUL_STRIDED_COLS=0"]),
             ("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
-            ("legacy_carve", ["-DBK_CARVE_LEGACY=1"])]
+            ("legacy_carve", ["-DBK_CARVE_LEGACY=1"]),
+            ("max_mats_0", ["-DBK_BLOCKED_MAX_MATS=0"]),     # ranks >= 33: all matrices in global memory (L1)
+            ("max_mats_1", ["-DBK_BLOCKED_MAX_MATS=1"]),
+            ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"])]
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -58,8 +61,9 @@ MARKS_AFTER = [
 ]
 
 
-def build(out, baseline=None, variants=True):
-    """prof: the instrumented working tree; plain: the working tree; base: csrc/ of another tree (optional)."""
+def build(out, baseline=None, variants=True, only=None):
+    """prof: the instrumented working tree; plain: the working tree; base: csrc/ of another tree (optional).
+    only: build just these names (e.g. some variants, added to an earlier build's folder)."""
     os.makedirs(out, exist_ok=True)
     src = open(os.path.join(ROOT, "csrc", "balance_math.cuh")).read()
     hook = ('__device__ unsigned long long bk_prof[16 * 8192];\n__device__ unsigned long long bk_last[8192];\n'
@@ -96,6 +100,8 @@ def build(out, baseline=None, variants=True):
     builds = [("prof", out, []), ("plain", os.path.join(ROOT, "csrc"), [])]
     builds += [("base", baseline, [])] * bool(baseline)
     builds += [(name, os.path.join(ROOT, "csrc"), flags) for name, flags in VARIANTS if variants]
+    if only:
+        builds = [b for b in builds if b[0] in only]
     procs = []
     for name, d, flags in builds:
         cus = [os.path.join(d, f) for f in ("balance.cu", "balance_fixed.cu") if os.path.exists(os.path.join(d, f))]
@@ -199,11 +205,12 @@ if __name__ == "__main__":
     ap.add_argument("--baseline", default=None, help="a csrc/ folder to build as 'base' beside the working tree")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-variants", action="store_true", help="build only prof, plain (and base)")
+    ap.add_argument("--only", default="", help="build only these (comma-separated names: prof, plain, base, variants)")
     ap.add_argument("--ranks", default="8,16,64", help="ranks to time (comma-separated)")
     ap.add_argument("--pairs", default="224", help="numbers of pairs (the first of the 7B adapters) to time")
     a = ap.parse_args()
     if a.build_only:
-        build(a.out, a.baseline, not a.no_variants)
+        build(a.out, a.baseline, not a.no_variants, set(a.only.split(",")) - {""})
     else:
         res = run(a.lib or a.out, tuple(int(r) for r in a.ranks.split(",")), tuple(int(p) for p in a.pairs.split(",")))
         if a.json:
