@@ -14,8 +14,9 @@
 #   device run: bash bench/gpu_final.sh gram     # CUDA Gram variants + ncu beside the build (carry .build/variants
 #                                                # from bench/probe/build_grouped_variants.sh), then as "grouped"
 #                                                # without its probe
-#   device run: bash bench/gpu_final.sh tune64   # the Triton Gram / rescale at r = 64 (fp32, bf16): HEAD's kernels
-#                                                # (git archive, no extension) beside the working tree's, then the
+#   device run: bash bench/gpu_final.sh tune64   # the Triton Gram / rescale at r = 64 (fp32, bf16): the kernels of
+#                                                # git ref BASE (default HEAD: run it before committing the change;
+#                                                # git archive, no extension) beside the working tree's, then the
 #                                                # working tree's launch-parameter search (bench/tune_projection.py)
 #   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
 #                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
@@ -68,6 +69,7 @@ seed_build
   if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probes, beside the CPU-bound build
     { timeout 150 python3 bench/probe/eig_phases.py --lib .bkcache/eig_phases --ranks 16,48,64,128 --pairs 224,112 \
         --json "$OUT/eig_phases.json" > "$OUT/eig_phases.log" 2>&1
+      echo "eig_phases.py rc=$?" >> "$OUT/eig_phases.log"
       if [ -n "${NCU_TRITON:-}" ]; then   # the Triton Gram and rescale at r = 64 under ncu (no extension needed)
         for dt in float32 bfloat16; do
           BALORA_KERNELS_DISABLE_EXT=1 timeout 100 ncu --clock-control none -k 'regex:_gram_partial_kernel|_rescale_kernel' \
@@ -81,7 +83,9 @@ seed_build
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
+  if [ "$PART" != tune64 ]; then   # (tune64 times Triton kernels only)
+    /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
+  fi
   if [ "$PART" = lora ]; then
     echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
@@ -113,9 +117,10 @@ seed_build
     projection_bench_check
   elif [ "$PART" = tune64 ]; then
     cases=gram:float32:64,rescale:float32:64,gram:bfloat16:64,rescale:bfloat16:64
-    rm -rf /tmp/bk_head && mkdir -p /tmp/bk_head && git archive HEAD | tar -x -C /tmp/bk_head
-    cp bench/tune_projection.py /tmp/bk_head/bench/    # this tree's script (--cases) on HEAD's package
-    echo "== HEAD's Triton Gram / rescale at r = 64 (default launch parameters only)"
+    base=${BASE:-HEAD}
+    rm -rf /tmp/bk_head && mkdir -p /tmp/bk_head && git archive "$base" | tar -x -C /tmp/bk_head
+    cp bench/tune_projection.py /tmp/bk_head/bench/    # this tree's script (--cases) on the base's package
+    echo "== $base ($(git rev-parse --short "$base")): Triton Gram / rescale at r = 64 (its launch parameters only)"
     (cd /tmp/bk_head && BALORA_KERNELS_DISABLE_EXT=1 PYTHONPATH=/tmp/bk_head timeout 150 python3 bench/tune_projection.py \
       --cases "$cases" --budget-s 0 --out "$OUT/head"); echo "rc=$?"
     echo "== the working tree's, then its launch-parameter search (per case)"

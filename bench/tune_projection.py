@@ -1,6 +1,6 @@
 """Launch parameters of the grouped Gram and rescale kernels, measured on the GPU (Llama-2-7B adapters).
 
-    python bench/tune_projection.py [--out DIR] [--budget-s 240]
+    python bench/tune_projection.py [--out DIR] [--budget-s 60]   # seconds of search per case
     python bench/tune_projection.py --cases rescale:bfloat16:64,gram:bfloat16:64   # some cases only: written to
                                                         # tune_projection-<gpu>-<cases>.json beside the full run's
 
@@ -54,17 +54,21 @@ def _bench(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--budget-s", type=float, default=240.0, help="seconds of search per case")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="seconds of search per case")
     ap.add_argument("--cases", default="", help="kernel:dtype:r,... (default: every case of CASES)")
     args = ap.parse_args()
     cases = CASES
     if args.cases:
-        cases = [(k, getattr(torch, d), int(r)) for k, d, r in (c.split(":") for c in args.cases.split(","))]
+        cases = []
+        for c in args.cases.split(","):
+            k, d, r = c.strip().split(":")
+            if k not in ("gram", "rescale") or d not in ("float32", "bfloat16", "float16"):
+                raise SystemExit(f"--cases: {c!r} is not gram|rescale:float32|bfloat16|float16:<rank>")
+            cases.append((k, getattr(torch, d), int(r)))
     import triton
 
     from balora_kernels.ops import grouped_projection as gp
 
-    t_start = time.time()
     shapes = llama_shapes(**MODELS["llama2-7b"])
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

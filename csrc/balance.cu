@@ -27,9 +27,10 @@ constexpr int kBlockedRank = 33;            // ranks from here take the register
 #define BK_BLOCKED_ONE_PER_SM 1
 #endif
 // Probe switch: at most this many of the matrices of ranks >= kBlockedRank in shared memory (fewer leave the
-// multiprocessor more L1 cache for the ones in global memory).
+// multiprocessor more L1 cache for the ones in global memory); -1, the default: as many as fit. Measured on an H200
+// (bench/results/logs/session10-rxr-probe-2026-12-02.json): none about as fast as the default, 1 or 3 slower.
 #ifndef BK_BLOCKED_MAX_MATS
-#define BK_BLOCKED_MAX_MATS 11
+#define BK_BLOCKED_MAX_MATS -1
 #endif
 
 // The dynamic shared memory one block may opt in to on the current device (cached per device).
@@ -66,7 +67,7 @@ void bk_balance_config(int P, int n, int num_sms, int* threads, int* grid, int* 
     const bool one = n > 64 || (BK_BLOCKED_ONE_PER_SM && P <= num_sms);
     per_sm = one ? 1 : 2;
     const long long fit = ((one ? optin_smem_limit() : kMaxSmemBytes) - small) / mat;
-    const int cap = BK_BLOCKED_MAX_MATS < bk::NUM_MATS ? BK_BLOCKED_MAX_MATS : bk::NUM_MATS;
+    const int cap = BK_BLOCKED_MAX_MATS >= 0 && BK_BLOCKED_MAX_MATS < bk::NUM_MATS ? BK_BLOCKED_MAX_MATS : bk::NUM_MATS;
     in_smem = fit < 0 ? 0 : (fit > cap ? cap : (int)fit);
   } else if (small + bk::NUM_MATS * mat <= kMaxSmemBytes) {
     in_smem = bk::NUM_MATS;

@@ -581,8 +581,9 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
     const double inv = bk_rsqrt(d), invd = inv * inv;
     for (int i = c.tid; i < n; i += c.nt) L[i * n + j] = i >= j ? X[i * n + j] * inv : 0.0;
     // Trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d, each element by the same thread and expression as
-    // the loop over idx / m, idx % m it replaces (same bits), without its two divisions per element: Cholesky
-    // 249 k -> 188 k cycles per pair at r = 64 with 224 pairs, 147 k -> 138 k with 112 (H200, eig_phases.py).
+    // the loop over idx / m, idx % m it replaces (same bits), without its two divisions per element. H200
+    // (bench/probe/eig_phases.py, the previous probe's matrix placements): Cholesky 147 k -> 138 k cycles per pair
+    // at r = 64 (112 pairs), 974 k -> 887 k at r = 128, 15.6 k -> 16.4 k at r = 16; the kernel within 1.5%.
     const int m = n - 1 - j;
     if (m > 0) {
       for (FlatIter it(c, m); it.row < m; it.next()) {

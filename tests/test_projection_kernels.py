@@ -85,6 +85,21 @@ def clone(pairs):
     return [(A.clone(), B.clone()) for A, B in pairs]
 
 
+if HAVE_TRITON:
+    import triton.language as tl
+
+    from balora_kernels.ops.grouped_projection import _tf32_pair
+
+    @triton.jit
+    def _tf32_pair_probe(x_ptr, hi_ptr, lo_ptr, N, BLOCK: tl.constexpr):
+        """hi, lo = _tf32_pair(x) of N float32 values (test_interp_tf32_pair_bits)."""
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        hi, lo = _tf32_pair(x)
+        tl.store(hi_ptr + offs, hi, mask=offs < N)
+        tl.store(lo_ptr + offs, lo, mask=offs < N)
+
+
 def invariants(A0, B0, A1, B1, r_live=None):
     """(product rel err, balance gap of the live block, finite) of the projected pair in float64."""
     P0 = f64(B0) @ f64(A0)
@@ -265,6 +280,20 @@ def test_interp_rescale_16bit_tf32_pair():
     used = {(lg.dtype, gp._tf32_pair_rescale(lg.dtype, g.rescale_precision)) for g in plan.groups for lg in g.launches}
     assert (torch.float16, True) in used and (torch.float32, False) in used, used
     check_rescale(plan, pairs)
+
+
+@interp_only
+def test_interp_tf32_pair_bits():
+    """_tf32_pair(x): hi is x with its 13 low mantissa bits cleared (sign and exponent kept: exact in tf32) and
+    hi + lo == x exactly, for negative, subnormal, zero and large values. (The interpreter's tl.dot ignores the tf32
+    precision, so the rescale tests alone would not see a wrong mask; the GPU test below checks the products.)"""
+    g = torch.Generator().manual_seed(11)
+    x = torch.cat([torch.randn(200, generator=g) * torch.logspace(-30, 30, 200),
+                   torch.tensor([0.0, -0.0, 1e-40, -3e-39, 3.3e38, -2.5e38, 1.0, -1.0 - 2.0**-23, 2.0**-126])])
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _tf32_pair_probe[(1,)](x, hi, lo, x.numel(), BLOCK=256)
+    assert torch.equal(hi.view(torch.int32), x.view(torch.int32) & -8192)
+    assert torch.equal(hi + lo, x) and torch.equal((hi + lo).view(torch.int32) & ~(2 ** 31), x.view(torch.int32) & ~(2 ** 31))
 
 
 def check_rescale(plan, pairs, skip=2):
@@ -687,6 +716,37 @@ def test_gpu_plan_small_rank_methods_match_reference(r, dtype, fp32_gram, rescal
     assert stats["projected"] == len(pairs) and stats["skipped_nonfinite"] == 0
     worst = _check_against_reference(pairs, before, "nearest", dtype, f"r={r} {dtype} {fp32_gram} {rescale}")
     print(f"r={r} {dtype} {fp32_gram} {rescale}: {worst}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rescale_16bit_tf32_pair_rounding(dtype):
+    """The rescale of 16-bit factors at r = 64 (two tf32 products with T's tf32 hi / lo split): almost every element
+    equals the float64 product rounded once to the factors' dtype. The pair's ~2^-22 relative error flips a rounding
+    on about 2^-14 (bf16) / 2^-11 (fp16) of the elements; one tf32 product (a wrong split: 2^-11) would flip about a
+    tenth (bf16) / most (fp16) of them, which the 2x-error rule of the plan tests need not catch."""
+    from balora_kernels.ops import grouped_projection as gp
+    pairs = make_pairs([(64, 4096, 4096, dtype), (64, 4096, 11008, dtype), (64, 1000, 37, dtype)], device="cuda",
+                       seed=90)
+    before = clone(pairs)
+    plan = _plan(pairs, transforms="torch")          # the rescale alone (random T below): no extension needed
+    assert {gp._tf32_pair_rescale(lg.dtype, g.rescale_precision) for g in plan.groups for lg in g.launches} == {True}
+    status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
+    gen = torch.Generator().manual_seed(91)
+    Ts = {}
+    for g in plan.groups:
+        g.tw.zero_()
+        for p, i in enumerate(g.pair_ids):
+            T = torch.randn(g.r, g.r, generator=gen, dtype=torch.float64) + 2 * torch.eye(g.r, dtype=torch.float64)
+            g.tw[p, 0, :g.r, :g.r] = T.float()
+            g.tw[p, 1, :g.r, :g.r] = torch.linalg.inv(T).float()
+            Ts[i] = (g.tw[p, 0, :g.r, :g.r].double(), g.tw[p, 1, :g.r, :g.r].double())
+    plan.rescale(status)
+    for i, ((A, B), (A0, B0)) in enumerate(zip(pairs, before)):
+        T, W = Ts[i]
+        for name, got, want in (("B", B, (f64(B0) @ T).to(dtype)), ("A", A, (W @ f64(A0)).to(dtype))):
+            flipped = (got != want).double().mean().item()
+            assert flipped <= 1e-2, (i, name, dtype, flipped)
 
 
 @pytest.mark.gpu

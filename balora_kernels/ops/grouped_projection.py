@@ -81,19 +81,20 @@ def _num_warps(R: int) -> int:
 # above); "fp16x3" splits each tile, scaled per column by a power of two, into three float16 pieces (hi + mid +
 # lo carry all 24 bits of float32) and sums the six significant products on the tensor cores, in four products:
 # hi^T mid + mid^T hi and hi^T lo + lo^T hi are X + X^T of X = hi^T mid + hi^T lo (7B fp32 R = 64, the same
-# default launch parameters side by side, bench/results/tune_projection-h200-r64-head-2026-12-02.json: 0.497 ms with
-# six products, 0.479 with four). "auto"
-# (default): "fma" for r <= FMA_MAX_RANK, "dot" for R = 16, "fp16x3" above. Measured on an H200, 7B shapes
-# (bench/results/projection-h200.json; r = 16 fma: bench/results/logs/session4-projection-probe-2026-11-28.txt):
-# r = 8 0.085 ms with fma against 0.23 with FMA
-# dots and 0.17 with fp16x3; r = 16 fma 0.22 against dots 0.23 (not worth its registers); R = 64 0.50 ms with
-# fp16x3 against 0.57 with 3xTF32. FMA dots stay the R = 16 default for accuracy: the tensor cores' float32
-# accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an earlier version of
-# tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/projection-2026-11-28-rank-
-# policy.txt). Also measured and not kept: a rescale by tl.sum over a [rows, RC, RC] product took 0.36 ms
-# against 0.10 for tl.dot at r = 8 (bench/results/logs/session4-projection-probe-2026-11-28.txt; its 1e-3
-# product errors at r = 16 there were a race, stores before other threads' loads of the same rows, which the
-# "outer" rescale below closes with a barrier).
+# launch parameters side by side, bench/results/tune_projection-h200-r64-head-2026-12-02.json against
+# tune_projection-h200-r64-2026-12-02.json: 0.497 ms with six products, 0.479 with four). "auto" (default): "fma"
+# for r <= FMA_MAX_RANK, "dot" for R = 16, "fp16x3" above. Measured on an H200, 7B shapes, Triton kernels
+# (bench/results/projection-h200.json, 2026-12-02; r = 16 fma: bench/results/logs/session4-projection-probe-
+# 2026-11-28.txt): r = 8 0.085 ms with fma against 0.23 with FMA dots and 0.12 with fp16x3; r = 16 fma 0.22 against
+# dots 0.23 (not worth its registers); R = 64 0.47 ms with fp16x3 against 0.66 with 3xTF32 (0.57 with the launch
+# parameters before R = 64's were re-measured for fp16x3). FMA dots stay the R = 16 default for accuracy: the
+# tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an
+# earlier version of tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/projection-2026-
+# 11-28-rank-policy.txt). (Ranks <= 16 take the CUDA Gram of csrc/grouped.cu when the extension is loaded.) Also
+# measured and not kept: a rescale by tl.sum over a [rows, RC, RC] product took 0.36 ms against 0.10 for tl.dot
+# at r = 8 (bench/results/logs/session4-projection-probe-2026-11-28.txt; its 1e-3 product errors at r = 16 there
+# were a race, stores before other threads' loads of the same rows, which the "outer" rescale below closes with a
+# barrier).
 FP32_GRAM_METHODS = ("auto", "fp16x3", "dot", "fma")
 FMA_MAX_RANK = 8        # "fma" keeps a [rows, RC, RC] float32 accumulator in registers (RC = next_pow2(r))
 # How the rescale multiplies a tile by T / T^-1: "dot" (tl.dot with the R x R padded transform, float32 math) or
@@ -144,10 +145,10 @@ def _fma_rank_block(r: int) -> int:
 
 # The "dot" rescale of 16-bit factors above R = 16 (where float32 factors take 3xTF32): the factors are exact in tf32,
 # so X T = X T_hi + X T_lo takes two tf32 products (T split once per tile, _tf32_pair) where tf32x3 takes three.
-# 7B bf16 R = 64, the same default launch parameters side by side: 0.956 ms with tf32x3, 0.715 with the pair (0.408
-# with its measured launch parameters, _MEASURED_TUNE). False: tf32x3 for them too
-# (BALORA_KERNELS_RESCALE_TF32_PAIR=0, for comparison).
-RESCALE_TF32_PAIR = os.environ.get("BALORA_KERNELS_RESCALE_TF32_PAIR", "1") != "0"
+# 7B bf16 R = 64, the same launch parameters side by side: 0.956 ms with tf32x3, 0.715 with the pair (0.408 with
+# the launch parameters then measured for the pair, _MEASURED_TUNE). False: tf32x3 for them too
+# (BALORA_KERNELS_RESCALE_TF32_PAIR=0, for comparison; it keeps the pair's launch parameters).
+RESCALE_TF32_PAIR = os.environ.get("BALORA_KERNELS_RESCALE_TF32_PAIR", "1") not in ("", "0")
 
 
 def _tf32_pair_rescale(dtype, precision: str) -> bool:
@@ -202,9 +203,18 @@ def _gram_fp16x3(x):
 @triton.jit
 def _tf32_pair(x):
     """``(hi, lo)`` float32 with ``hi + lo = x`` exactly: ``hi`` is x with its 13 low mantissa bits cleared (exact in
-    tf32), ``lo`` the rest (a tf32 product keeps its 10 leading bits: ``hi + lo`` in tf32 carries 21 bits of x)."""
+    tf32), ``lo`` the rest, which a tf32 product cuts to its 11 leading significant bits: the pair carries at least
+    22 of x's 24."""
     hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
     return hi, x - hi
+
+
+@triton.jit
+def _gram_fp16x3_add(x, inv, acc, accx):
+    """``(acc, accx)`` plus the fp16x3 products of ``x`` (float32 [K, N], scaled by ``1 / inv`` per column), scaled
+    back: the tile's Gram so far is ``acc + accx + accx^T`` (exact power-of-two scalings, applied one at a time)."""
+    sym, cross = _gram_fp16x3(x)
+    return acc + sym * inv[:, None] * inv[None, :], accx + cross * inv[:, None] * inv[None, :]
 
 
 @triton.jit
@@ -263,9 +273,7 @@ def _gram_dot_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE: tl.constexp
             b = tl.load(base + (k0 + rows)[:, None] * r + offs_r[None, :], mask=mask, other=0.0)
             if SPLIT:   # b = b' diag(1/s): G += diag(1/s) (b'^T b') diag(1/s), exact power-of-two scalings
                 s, inv = _pow2_scales(tl.max(tl.abs(b), axis=0))
-                sym, cross = _gram_fp16x3(b * s[None, :])
-                acc += sym * inv[:, None] * inv[None, :]
-                accx += cross * inv[:, None] * inv[None, :]
+                acc, accx = _gram_fp16x3_add(b * s[None, :], inv, acc, accx)
             else:
                 acc = tl.dot(tl.trans(b), b, acc, input_precision=PRECISION)
         if SPLIT:
@@ -282,9 +290,7 @@ def _gram_dot_tiles(tiles_ptr, partial_ptr, n_b, n_a, r, pid, DTYPE: tl.constexp
             a = tl.load(base + offs_r[:, None] * stride + (k0 + cols)[None, :], mask=mask, other=0.0)
             if SPLIT:
                 s, inv = _pow2_scales(tl.max(tl.abs(a), axis=1))
-                sym, cross = _gram_fp16x3(tl.trans(a * s[:, None]))
-                acc += sym * inv[:, None] * inv[None, :]
-                accx += cross * inv[:, None] * inv[None, :]
+                acc, accx = _gram_fp16x3_add(tl.trans(a * s[:, None]), inv, acc, accx)
             else:
                 acc = tl.dot(a, tl.trans(a), acc, input_precision=PRECISION)
         if SPLIT:

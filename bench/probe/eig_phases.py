@@ -205,7 +205,7 @@ if __name__ == "__main__":
     ap.add_argument("--baseline", default=None, help="a csrc/ folder to build as 'base' beside the working tree")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-variants", action="store_true", help="build only prof, plain (and base)")
-    ap.add_argument("--only", default="", help="build only these (comma-separated names: prof, plain, base, variants)")
+    ap.add_argument("--only", default="", help="build only these (comma-separated: prof, plain, base or a VARIANTS name)")
     ap.add_argument("--ranks", default="8,16,64", help="ranks to time (comma-separated)")
     ap.add_argument("--pairs", default="224", help="numbers of pairs (the first of the 7B adapters) to time")
     a = ap.parse_args()
