@@ -26,10 +26,20 @@ def cuda_extensions():
         return [], {}
     ext = CUDAExtension(
         "balora_kernels._C", sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90",
-                                                      "-gencode=arch=compute_80,code=sm_80"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *_ext_module().CUDA_ARCH_FLAGS]},
     )
     return [ext], {"build_ext": BuildExtension}
+
+
+def _ext_module():
+    """balora_kernels/_ext.py loaded by path (the package itself is not importable before it is built): the
+    CUDA architecture flags are the ones its JIT build uses."""
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_balora_ext_flags", os.path.join(here, "balora_kernels", "_ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def with_csrc_copy(cmdclass):

@@ -82,11 +82,32 @@ def _have_grouped_ops() -> bool:
     return _op_ok("grouped_gram", GROUPED_GRAM_ARGUMENTS) and _op_ok("grouped_rescale", GROUPED_RESCALE_ARGUMENTS)
 
 
+# The kernels are compiled for sm_80 and sm_90, with sm_90 PTX that the driver compiles for newer GPUs
+# (setup.py and _try_load's flags): GPUs older than compute capability 8.0 have no image to run.
+MIN_CAPABILITY = (8, 0)
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80",
+                   "-gencode=arch=compute_90,code=compute_90"]
+
+
+def unsupported_gpu() -> Optional[str]:
+    """Why the current GPU cannot run the extension's kernels (None when it can, or when there is no GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    cap = torch.cuda.get_device_capability()
+    if tuple(cap) < MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name()} has compute capability {cap[0]}.{cap[1]}; the extension's kernels "
+                f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or later")
+    return None
+
+
 def _try_load() -> None:
     if os.environ.get("BALORA_KERNELS_DISABLE_EXT", "0") not in ("", "0"):
         raise RuntimeError("disabled by BALORA_KERNELS_DISABLE_EXT")
     if torch.version.cuda is None:
         raise RuntimeError(f"torch {torch.__version__} is not a CUDA build")
+    why = unsupported_gpu()
+    if why is not None:
+        raise RuntimeError(why)
     try:
         from . import _C  # noqa: F401  (registers torch.ops.balora.*)
     except ImportError as e:
@@ -117,7 +138,7 @@ def _try_load() -> None:
         cpp_extension.load(
             name="balora_kernels_C", sources=_sources(), build_directory=build_dir, is_python_module=False,
             extra_cflags=["-O3"], extra_include_paths=[_CSRC],
-            extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
+            extra_cuda_cflags=["-O3", *CUDA_ARCH_FLAGS],
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"
     if not (_have_op() and _have_lora_op() and _have_grouped_ops()):

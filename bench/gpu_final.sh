@@ -5,7 +5,9 @@
 #   device run: bash bench/gpu_final.sh 1    # build, LoRA-linear GPU tests + benchmark, projection GPU tests
 #   device run: bash bench/gpu_final.sh 2    # projection benchmark, balora check / bench, the rest of the suite
 #   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
-#   device run: bash bench/gpu_final.sh lora # build, LoRA-linear GPU tests, host/GPU profile probes (LoRA-only changes)
+#   device run: bash bench/gpu_final.sh projcheck # build, projection GPU tests, balora check (host-side csrc changes)
+#   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
+#                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
 #   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
@@ -80,6 +82,11 @@ seed_build
       fi; } &
     probe_pid=$!
   fi
+  if [ "$PART" = lora ]; then   # GPU-bound Triton GEMM probe (no extension needed), beside the CPU-bound build
+    { timeout 240 python3 bench/probe/lora_gemm_tma.py --quick --out "$OUT" > "$OUT/lora_gemm_tma.log" 2>&1
+      echo "lora_gemm_tma.py rc=$?" >> "$OUT/lora_gemm_tma.log"; } &
+    probe_pid=$!
+  fi
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -90,10 +97,11 @@ seed_build
     echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
     timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
-    echo "== host time of the 1024-token step, piece by piece"
-    timeout 60 python3 bench/probe/host_step.py; echo "rc=$?"
+    echo "== TMA GEMM probe (ran beside the build)"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; tail -8 "$OUT/lora_gemm_tma.log"
     echo "== GPU kernels and host time per implementation"
-    timeout 150 python3 bench/probe/lora_profile.py --no-thin --cases 1k_4096x4096_r16,8k_4096x4096_r16 --out "$OUT"; echo "rc=$?"
+    timeout 150 python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
+      --cases ${LORA_CASES:-8k_4096x4096_r16,8k_4096to11008_r16,8k_11008to4096_r16,8k_4096x4096_r64}; echo "rc=$?"
   elif [ "$PART" = lorabench ]; then
     echo "== LoRA linear benchmark (writes the tuning table)"
     timeout 400 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
@@ -129,6 +137,10 @@ seed_build
   elif [ "$PART" = probe ]; then
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
+  elif [ "$PART" = projcheck ]; then
+    projection_tests
+    echo "== balora check"
+    timeout 60 python3 -m balora_kernels check --json "$OUT/check.json" | tail -3; echo "rc=$?"
   elif [ "$PART" = proj ]; then
     projection_tests
     echo "== projection benchmark"

@@ -7,21 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "balance_math.cuh"
-
-// Threads per block for ranks 4, 8, 16, 32 (bk_balance_config; the fixed-rank kernels are compiled for these
-// block sizes; a probe build may pass others).
-#ifndef BK_FIXED_N4_THREADS
-#define BK_FIXED_N4_THREADS 64
-#endif
-#ifndef BK_FIXED_N8_THREADS
-#define BK_FIXED_N8_THREADS 64
-#endif
-#ifndef BK_FIXED_N16_THREADS
-#define BK_FIXED_N16_THREADS 128
-#endif
-#ifndef BK_FIXED_N32_THREADS
-#define BK_FIXED_N32_THREADS 128
-#endif
+#include "launch_config.h"   // BK_FIXED_N*_THREADS, bk::balance_config
 
 namespace bk {
 
@@ -55,10 +41,11 @@ __global__ void __launch_bounds__(NT > 0 ? NT : 256, MIN_BLOCKS)
 
 // csrc/balance_fixed.cu. launch_fixed_rank: the fixed-rank kernel for (n, threads) if one is compiled, else -1
 // (the caller launches the run-time-rank kernel); a cudaError_t otherwise. configure_fixed_rank: raises every
-// fixed-rank kernel's dynamic shared-memory limit (a cudaError_t).
+// fixed-rank kernel's dynamic shared-memory limit, to small_rank_limit below kBlockedRank and blocked_limit from
+// there (a cudaError_t).
 int launch_fixed_rank(const float* grams, const double* eps_f, int P, int n, int R, int mode, float* tw, int* status,
                       double* gaps, double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream);
-int configure_fixed_rank(int max_smem_bytes);
+int configure_fixed_rank(int small_rank_limit, int blocked_limit);
 
 }  // namespace bk

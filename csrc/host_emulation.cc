@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "balance_math.cuh"
+#include "launch_config.h"
 
 extern "C" void bk_host_balance_transforms(const float* grams, const double* eps_f, int P, int n, int R, int mode,
                                            int pair_eig, float* tw, int* status, double* gaps, int* paths) {
@@ -42,4 +43,19 @@ extern "C" int bk_host_flat_iter_check(int nt, int width, int rows) {
     if (expect < (long long)rows * width) return 1 + tid;   // stopped early
   }
   return 0;
+}
+
+// bk::balance_config (the r x r kernel's launch configuration, csrc/launch_config.h) for a device with the given
+// shared-memory limits: out = {threads, grid, smem_bytes, mats_in_smem, small_rank_smem_limit}, *scratch the float64
+// scratch elements.
+extern "C" void bk_host_balance_config(int P, int n, int num_sms, int per_block_optin, int per_sm, int* out,
+                                       long long* scratch) {
+  const bk::SmemLimits lim{per_block_optin, per_sm};
+  const bk::BalanceConfig cfg = bk::balance_config(P, n, num_sms, lim);
+  out[0] = cfg.threads;
+  out[1] = cfg.grid;
+  out[2] = cfg.smem_bytes;
+  out[3] = cfg.mats_in_smem;
+  out[4] = bk::small_rank_smem_limit(lim);
+  *scratch = cfg.scratch_doubles;
 }

@@ -453,6 +453,24 @@ def test_failed_graph_capture_falls_back_with_a_warning(monkeypatch):
     assert plan.run("nearest") == "stats" and runs == ["nearest"] * 3
 
 
+def test_extension_refused_on_gpus_older_than_its_kernels(monkeypatch):
+    """The kernels are built for sm_80 / sm_90 (+ sm_90 PTX for newer GPUs): on a compute capability 7.x GPU
+    the extension is not loaded (no kernel image would run there), and the reason names the GPU; newer ones
+    (Ampere to Blackwell) are accepted."""
+    from balora_kernels import _ext
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    for cap, ok in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=cap: c)
+        why = _ext.unsupported_gpu()
+        assert (why is None) == ok, (cap, why)
+        if not ok:
+            assert why == f"Tesla T4 has compute capability {cap[0]}.{cap[1]}; the extension's kernels need 8.0 or later"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _ext.unsupported_gpu() is None
+    assert "-gencode=arch=compute_90,code=compute_90" in _ext.CUDA_ARCH_FLAGS   # PTX: JIT-compiled on newer GPUs
+
+
 def test_extension_with_another_schema_is_not_used():
     """A leftover extension built from older sources must not be called with arguments it does not take: another
     balance_transforms schema does not count as the projection's op, and one without the lora_linear op serves
@@ -611,6 +629,81 @@ def test_cuda_flat_iter_matches_the_loop_it_replaces(host_lib):
     bad = [(nt, w, rows) for nt in (1, 32, 64, 128, 256) for w in range(1, 131) for rows in (0, 1, 2, w, 131)
            if f(nt, w, rows) != 0]
     assert not bad, bad[:5]
+
+
+# (per-block opt-in, per-SM) shared memory in bytes and SMs of GPUs CI does not have (CUDA's device attributes).
+SMEM_DEVICES = {"H100/H200": (232448, 233472, 132), "A100": (166912, 167936, 108),
+                "L4/RTX 4090 (sm_89)": (101376, 102400, 58), "RTX 3090 (sm_86)": (101376, 102400, 82)}
+
+
+def _host_config(lib, P, n, sms, optin, per_sm):
+    out = (ctypes.c_int * 5)()
+    scratch = ctypes.c_longlong()
+    lib.bk_host_balance_config(P, n, sms, optin, per_sm, out, ctypes.byref(scratch))
+    return dict(zip(("threads", "grid", "smem", "mats", "small_limit"), out)), scratch.value
+
+
+@pytest.mark.parametrize("device", list(SMEM_DEVICES))
+def test_cuda_launch_config_fits_the_device(host_lib, device):
+    """The r x r kernel's launch configuration (csrc/launch_config.h) on GPUs with less shared memory than an
+    H200: every launch within the per-block opt-in limit (sm_86 / sm_89 allow 99 KB: a fixed 100 KB request
+    failed there), two blocks per SM only where both stay resident, the rest of the 11 matrices in scratch."""
+    optin, per_sm, sms = SMEM_DEVICES[device]
+    for n in range(1, 129):
+        for P in (1, 50, sms, sms + 1, 224, 1000):
+            c, scratch = _host_config(host_lib, P, n, sms, optin, per_sm)
+            where = (device, n, P, c)
+            assert c["smem"] <= optin and c["small_limit"] <= optin, where
+            if n < 33:
+                assert c["smem"] <= c["small_limit"], where       # the attribute set on those kernels
+            elif c["grid"] > sms:                                 # two blocks per SM: both resident
+                assert 2 * (c["smem"] + 1024) <= per_sm, where
+            assert 0 <= c["mats"] <= 11 and 1 <= c["grid"] <= P, where
+            assert c["smem"] >= c["mats"] * 8 * n * n, where
+            assert scratch == c["grid"] * (11 - c["mats"]) * n * n + 1, where
+
+
+def test_cuda_launch_config_on_h200_is_the_measured_one(host_lib):
+    """On an H100 / H200 the configuration from the device's limits is exactly the one every earlier H200
+    measurement ran (the rule before csrc/launch_config.h: 100 KB per block where blocks share an SM, the opt-in
+    limit where one block has it), for every rank and for pair counts around the SM count."""
+    optin, per_sm, sms = SMEM_DEVICES["H100/H200"]
+
+    def before(P, n, small):
+        threads = {4: 64, 8: 64, 16: 128, 32: 128}.get(n, 64 if n <= 8 else (128 if n <= 32 else 256))
+        mat, kmax, mats, per = 8 * n * n, 100 * 1024, 0, (4 if n <= 32 else (2 if n <= 64 else 1))
+        if n >= 33:
+            one = n > 64 or P <= sms
+            per = 1 if one else 2
+            mats = max(0, min(11, ((optin if one else kmax) - small) // mat))
+        elif small + 11 * mat <= kmax:
+            mats = 11
+        elif small + 2 * mat <= kmax:
+            mats = 2
+        grid = max(1, min(sms * per, P))
+        return threads, grid, small + mats * mat, mats, grid * (11 - mats) * n * n + 1
+
+    for n in range(1, 129):
+        for P in (1, 7, 50, sms - 1, sms, sms + 1, 224, 2 * sms, 2 * sms + 1, 1000):
+            c, scratch = _host_config(host_lib, P, n, sms, optin, per_sm)
+            small = c["smem"] - c["mats"] * 8 * n * n          # the kernel's small workspace (bk::small_bytes)
+            assert 0 < small < 16 * 1024
+            got = (c["threads"], c["grid"], c["smem"], c["mats"], scratch)
+            assert got == before(P, n, small), (n, P, got, before(P, n, small))
+
+
+def test_cuda_launch_config_on_h200_and_smaller_gpus(host_lib):
+    """Matrices in shared memory: the H200's configurations as measured (bench/results, 7B shapes: 224 pairs),
+    and what an A100 and an L4 get instead."""
+    def mats(device, P, n):
+        optin, per_sm, sms = SMEM_DEVICES[device]
+        return _host_config(host_lib, P, n, sms, optin, per_sm)[0]["mats"]
+
+    h = "H100/H200"
+    assert [mats(h, 224, n) for n in (8, 16, 32, 48, 64, 128)] == [11, 11, 11, 5, 2, 1]
+    assert [mats(h, 112, n) for n in (48, 64)] == [11, 6]                 # one block per SM: all it may opt in to
+    assert [mats("A100", 224, n) for n in (32, 48, 64, 128)] == [11, 4, 2, 1]
+    assert [mats("L4/RTX 4090 (sm_89)", 224, n) for n in (16, 32, 48, 64, 128)] == [11, 11, 2, 1, 0]
 
 
 @pytest.mark.parametrize("r", [1, 3, 8, 16, 33])
@@ -901,8 +994,8 @@ def test_gpu_degenerate_pairs(r):
 def test_gpu_rank_policy_matches_reference(r, mode):
     """The CUDA r x r kernel on the device's own Grams: the reference's live components (product floor with
     each pair's eps_f, bf16 factors included), slots, transforms and status (rank included); then the whole
-    plan keeps every product and balances it. Ranks 4, 8, 16, 32 run the fixed-rank kernels
-    (csrc/balance_fixed.cu), the others the run-time-rank one."""
+    plan keeps every product and balances it. Ranks 4, 8, 16, 32, 64 run the fixed-rank kernels
+    (csrc/balance_fixed.cu), the others the run-time-rank ones."""
     named = rank_policy_pairs(r, seed=100 + r)
     names = [n for n, _, _ in named]
     pairs = [(A.cuda(), B.cuda()) for _, A, B in named]
@@ -932,13 +1025,15 @@ def test_gpu_rank_policy_matches_reference(r, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("r", [40, 64, 128])
-def test_gpu_transforms_same_bits_for_every_launch_shape(r):
+def test_gpu_transforms_same_bits_for_every_launch_shape(r, monkeypatch):
     """csrc/balance.cu places a rank >= 33 pair's matrices by the number of pairs P: one block per SM with all
     the shared memory it may opt in to when P <= SMs (or r > 64), two blocks per SM with 100 KB each above, the
     rest of the 11 matrices in global memory. Every placement gives the same bits, and the reference's
     decisions: P > SMs pairs (the rank-policy cases of several seeds, every kind of pair) in one launch, then in
     launches of 8 pairs (at r = 128 both take one block per SM: only the grid-stride loop differs; the nearest
-    mode only). T, T^-1 against the reference for the pairs the reference keeps whole: the rest block
+    mode only), then in one launch again configured for the shared memory of an A100 and of an L4 / RTX 4090
+    (BALORA_KERNELS_SMEM_LIMITS: fewer matrices in shared memory, none at r = 128 on the L4).
+    T, T^-1 against the reference for the pairs the reference keeps whole: the rest block
     of a rank-deficient pair is ill-conditioned at some of these seeds (dominant_dead at r = 64: 1.6e-4 from
     the reference, the same in the host build of the previous kernel, bitwise equal to this one's)."""
     from balora_kernels import _ext
@@ -965,6 +1060,12 @@ def test_gpu_transforms_same_bits_for_every_launch_shape(r):
     parts = [transforms(grams[i:i + 8].contiguous(), eps_f[i:i + 8].cuda()) for i in range(0, P, 8)]
     for got, chunked in zip(whole, (torch.cat(x) for x in zip(*parts))):
         assert torch.equal(got, chunked), f"r={r}: P={P} in one launch differs from launches of 8 pairs"
+    for device in ("A100", "L4/RTX 4090 (sm_89)"):
+        optin, per_sm, _ = SMEM_DEVICES[device]
+        monkeypatch.setenv("BALORA_KERNELS_SMEM_LIMITS", f"{optin},{per_sm}")
+        for got, small in zip(whole, transforms(grams, eps_f.cuda())):
+            assert torch.equal(got, small), f"r={r}: P={P} configured for an {device} differs"
+    monkeypatch.delenv("BALORA_KERNELS_SMEM_LIMITS")
     tw, status, gaps = (t.cpu() for t in whole)
     ref = reference.balancing_transforms(GB, GA, "nearest", eps_f=eps_f)
     whole_rank = [p for p in range(P) if ref.rank[p] == r and not (ref.zero[p] or ref.nonfinite[p])]

@@ -34,7 +34,8 @@ VARIANTS = [("cols_consecutive", ["-DBK_MATMUL_STRIDED_COLS=0"]),
             ("legacy_carve", ["-DBK_CARVE_LEGACY=1"]),
             ("max_mats_0", ["-DBK_BLOCKED_MAX_MATS=0"]),     # ranks >= 33: all matrices in global memory (L1)
             ("max_mats_1", ["-DBK_BLOCKED_MAX_MATS=1"]),
-            ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"])]
+            ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"]),
+            ("no_fixed_64", ["-DBK_FIXED_N64=0"])]          # r = 64 by the run-time-rank kernel
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -90,7 +91,7 @@ def build(out, baseline=None, variants=True, only=None):
            'extern "C" int bk_prof_reset() {\n  static unsigned long long zeros[16 * 8192];\n'
            '  return (int)cudaMemcpyToSymbol(bk_prof, zeros, sizeof(zeros));\n}\n')
     open(os.path.join(out, "balance.cu"), "w").write(cu)
-    for f in ("balance_kernel.cuh", "balance_fixed.cu"):              # the rest of the kernel's sources, as they are
+    for f in ("balance_kernel.cuh", "balance_fixed.cu", "launch_config.h"):   # the rest of the sources, as they are
         if os.path.exists(os.path.join(ROOT, "csrc", f)):
             open(os.path.join(out, f), "w").write(open(os.path.join(ROOT, "csrc", f)).read())
     # one translation unit, so that the fixed-rank kernels add to the same bk_prof as the others
