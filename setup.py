@@ -24,16 +24,17 @@ def cuda_extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:
         return [], {}
+    flags = _ext_module()
     ext = CUDAExtension(
         "balora_kernels._C", sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *_ext_module().CUDA_ARCH_FLAGS]},
+        extra_compile_args={"cxx": flags.CXX_FLAGS, "nvcc": ["-O3", *flags.CUDA_ARCH_FLAGS]},
     )
     return [ext], {"build_ext": BuildExtension}
 
 
 def _ext_module():
     """balora_kernels/_ext.py loaded by path (the package itself is not importable before it is built): the
-    CUDA architecture flags are the ones its JIT build uses."""
+    compiler flags are the ones its JIT build uses."""
     import importlib.util
     here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location("_balora_ext_flags", os.path.join(here, "balora_kernels", "_ext.py"))

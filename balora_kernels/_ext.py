@@ -49,13 +49,14 @@ def _build_tag() -> str:
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(f"{torch.__version__}|{torch.version.cuda}".encode())
+    h.update(" ".join(CXX_FLAGS + CUDA_ARCH_FLAGS).encode())   # flags change the build too
     return h.hexdigest()[:16]
 
 
 # The op's argument names this package calls it with (csrc/bindings.cpp): an extension built from older
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
-LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "prefill")
+LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode")
 GROUPED_GRAM_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "partials", "ranges", "counters", "grams")
 GROUPED_RESCALE_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "tw", "status", "skip_bits")
 GROUPED_MAX_RANK = 16   # csrc/grouped.cu: bk_grouped_max_rank()
@@ -87,6 +88,11 @@ def _have_grouped_ops() -> bool:
 MIN_CAPABILITY = (8, 0)
 CUDA_ARCH_FLAGS = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80",
                    "-gencode=arch=compute_90,code=compute_90"]
+
+
+# Host-compiler flags of the build: BK_WITH_CUDA_THIN lets csrc/lora_linear.cpp call csrc/lora_thin.cu's kernels
+# (without it the file is pure ATen, as the CPU test build compiles it).
+CXX_FLAGS = ["-O3", "-DBK_WITH_CUDA_THIN"]
 
 
 def unsupported_gpu() -> Optional[str]:
@@ -137,7 +143,7 @@ def _try_load() -> None:
         os.makedirs(build_dir, exist_ok=True)
         cpp_extension.load(
             name="balora_kernels_C", sources=_sources(), build_directory=build_dir, is_python_module=False,
-            extra_cflags=["-O3"], extra_include_paths=[_CSRC],
+            extra_cflags=CXX_FLAGS, extra_include_paths=[_CSRC],
             extra_cuda_cflags=["-O3", *CUDA_ARCH_FLAGS],
             verbose=os.environ.get("BALORA_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"))
         _state["how"] = f"JIT build {lib}"

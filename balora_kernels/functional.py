@@ -147,8 +147,8 @@ def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dty
 
     ``direction`` is 'forward' or 'backward'; N tokens, in/out features, rank r, activation dtype.
     ``BALORA_KERNELS_IMPL`` overrides: torch -> reference math; triton -> fused Triton GEMMs;
-    cuda -> the csrc op ('ext': cuBLAS products and the autograd node in C++; 'cublas', cuBLAS
-    GEMMs + Triton rank-r kernels, when the extension is unavailable). Otherwise, on CUDA in
+    cuda -> the csrc op ('ext_thin': csrc/lora_thin.cu's rank-r kernels, cuBLAS big GEMMs, the autograd
+    node in C++; 'cublas', cuBLAS GEMMs + Triton rank-r kernels, when the extension is unavailable). Otherwise, on CUDA in
     bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
     (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py; never one measured
     slower than the plain PyTorch math there; the C++ ones only when the extension loads);
@@ -176,7 +176,7 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
     if not have_triton:
         return all_cublas
     if req == "cuda":
-        return "ext" if ext else "cublas"
+        return "ext_thin" if ext else "cublas"
     if dtype not in (torch.bfloat16, torch.float16):
         return all_cublas
     allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.EXT_IMPLS)

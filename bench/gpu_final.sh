@@ -9,6 +9,8 @@
 #   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
+#   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
+#                                            # call has time left) the GPU/host profile per implementation
 #   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
@@ -102,9 +104,20 @@ seed_build
     echo "== GPU kernels and host time per implementation"
     timeout 150 python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
       --cases ${LORA_CASES:-8k_4096x4096_r16,8k_4096to11008_r16,8k_11008to4096_r16,8k_4096x4096_r64}; echo "rc=$?"
+  elif [ "$PART" = thin ]; then
+    echo "== GPU tests (LoRA linear: every implementation, ext_thin's kernels included)"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+    if [ "$SECONDS" -lt 390 ]; then
+      echo "== GPU kernels and host time per implementation"
+      timeout $((540 - SECONDS)) python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
+        --cases ${LORA_CASES:-8k_4096x4096_r16,1k_4096x4096_r16,8k_4096to11008_r16,8k_4096x4096_r64}; echo "rc=$?"
+    else
+      echo "(profile skipped: ${SECONDS} s used)"
+    fi
   elif [ "$PART" = lorabench ]; then
     echo "== LoRA linear benchmark (writes the tuning table)"
-    timeout 400 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
+    timeout 530 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
     cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null
   elif [ "$PART" = grouped ]; then
     projection_tests

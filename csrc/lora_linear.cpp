@@ -3,29 +3,50 @@
 //   y = x W^T + b + s ((x * m) A^T) B^T        x [N, in], W [out, in], b [out] or none,
 //                                              A [r, in], B [out, r], m [N, in] or none
 //
-// Every product is one cuBLAS call through ATen, issued from C++: the forward is one Python -> C++
-// call and the backward none (the autograd engine runs it), which is what the op costs when the
-// host, not the GPU, sets the pace (short sequences, small layers). The math is that of the Python
-// implementations "cublas_mm" (prefill = false) and its prefilled variant (prefill = true) in
-// balora_kernels/ops/lora_linear.py, whose docstring of LoRALinearFunction gives the derivation:
+// The forward is one Python -> C++ call and the backward none (the autograd engine runs it), which is what
+// the op costs when the host, not the GPU, sets the pace (short sequences, small layers). The math is that of
+// LoRALinearFunction in balora_kernels/ops/lora_linear.py, whose docstring gives the derivation:
 //
 //   u  = x_l A^T,  x_l = x * m                  (saved for backward with x and m; W, A, B by reference)
-//   prefill = false:  y = x W^T (+ b), then y += s u B^T (a K = r GEMM into y)
-//   prefill = true:   y = s u B^T (+ b), then y += x W^T (the big GEMM accumulates, beta = 1)
+//   y  = x W^T (+ b) + s u B^T
 //   v  = dy B
-//   dB = s dy^T u,   dA = s v^T x_l              (alpha = s, in the adapters' dtypes)
-//   dx = dy W + s (v A) * m                      (same two orders as the forward)
+//   dB = s dy^T u,   dA = s v^T x_l              (in the adapters' dtypes)
+//   dx = dy W + s (v A) * m
 //   dW = dy^T x,     db = sum_n dy               (only when they require grad)
 //
-// Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and
-// their gradients come back in their own dtype. Pure ATen (no CUDA code): the same file builds for
-// CPU tensors, which is how CI tests it (tests/test_lora_linear_ext.py); BK_OP_NAMESPACE names the
-// operator namespace (balora by default; the device probes in bench/probe/ build it under their own).
+// Three modes (`mode`), the Python implementations "ext", "ext_prefill", "ext_thin":
+//   0  every product one cuBLAS call through ATen; the big GEMM first, then the rank-r term by a K = r GEMM
+//      into its output;
+//   1  the same, the other order: the rank-r term (+ b) first, then the big GEMM accumulates onto it (beta = 1);
+//   2  mode 1's order with u, v and the rank-r terms of y and dx on csrc/lora_thin.cu's kernels (each one launch
+//      reading its big operand once); the two big GEMMs and dB, dA stay on cuBLAS. For CUDA tensors in
+//      bfloat16 / float16 with r <= 128, in builds with the CUDA sources (BK_WITH_CUDA_THIN); other calls run
+//      mode 1 (thin_kernels_apply says which).
+//
+// Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
+// gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
+// tensors, which is how CI tests it (tests/test_lora_linear_ext.py); BK_OP_NAMESPACE names the operator
+// namespace (balora by default; the device probes in bench/probe/ build it under their own).
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "messages.h"
+
+#ifdef BK_WITH_CUDA_THIN
+// csrc/lora_thin.cu (the stream is a cudaStream_t; this file includes no CUDA header).
+extern "C" {
+int bk_thin_max_rank();
+int bk_thin_row_launch(int dtype, const void* g, long long ldg, const void* m, long long ldm, const void* f,
+                       long long f_sj, long long f_sk, void* out, long long N, long long K, int r, void* stream);
+int bk_thin_lowrank_launch(int dtype, const void* p, long long ldp, const void* q, long long q_sj, long long q_sc,
+                           const void* bias, const void* m, long long ldm, void* out, long long ldo, float s,
+                           long long N, long long C, int r, void* stream);
+const char* bk_thin_error_string(int err);
+}
+#endif
 
 #ifndef BK_OP_NAMESPACE
 #define BK_OP_NAMESPACE balora
@@ -54,6 +75,63 @@ at::Tensor big_plus_lowrank(const at::Tensor& x, const at::Tensor& wt, const at:
   at::Tensor out = has_bias ? at::addmm(*bias, x, wt) : at::mm(x, wt);
   return out.addmm_(p, q, /*beta=*/1, /*alpha=*/s);
 }
+
+// ---- mode 2: the rank-r products on csrc/lora_thin.cu's kernels ----------------------------------------------
+// Whether a call with these operands runs them (else mode 1's cuBLAS products).
+bool thin_kernels_apply(const at::Tensor& x, int64_t r) {
+#ifdef BK_WITH_CUDA_THIN
+  const auto dt = x.scalar_type();
+  return x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && r >= 1 && r <= bk_thin_max_rank() &&
+         x.size(0) > 0;
+#else
+  (void)x;
+  (void)r;
+  return false;
+#endif
+}
+
+#ifdef BK_WITH_CUDA_THIN
+// A 2-D operand the kernels read: unit column stride (any row stride), else a contiguous copy.
+at::Tensor rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+int thin_dtype(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 1 : 2; }
+void* stream_of(const at::Tensor& t) {
+  const auto impl = c10::impl::getDeviceGuardImpl(t.device().type());
+  return impl->getStream(t.device()).native_handle();
+}
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, bk::msg("balora::lora_linear: the ", what, " kernel failed to launch: ",
+                                bk_thin_error_string(err)));
+}
+
+// [N, r] = (g * m) f^T for f [r, K] (any strides with one unit stride): u = x_l A^T, v = dy B (f = B^T).
+at::Tensor thin_row(const at::Tensor& g, const at::Tensor& m, const at::Tensor& f) {
+  const int64_t r = f.size(0);
+  at::Tensor out = at::empty({g.size(0), r}, g.options());
+  const at::Tensor fr = (f.stride(0) == 1 || f.stride(1) == 1) ? f : f.contiguous();
+  check_launch(bk_thin_row_launch(thin_dtype(g), g.data_ptr(), g.stride(0), m.defined() ? m.data_ptr() : nullptr,
+                                  m.defined() ? m.stride(0) : 0, fr.data_ptr(), fr.stride(0), fr.stride(1),
+                                  out.data_ptr(), g.size(0), g.size(1), (int)r, stream_of(g)),
+               "row (u = x A^T, v = dy B)");
+  return out;
+}
+
+// [N, C] = (s p q (+ bias)) * m for p [N, r], q [r, C] (any strides with one unit stride).
+at::Tensor thin_lowrank(const at::Tensor& p, const at::Tensor& q, double s, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& m) {
+  const int64_t C = q.size(1);
+  at::Tensor out = at::empty({p.size(0), C}, p.options());
+  const at::Tensor qr = (q.stride(0) == 1 || q.stride(1) == 1) ? q : q.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  check_launch(bk_thin_lowrank_launch(thin_dtype(p), p.data_ptr(), p.stride(0), qr.data_ptr(), qr.stride(0),
+                                      qr.stride(1), has_bias ? b.data_ptr() : nullptr,
+                                      m.defined() ? m.data_ptr() : nullptr, m.defined() ? m.stride(0) : 0,
+                                      out.data_ptr(), out.stride(0), (float)s, p.size(0), C, (int)p.size(1),
+                                      stream_of(p)),
+               "rank-r term (s u B^T, s v A)");
+  return out;
+}
+#endif
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& a,
                   const at::Tensor& b, const c10::optional<at::Tensor>& mask) {
@@ -88,15 +166,25 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, double scaling, const c10::optional<at::Tensor>& mask,
-                            bool prefill) {
+                            int64_t mode) {
     const auto dt = x.scalar_type();
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
-    const at::Tensor x_l = m.defined() ? x * m : x;
-    const at::Tensor u = at::mm(x_l, as_dtype(lora_A, dt).t());
-    at::Tensor y = big_plus_lowrank(x, weight.t(), u, as_dtype(lora_B, dt).t(), scaling, bias, prefill);
+    const bool thin = mode == 2 && thin_kernels_apply(x, lora_A.size(0));
+    at::Tensor u, y;
+    if (thin) {
+#ifdef BK_WITH_CUDA_THIN
+      c10::DeviceGuard guard(x.device());
+      u = thin_row(rows(x), m.defined() ? rows(m) : m, as_dtype(lora_A, dt));
+      y = thin_lowrank(u, as_dtype(lora_B, dt).t(), scaling, bias, at::Tensor());
+      y.addmm_(x, weight.t());
+#endif
+    } else {
+      u = at::mm(m.defined() ? x * m : x, as_dtype(lora_A, dt).t());
+      y = big_plus_lowrank(x, weight.t(), u, as_dtype(lora_B, dt).t(), scaling, bias, mode >= 1);
+    }
     ctx->save_for_backward({x, u, weight, lora_A, lora_B, m});
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["prefill"] = prefill;
+    ctx->saved_data["mode"] = thin ? int64_t(2) : std::min<int64_t>(mode, 1);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
   }
@@ -106,22 +194,36 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[3], &lora_B = saved[4],
                      &m = saved[5];
     const double s = ctx->saved_data["scaling"].toDouble();
-    const bool prefill = ctx->saved_data["prefill"].toBool();
+    const int64_t mode = ctx->saved_data["mode"].toInt();
     const at::Tensor& dy = grads[0];
     const auto dt = x.scalar_type();
     const at::Tensor a = as_dtype(lora_A, dt);
-    const at::Tensor v = at::mm(dy, as_dtype(lora_B, dt));
     // needs_input_grad counts tensor inputs only (x, weight, [bias], lora_A, lora_B, [mask]).
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t edge_a = has_bias ? 3 : 2, edge_b = edge_a + 1;
     at::Tensor dx, dw, db, da, dbB;
-    if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
-    if (ctx->needs_input_grad(edge_a)) da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
-    if (ctx->needs_input_grad(0)) {
-      if (!m.defined()) {
-        dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, prefill);
-      } else {  // the rank-r term is masked before the big GEMM accumulates onto it
-        dx = at::addmm(at::mm(v, a).mul_(m), dy, weight, /*beta=*/s, /*alpha=*/1);
+    if (mode == 2) {
+#ifdef BK_WITH_CUDA_THIN
+      c10::DeviceGuard guard(x.device());
+      const at::Tensor mr = m.defined() ? rows(m) : m;
+      const at::Tensor v = thin_row(rows(dy), at::Tensor(), as_dtype(lora_B, dt).t());
+      // Gradients are written in the adapter's dtype when the kernel can (float32 or x's), else cast.
+      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
+      if (ctx->needs_input_grad(edge_a))
+        da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+      if (ctx->needs_input_grad(0)) dx = thin_lowrank(v, a, s, c10::nullopt, mr).addmm_(dy, weight);
+#endif
+    } else {
+      const at::Tensor v = at::mm(dy, as_dtype(lora_B, dt));
+      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
+      if (ctx->needs_input_grad(edge_a))
+        da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+      if (ctx->needs_input_grad(0)) {
+        if (!m.defined()) {
+          dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, mode == 1);
+        } else {  // the rank-r term is masked before the big GEMM accumulates onto it
+          dx = at::addmm(at::mm(v, a).mul_(m), dy, weight, /*beta=*/s, /*alpha=*/1);
+        }
       }
     }
     if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x);
@@ -132,11 +234,16 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-                       const c10::optional<at::Tensor>& dropout_mask, bool prefill) {
+                       const c10::optional<at::Tensor>& dropout_mask, int64_t mode) {
   // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
+  TORCH_CHECK(mode >= 0 && mode <= 2, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill) or 2 ",
+                                              "(ext_thin), got ", mode));
   check_inputs(x, weight, bias, lora_A, lora_B, dropout_mask);
-  return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, prefill);
+  return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode);
 }
+
+// Whether mode 2 runs the thin kernels for this activation and rank (else mode 1's cuBLAS products).
+bool lora_linear_thin_kernels(const at::Tensor& x, int64_t r) { return thin_kernels_apply(x, r); }
 
 }  // namespace
 
@@ -144,6 +251,7 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 // device run it, and the C++ autograd node above records the backward.
 TORCH_LIBRARY_FRAGMENT(BK_OP_NAMESPACE, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-        "Tensor? dropout_mask, bool prefill) -> Tensor",
+        "Tensor? dropout_mask, int mode) -> Tensor",
         &lora_linear);
+  m.def("lora_linear_thin_kernels(Tensor x, int r) -> bool", &lora_linear_thin_kernels);
 }

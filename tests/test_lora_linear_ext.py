@@ -43,15 +43,18 @@ def op():
     return torch.ops.balora.lora_linear
 
 
-@pytest.mark.parametrize("prefill", (False, True))
+MODES = (0, 1, 2)   # ext, ext_prefill, ext_thin (on CPU tensors and float64 the thin kernels do not apply: mode 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bias", (False, True))
 @pytest.mark.parametrize("dropout", (False, True))
-def test_gradcheck_float64(op, prefill, bias, dropout):
+def test_gradcheck_float64(op, mode, bias, dropout):
     x, W, b, A, B, m, _ = operands(6, 7, 5, 3, torch.float64, bias=bias, dropout=dropout, seed=11)
     ins = [t.clone().requires_grad_(True) for t in (x, W, A, B)] + ([b.clone().requires_grad_(True)] if bias else [])
 
     def f(x, W, A, B, b=None):
-        return op(x, W, b, A, B, 0.7, m, prefill)
+        return op(x, W, b, A, B, 0.7, m, mode)
 
     assert torch.autograd.gradcheck(f, ins)
     y = f(*ins)
@@ -69,7 +72,7 @@ def test_only_requested_gradients(op, wants):
         x, W, b, A, B, m, dy = operands(9, 8, 7, 2, torch.float64, bias=bias, seed=12)
         named = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
         leaves = {k: (t.clone().requires_grad_(k in wants) if t is not None else None) for k, t in named.items()}
-        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, False)
+        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, 0)
         y.backward(dy)
         ref = {k: (t.clone().requires_grad_(True) if t is not None else None) for k, t in named.items()}
         (ref["x"] @ ref["weight"].T + (ref["bias"] if bias else 0)
@@ -83,15 +86,15 @@ def test_only_requested_gradients(op, wants):
                 assert t.grad is None, f"d{k} computed but not asked for (bias={bias})"
 
 
-@pytest.mark.parametrize("prefill", (False, True))
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
-def test_low_precision_activations_fp32_adapters(op, dtype, prefill):
+def test_low_precision_activations_fp32_adapters(op, dtype, mode):
     """16-bit (or fp32) activations with float32 adapters: the 2x-PyTorch-error rule on the output and
     every gradient; adapter gradients come back in the adapters' dtype."""
     x, W, b, A, B, m, dy = operands(37, 72, 40, 3, dtype, adapter_dtype=torch.float32, bias=True, dropout=True,
                                     seed=13)
     xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
-    y = op(xg, W, b, Ag, Bg, 0.5, m, prefill)
+    y = op(xg, W, b, Ag, Bg, 0.5, m, mode)
     y.backward(dy)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 0.5)
     assert y.dtype == dtype and Ag.grad.dtype == torch.float32 and Bg.grad.dtype == torch.float32
@@ -103,13 +106,27 @@ def test_low_precision_activations_fp32_adapters(op, dtype, prefill):
 def test_errors_name_the_shapes(op):
     x, W, b, A, B, m, _ = operands(4, 6, 5, 2, torch.float32, bias=True, seed=14)
     with pytest.raises(RuntimeError, match=r"shapes do not chain: x \[4, 6\], weight \[5, 6\], lora_A \[2, 7\]"):
-        op(x, W, b, torch.randn(2, 7), B, 1.0, None, False)
+        op(x, W, b, torch.randn(2, 7), B, 1.0, None, 0)
     with pytest.raises(RuntimeError, match=r"bias must be \[5\]"):
-        op(x, W, torch.randn(4), A, B, 1.0, None, False)
+        op(x, W, torch.randn(4), A, B, 1.0, None, 0)
     with pytest.raises(RuntimeError, match="dropout mask must match x"):
-        op(x, W, b, A, B, 1.0, torch.ones(4, 5), False)
+        op(x, W, b, A, B, 1.0, torch.ones(4, 5), 0)
     with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
-        op(x, W, b, A.to("meta"), B, 1.0, None, False)
+        op(x, W, b, A.to("meta"), B, 1.0, None, 0)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\) or 2 \(ext_thin\), got 3"):
+        op(x, W, b, A, B, 1.0, None, 3)
+
+
+def test_thin_kernels_only_for_16bit_cuda_activations(op):
+    """ext_thin's kernels (csrc/lora_thin.cu) take CUDA bf16 / fp16 activations with 1 <= r <= 128; every other call
+    runs ext_prefill's products, and lora_linear_thin_kernels says so."""
+    thin = torch.ops.balora.lora_linear_thin_kernels
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert not thin(torch.ones(4, 3, dtype=dt), 16), dt          # CPU tensors
+    if torch.cuda.is_available():
+        cuda = torch.ones(4, 3, dtype=torch.bfloat16, device="cuda")
+        assert thin(cuda, 1) and thin(cuda, 128) and thin(cuda.half(), 16)
+        assert not thin(cuda, 129) and not thin(cuda.float(), 16) and not thin(cuda[:0], 16)
 
 
 @pytest.fixture
@@ -121,7 +138,7 @@ def ext_offered(monkeypatch, op):
     functional._PLANS.clear()
 
 
-@pytest.mark.parametrize("impl", ("ext", "ext_prefill"))
+@pytest.mark.parametrize("impl", ("ext", "ext_prefill", "ext_thin"))
 def test_forced_through_the_package(ext_offered, impl):
     """lora_linear(impl=...) routes to the C++ op (no Python autograd Function in between) and matches
     the float64 reference."""

@@ -485,7 +485,7 @@ for schema in SCHEMAS:
 print(_ext._have_op(), _ext._have_lora_op())
 """
     lora = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-            "Tensor? dropout_mask, bool prefill) -> Tensor")
+            "Tensor? dropout_mask, int mode) -> Tensor")
     with open(os.path.join(ROOT, "csrc", "lora_linear.cpp")) as f:
         assert lora.replace(", ", ",") in f.read().replace('"\n        "', "").replace(", ", ","), \
             "the test's lora_linear schema must be the one csrc/lora_linear.cpp registers"

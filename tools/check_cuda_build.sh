@@ -3,7 +3,8 @@
 # emulation of the kernel math with the host compiler. Fails on any compile error. Nothing is run.
 # The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
 # headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present; lora_linear.cpp
-# (pure ATen) against torch's headers wherever torch is installed.
+# (pure ATen, and with -DBK_WITH_CUDA_THIN as the extension builds it) against torch's headers wherever torch
+# is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
@@ -22,6 +23,9 @@ if [ -n "$inc" ]; then
   echo "$CXX -fsyntax-only csrc/lora_linear.cpp"
   # shellcheck disable=SC2086
   "$CXX" -std=c++20 -fsyntax-only $inc csrc/lora_linear.cpp
+  echo "$CXX -fsyntax-only -DBK_WITH_CUDA_THIN csrc/lora_linear.cpp   (the extension's build, calling csrc/lora_thin.cu)"
+  # shellcheck disable=SC2086
+  "$CXX" -std=c++20 -fsyntax-only -Wall -Werror -DBK_WITH_CUDA_THIN $inc csrc/lora_linear.cpp
   cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
   [ -f "$cuda_inc/cuda_runtime_api.h" ] || cuda_inc="$(dirname "$(readlink -f "$(command -v "$NVCC")")")/../include"
   py_inc="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"

@@ -22,9 +22,14 @@ Implementations (one is chosen per call and per direction by
   C++ (``csrc/lora_linear.cpp``, ``torch.ops.balora.lora_linear``): one Python -> C++ call per forward
   and none per backward, for when the host sets the pace (short sequences, small layers). ``ext``
   writes the big GEMM first and adds the rank-r term by a K=r GEMM; ``ext_prefill`` writes the rank-r
-  term (and bias) first and lets the big GEMM accumulate onto it (beta=1). They need the compiled
-  extension (:mod:`balora_kernels._ext`); the dispatcher offers them only when it loads. Under
-  ``torch.compile`` (the custom ops below) the same products are issued from Python.
+  term (and bias) first and lets the big GEMM accumulate onto it (beta=1);
+* ``"ext_thin"`` — ``ext_prefill``'s order with the rank-r products (u, v, dB, dA, and the rank-r terms
+  of y and dx) on the tensor-core kernels of ``csrc/lora_thin.cu``, each one launch that reads its big
+  operand once; only the two big GEMMs go through cuBLAS. For CUDA bf16 / fp16 activations and
+  r <= 128 (:func:`thin_kernels_apply` says whether a call runs them); other calls run ``ext_prefill``.
+The three C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher offers them
+only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
+Python (``ext_thin``: ``ext_prefill``'s).
 
 The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
 without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
@@ -66,9 +71,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill")
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
-EXT_IMPLS = {"ext": False, "ext_prefill": True}
+EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2}   # name -> the C++ op's mode
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -508,8 +513,14 @@ def _thin_by_cublas(impl: str, mask) -> bool:
     return impl in _ALL_CUBLAS or mask is None
 
 
-# Implementations whose every product is one cuBLAS call (the C++ ones issue the same products).
+# Implementations whose every product is one cuBLAS call (the C++ ones issue the same products; from
+# Python, under torch.compile, ext_thin runs ext_prefill's).
 _ALL_CUBLAS = ("cublas_mm", *EXT_IMPLS)
+
+
+def _prefill(impl: str) -> bool:
+    """Whether the rank-r term is written first and the big GEMM accumulated onto it (beta=1)."""
+    return EXT_IMPLS.get(impl, 0) >= 1
 
 
 def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: float, mask=None,
@@ -524,7 +535,7 @@ def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: flo
     if impl in _ALL_CUBLAS:
         # Three launches, no N x out temporary; cublas_mm and ext write the big GEMM with beta=0
         # (cuBLAS measured slower accumulating into a prefilled output), ext_prefill the rank-r term first.
-        return _big_plus_lowrank(x, weight.T, u, _as(lora_B, dt).T, scaling, bias, EXT_IMPLS.get(impl, False)), u
+        return _big_plus_lowrank(x, weight.T, u, _as(lora_B, dt).T, scaling, bias, _prefill(impl)), u
     if impl == "cublas":
         y = lora_gemm(None, None, u, lora_B.T, scaling, bias=bias)
         return y.addmm_(x, weight.T), u
@@ -556,7 +567,7 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
     if need_x:
         if impl in _ALL_CUBLAS:
             if mask is None:
-                dx = _big_plus_lowrank(dy, weight, v, _as(lora_A, dt), scaling, None, EXT_IMPLS.get(impl, False))
+                dx = _big_plus_lowrank(dy, weight, v, _as(lora_A, dt), scaling, None, _prefill(impl))
             else:
                 dx = torch.addmm(torch.mm(v, _as(lora_A, dt)).mul_(mask), dy, weight, beta=scaling)
         elif impl == "cublas":
@@ -762,6 +773,12 @@ def _backward_op(ctx, grad_y, grad_u):
 lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
+def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
+    """Whether ``ext_thin`` runs csrc/lora_thin.cu's kernels for activations like ``x`` [N, in] at rank ``r``
+    (CUDA bf16 / fp16, 1 <= r <= 128, N > 0, the extension loaded); otherwise it runs ``ext_prefill``."""
+    return _functional()._ext_available() and bool(torch.ops.balora.lora_linear_thin_kernels(x, r))
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=None, impl: str = "auto"):
     """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
 
@@ -770,7 +787,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     if torch.compiler.is_compiling():
         return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
     plan = _plan(impl, x, weight, lora_A)
-    prefill = EXT_IMPLS.get(plan[0][0])
-    if prefill is not None:   # the C++ op: its own autograd node, both directions
-        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, prefill)
+    mode = EXT_IMPLS.get(plan[0][0])
+    if mode is not None:   # the C++ op: its own autograd node, both directions
+        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, plan)
