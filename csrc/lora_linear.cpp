@@ -21,7 +21,8 @@
 //   2  mode 1's order with u, v and the rank-r terms of y and dx on csrc/lora_thin.cu's kernels (each one launch
 //      reading its big operand once); the two big GEMMs and dB, dA stay on cuBLAS. For CUDA tensors in
 //      bfloat16 / float16 with r <= 128, in builds with the CUDA sources (BK_WITH_CUDA_THIN); other calls run
-//      mode 1 (thin_kernels_apply says which).
+//      mode 1 (thin_kernels_apply says which), and so does a backward with create_graph (the kernels are not
+//      differentiable).
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
@@ -81,8 +82,9 @@ at::Tensor big_plus_lowrank(const at::Tensor& x, const at::Tensor& wt, const at:
 bool thin_kernels_apply(const at::Tensor& x, int64_t r) {
 #ifdef BK_WITH_CUDA_THIN
   const auto dt = x.scalar_type();
+  // (lowrank's grid has the row blocks of 64 on its y axis, at most 65535 of them)
   return x.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && r >= 1 && r <= bk_thin_max_rank() &&
-         x.size(0) > 0;
+         x.size(0) > 0 && x.size(0) <= 65535LL * 64;
 #else
   (void)x;
   (void)r;
@@ -194,27 +196,30 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[3], &lora_B = saved[4],
                      &m = saved[5];
     const double s = ctx->saved_data["scaling"].toDouble();
-    const int64_t mode = ctx->saved_data["mode"].toInt();
+    // With create_graph (grad mode on inside backward) the gradients must be differentiable: mode 2's kernels
+    // are not, so its backward runs mode 1's ATen products then.
+    const int64_t mode = (ctx->saved_data["mode"].toInt() == 2 && at::GradMode::is_enabled())
+                             ? 1 : ctx->saved_data["mode"].toInt();
     const at::Tensor& dy = grads[0];
     const auto dt = x.scalar_type();
     const at::Tensor a = as_dtype(lora_A, dt);
     // needs_input_grad counts tensor inputs only (x, weight, [bias], lora_A, lora_B, [mask]).
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t edge_a = has_bias ? 3 : 2, edge_b = edge_a + 1;
+    const bool need_v = ctx->needs_input_grad(0) || ctx->needs_input_grad(edge_a);   // v = dy B
     at::Tensor dx, dw, db, da, dbB;
     if (mode == 2) {
 #ifdef BK_WITH_CUDA_THIN
       c10::DeviceGuard guard(x.device());
-      const at::Tensor mr = m.defined() ? rows(m) : m;
-      const at::Tensor v = thin_row(rows(dy), at::Tensor(), as_dtype(lora_B, dt).t());
-      // Gradients are written in the adapter's dtype when the kernel can (float32 or x's), else cast.
+      const at::Tensor v = need_v ? thin_row(rows(dy), at::Tensor(), as_dtype(lora_B, dt).t()) : at::Tensor();
       if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
       if (ctx->needs_input_grad(edge_a))
         da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
-      if (ctx->needs_input_grad(0)) dx = thin_lowrank(v, a, s, c10::nullopt, mr).addmm_(dy, weight);
+      if (ctx->needs_input_grad(0))
+        dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
 #endif
     } else {
-      const at::Tensor v = at::mm(dy, as_dtype(lora_B, dt));
+      const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
       if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
       if (ctx->needs_input_grad(edge_a))
         da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());

@@ -545,6 +545,34 @@ def test_gpu_thin_kernels_strided_and_misaligned(dtype):
     assert xbig.grad[:, :1].abs().max() == 0 and xbig.grad[:, 1 + I:].abs().max() == 0
 
 
+@gpu
+@needs_cuda
+def test_gpu_thin_partial_grads_rank1_and_double_backward():
+    """ext_thin with a frozen input (only the adapters' gradients), at r = 1 in bf16, and under create_graph (its
+    backward then runs ext_prefill's differentiable products: the second derivative through dx's rank-r term
+    must match ext_prefill's)."""
+    if not L.thin_kernels_apply(torch.empty(1, 1, device="cuda", dtype=torch.bfloat16), 1):
+        pytest.skip(f"the extension's thin kernels are unavailable: {_ext.error() or _ext.how()}")
+    N, I, O, r = 300, 136, 72, 1
+    x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", None, True, True, seed=23)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+    y = L.lora_linear(x, W, b, Ag, Bg, 2.0, m, impl="ext_thin")
+    y.backward(dy)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
+    assert_2x("y (r=1)", y, yp, y64)
+    assert_2x("dA (r=1, x frozen)", Ag.grad, gp.lora_A, g64.lora_A)
+    assert_2x("dB (r=1, x frozen)", Bg.grad, gp.lora_B, g64.lora_B)
+    N, I, O, r = 256, 64, 48, 8
+    x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", torch.float32, False, False, seed=24)
+    grads = {}
+    for impl in ("ext_prefill", "ext_thin"):
+        xg, Ag = x.clone().requires_grad_(True), A.clone().requires_grad_(True)
+        gx, = torch.autograd.grad(L.lora_linear(xg, W, None, Ag, B, 2.0, None, impl=impl), xg, dy, create_graph=True)
+        grads[impl] = torch.autograd.grad(gx.float().square().sum(), Ag)[0]
+    assert rel_err(grads["ext_thin"], grads["ext_prefill"].double()) < 1e-2, "second derivative through dx differs"
+
+
 def _fwd_bwd_peak(fn, x, params, dy):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -23,10 +23,11 @@ Implementations (one is chosen per call and per direction by
   and none per backward, for when the host sets the pace (short sequences, small layers). ``ext``
   writes the big GEMM first and adds the rank-r term by a K=r GEMM; ``ext_prefill`` writes the rank-r
   term (and bias) first and lets the big GEMM accumulate onto it (beta=1);
-* ``"ext_thin"`` — ``ext_prefill``'s order with the rank-r products (u, v, dB, dA, and the rank-r terms
-  of y and dx) on the tensor-core kernels of ``csrc/lora_thin.cu``, each one launch that reads its big
-  operand once; only the two big GEMMs go through cuBLAS. For CUDA bf16 / fp16 activations and
-  r <= 128 (:func:`thin_kernels_apply` says whether a call runs them); other calls run ``ext_prefill``.
+* ``"ext_thin"`` — ``ext_prefill``'s order with u, v and the rank-r terms of y and dx on the tensor-core
+  kernels of ``csrc/lora_thin.cu`` (each one launch that reads its big operand once); the two big GEMMs
+  and dB, dA (dW) stay on cuBLAS. For CUDA bf16 / fp16 activations, 1 <= r <= 128 and up to 65535 x 64
+  tokens (:func:`thin_kernels_apply` says whether a call runs them); other calls, and a backward with
+  ``create_graph`` (the kernels are not differentiable), run ``ext_prefill``'s products.
 The three C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher offers them
 only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
 Python (``ext_thin``: ``ext_prefill``'s).
@@ -775,7 +776,8 @@ lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
     """Whether ``ext_thin`` runs csrc/lora_thin.cu's kernels for activations like ``x`` [N, in] at rank ``r``
-    (CUDA bf16 / fp16, 1 <= r <= 128, N > 0, the extension loaded); otherwise it runs ``ext_prefill``."""
+    (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded); otherwise it runs
+    ``ext_prefill``."""
     return _functional()._ext_available() and bool(torch.ops.balora.lora_linear_thin_kernels(x, r))
 
 
