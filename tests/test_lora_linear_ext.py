@@ -62,8 +62,9 @@ def test_gradcheck_float64(op, mode, bias, dropout):
     torch.testing.assert_close(y.detach(), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wants", [("x",), ("lora_A",), ("lora_B", "bias"), ("weight", "lora_A"), ("bias",)])
-def test_only_requested_gradients(op, wants):
+def test_only_requested_gradients(op, wants, mode):
     """Gradients by the inputs' positions, whatever subset requires grad (the C++ node counts only
     tensor inputs: with no bias, lora_A and lora_B sit one place earlier)."""
     for bias in (False, True):
@@ -72,7 +73,7 @@ def test_only_requested_gradients(op, wants):
         x, W, b, A, B, m, dy = operands(9, 8, 7, 2, torch.float64, bias=bias, seed=12)
         named = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
         leaves = {k: (t.clone().requires_grad_(k in wants) if t is not None else None) for k, t in named.items()}
-        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, 0)
+        y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 1.5, None, mode)
         y.backward(dy)
         ref = {k: (t.clone().requires_grad_(True) if t is not None else None) for k, t in named.items()}
         (ref["x"] @ ref["weight"].T + (ref["bias"] if bias else 0)
