@@ -10,7 +10,8 @@
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
 #   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
-#                                            # call has time left) the GPU/host profile per implementation
+#                                            # call has time left) the GPU/host profile per implementation; NCU_THIN=1:
+#                                            # first ncu of csrc/lora_thin.cu's kernels (bench/probe/thin_once.py)
 #   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
@@ -108,6 +109,12 @@ seed_build
     echo "== GPU tests (LoRA linear: every implementation, ext_thin's kernels included)"
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
     timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+    if [ -n "${NCU_THIN:-}" ]; then   # 8192 x 4096 -> 4096, r = 16: u, y, v, dx kernels of the second call
+      timeout 120 ncu --clock-control none -k 'regex:row_kernel|lowrank_kernel' --launch-skip 4 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section LaunchStats python3 bench/probe/thin_once.py > "$OUT/ncu_thin.txt" 2>&1
+      echo "ncu rc=$?"; grep -E "row_kernel|lowrank_kernel|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu_thin.txt" | head -24
+    fi
     if [ "$SECONDS" -lt 390 ]; then
       echo "== GPU kernels and host time per implementation"
       timeout $((540 - SECONDS)) python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
