@@ -16,8 +16,8 @@
 //
 // Measured on the H200 (bench/results/logs/session12-thin-profile-2026-12-02.json, GPU time per call): these
 // kernels take about twice cuBLAS's time at 8192 tokens (row 44 / 71 us for u / v against 22 / 24 us, lowrank
-// 46 us against 25 us) and 3-4x at 1024 tokens, while the op's host time per forward + backward drops from 445 to
-// 247 us at 1024 tokens. So the dispatcher, which chooses by measured step time, takes ext_thin only where the
+// 46 us against 25 us; at 1024 tokens row 3.5x, lowrank 1.3x), while the op's host time per forward + backward
+// drops from 445 to 247 us at 1024 tokens. So the dispatcher, which chooses by measured step time, takes ext_thin only where the
 // host sets the pace. The reductions over the tokens (dB = s dy^T u, dA = s v^T x_l) stay on cuBLAS: a kernel of
 // this kind reading dy and x in 16- or 32-column strips ran at about a third of cuBLAS's speed
 // (session12-thin-profile-run1-2026-12-02.json).
