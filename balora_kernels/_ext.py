@@ -11,7 +11,9 @@ is built or a LoRA linear call on CUDA tensors picks its implementation:
    ``torch.utils.cpp_extension.load`` into ``$BALORA_KERNELS_CACHE_DIR`` (default
    ``~/.cache/balora_kernels``), in a folder named by a hash of the sources, torch and CUDA versions; a
    later process loads the cached library without compiling;
-3. otherwise the extension is unavailable and :func:`error` says why; callers fall back.
+3. otherwise the extension is unavailable and :func:`error` says why; callers fall back. That includes a
+   build folder holding the lock file of a build interrupted more than :data:`STALE_BUILD_LOCK_S` ago (torch
+   would wait for it forever): delete the file to build again.
 
 ``BALORA_KERNELS_DISABLE_EXT=1`` disables the extension (to exercise the fallback).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import time
 from typing import Optional
 
 import torch
@@ -106,6 +109,24 @@ def unsupported_gpu() -> Optional[str]:
     return None
 
 
+# torch.utils.cpp_extension builds under a lock file in the build folder, and a process that finds the file waits,
+# without limit, for the build that made it; a build killed part-way (a timeout, Ctrl-C) leaves it behind, and every
+# later process would hang on it. A lock older than this (a build takes a few minutes) is taken as left behind.
+STALE_BUILD_LOCK_S = 30 * 60
+
+
+def _check_build_lock(build_dir: str) -> None:
+    """Raise (the caller falls back and :func:`error` says why) when ``build_dir`` holds a left-behind build lock."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise RuntimeError(f"the JIT build's lock file {lock} is {age / 60:.0f} min old: an earlier build was "
+                           "probably interrupted (torch would wait for it forever); delete the file to build again")
+
+
 def _try_load() -> None:
     if os.environ.get("BALORA_KERNELS_DISABLE_EXT", "0") not in ("", "0"):
         raise RuntimeError("disabled by BALORA_KERNELS_DISABLE_EXT")
@@ -141,6 +162,7 @@ def _try_load() -> None:
         _state["how"] = f"cached JIT build {lib}"
     else:
         os.makedirs(build_dir, exist_ok=True)
+        _check_build_lock(build_dir)
         cpp_extension.load(
             name="balora_kernels_C", sources=_sources(), build_directory=build_dir, is_python_module=False,
             extra_cflags=CXX_FLAGS, extra_include_paths=[_CSRC],

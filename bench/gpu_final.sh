@@ -12,6 +12,10 @@
 #   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
 #                                            # call has time left) the GPU/host profile per implementation; NCU_THIN=1:
 #                                            # first ncu of csrc/lora_thin.cu's kernels (bench/probe/thin_once.py)
+#                                            # after the tests bench/probe/host_entry.py; NO_PROFILE=1: no profile.
+#                                            # Run the benchmark and probes through this script (or export
+#                                            # BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache as it does): without it a
+#                                            # new process JIT-builds the extension again (~220 s) elsewhere
 #   device run: bash bench/gpu_final.sh grouped  # build, projection GPU tests, CUDA Gram/rescale probe (carry
 #                                                # .build/variants from bench/probe/build_grouped_variants.sh),
 #                                                # projection benchmark, balora check
@@ -115,7 +119,9 @@ seed_build
         --section LaunchStats python3 bench/probe/thin_once.py > "$OUT/ncu_thin.txt" 2>&1
       echo "ncu rc=$?"; grep -E "row_kernel|lowrank_kernel|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu_thin.txt" | head -24
     fi
-    if [ "$SECONDS" -lt 390 ]; then
+    echo "== host time per entry point (1024 tokens, bench/probe/host_entry.py)"
+    timeout 90 python3 bench/probe/host_entry.py --out "$OUT"; echo "rc=$?"
+    if [ -z "${NO_PROFILE:-}" ] && [ "$SECONDS" -lt 390 ]; then
       echo "== GPU kernels and host time per implementation"
       timeout $((540 - SECONDS)) python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
         --cases ${LORA_CASES:-8k_4096x4096_r16,1k_4096x4096_r16,8k_4096to11008_r16,8k_4096x4096_r64}; echo "rc=$?"

@@ -14,7 +14,7 @@
 //   dx = dy W + s (v A) * m
 //   dW = dy^T x,     db = sum_n dy               (only when they require grad)
 //
-// Three modes (`mode`), the Python implementations "ext", "ext_prefill", "ext_thin":
+// Four modes (`mode`), the Python implementations "ext", "ext_prefill", "ext_thin", "ext_allthin":
 //   0  every product one cuBLAS call through ATen; the big GEMM first, then the rank-r term by a K = r GEMM
 //      into its output;
 //   1  the same, the other order: the rank-r term (+ b) first, then the big GEMM accumulates onto it (beta = 1);
@@ -23,6 +23,8 @@
 //      bfloat16 / float16 with r <= 128, in builds with the CUDA sources (BK_WITH_CUDA_THIN); other calls run
 //      mode 1 (thin_kernels_apply says which), and so does a backward with create_graph (the kernels are not
 //      differentiable).
+//   3  mode 2 with dB and dA also on csrc/lora_thin.cu's kernels, both in one launch: only the two big GEMMs on
+//      cuBLAS (one launch where mode 2 makes two cuBLAS calls: less host time, for few tokens); same conditions.
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
@@ -33,6 +35,9 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <tuple>
+#include <utility>
 
 #include "messages.h"
 
@@ -45,6 +50,11 @@ int bk_thin_row_launch(int dtype, const void* g, long long ldg, const void* m, l
 int bk_thin_lowrank_launch(int dtype, const void* p, long long ldp, const void* q, long long q_sj, long long q_sc,
                            const void* bias, const void* m, long long ldm, void* out, long long ldo, float s,
                            long long N, long long C, int r, void* stream);
+int bk_thin_col_launch(int dtype, long long N, int r, float s,
+                       const void* g0, long long ldg0, const void* m0, long long ldm0, const void* p0, long long ldp0,
+                       void* out0, long long o_sc0, long long o_sj0, int out_f32_0, long long C0,
+                       const void* g1, long long ldg1, const void* m1, long long ldm1, const void* p1, long long ldp1,
+                       void* out1, long long o_sc1, long long o_sj1, int out_f32_1, long long C1, void* stream);
 const char* bk_thin_error_string(int err);
 }
 #endif
@@ -133,6 +143,45 @@ at::Tensor thin_lowrank(const at::Tensor& p, const at::Tensor& q, double s, cons
                "rank-r term (s u B^T, s v A)");
   return out;
 }
+
+// The reductions over the tokens in one launch: dB = s dy^T u [out, r] (when need_b) and dA = s v^T x_l [r, in]
+// (when need_a), each in its adapter's dtype (float32 accumulation; adapters in another dtype than x are written
+// in float32 and cast).
+std::pair<at::Tensor, at::Tensor> thin_col_grads(const at::Tensor& dy, const at::Tensor& u, const at::Tensor& x,
+                                                 const at::Tensor& m, const at::Tensor& v, double s, bool need_b,
+                                                 bool need_a, at::ScalarType b_dt, at::ScalarType a_dt) {
+  const auto dt = dy.scalar_type();
+  const int64_t N = dy.size(0), r = u.size(1);
+  auto out_for = [&](at::ScalarType want, std::initializer_list<int64_t> shape) {
+    return at::empty(shape, dy.options().dtype(want == dt ? dt : at::kFloat));
+  };
+  at::Tensor db = need_b ? out_for(b_dt, {dy.size(1), r}) : at::Tensor();
+  at::Tensor da = need_a ? out_for(a_dt, {r, x.size(1)}) : at::Tensor();
+  const at::Tensor g_b = need_b ? rows(dy) : at::Tensor(), g_a = need_a ? rows(x) : at::Tensor();
+  const at::Tensor m_a = need_a && m.defined() ? rows(m) : at::Tensor();
+  struct Problem {
+    const void *g = nullptr, *m = nullptr, *p = nullptr;
+    long long ldg = 0, ldm = 0, ldp = 0, o_sc = 0, o_sj = 0, C = 0;
+    void* out = nullptr;
+    int f32 = 0;
+  } pb[2];
+  int n = 0;
+  if (need_b)   // dB(c, j) at c * r + j
+    pb[n++] = {g_b.data_ptr(), nullptr, u.data_ptr(), g_b.stride(0), 0, u.stride(0), r, 1, g_b.size(1),
+               db.data_ptr(), db.scalar_type() == at::kFloat};
+  if (need_a)   // dA(j, c) at j * in + c
+    pb[n++] = {g_a.data_ptr(), m_a.defined() ? m_a.data_ptr() : nullptr, v.data_ptr(), g_a.stride(0),
+               m_a.defined() ? m_a.stride(0) : 0, v.stride(0), 1, g_a.size(1), g_a.size(1), da.data_ptr(),
+               da.scalar_type() == at::kFloat};
+  if (n == 0) return {db, da};
+  check_launch(bk_thin_col_launch(thin_dtype(dy), N, (int)r, (float)s,
+                                  pb[0].g, pb[0].ldg, pb[0].m, pb[0].ldm, pb[0].p, pb[0].ldp, pb[0].out, pb[0].o_sc,
+                                  pb[0].o_sj, pb[0].f32, pb[0].C,
+                                  pb[1].g, pb[1].ldg, pb[1].m, pb[1].ldm, pb[1].p, pb[1].ldp, pb[1].out, pb[1].o_sc,
+                                  pb[1].o_sj, pb[1].f32, pb[1].C, stream_of(dy)),
+               "adapter gradients (dB = s dy^T u, dA = s v^T x)");
+  return {need_b ? as_dtype(db, b_dt) : db, need_a ? as_dtype(da, a_dt) : da};
+}
 #endif
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& a,
@@ -171,7 +220,7 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
                             int64_t mode) {
     const auto dt = x.scalar_type();
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
-    const bool thin = mode == 2 && thin_kernels_apply(x, lora_A.size(0));
+    const bool thin = mode >= 2 && thin_kernels_apply(x, lora_A.size(0));
     at::Tensor u, y;
     if (thin) {
 #ifdef BK_WITH_CUDA_THIN
@@ -186,7 +235,7 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     }
     ctx->save_for_backward({x, u, weight, lora_A, lora_B, m});
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["mode"] = thin ? int64_t(2) : std::min<int64_t>(mode, 1);
+    ctx->saved_data["mode"] = thin ? mode : std::min<int64_t>(mode, 1);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
   }
@@ -196,9 +245,9 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[3], &lora_B = saved[4],
                      &m = saved[5];
     const double s = ctx->saved_data["scaling"].toDouble();
-    // With create_graph (grad mode on inside backward) the gradients must be differentiable: mode 2's kernels
-    // are not, so its backward runs mode 1's ATen products then.
-    const int64_t mode = (ctx->saved_data["mode"].toInt() == 2 && at::GradMode::is_enabled())
+    // With create_graph (grad mode on inside backward) the gradients must be differentiable: the kernels of
+    // modes 2 and 3 are not, so their backward runs mode 1's ATen products then (u recomputed, below).
+    const int64_t mode = (ctx->saved_data["mode"].toInt() >= 2 && at::GradMode::is_enabled())
                              ? 1 : ctx->saved_data["mode"].toInt();
     const at::Tensor& dy = grads[0];
     const auto dt = x.scalar_type();
@@ -208,19 +257,27 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     const size_t edge_a = has_bias ? 3 : 2, edge_b = edge_a + 1;
     const bool need_v = ctx->needs_input_grad(0) || ctx->needs_input_grad(edge_a);   // v = dy B
     at::Tensor dx, dw, db, da, dbB;
-    if (mode == 2) {
+    if (mode >= 2) {
 #ifdef BK_WITH_CUDA_THIN
       c10::DeviceGuard guard(x.device());
       const at::Tensor v = need_v ? thin_row(rows(dy), at::Tensor(), as_dtype(lora_B, dt).t()) : at::Tensor();
-      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
-      if (ctx->needs_input_grad(edge_a))
-        da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+      if (mode == 3) {
+        std::tie(dbB, da) = thin_col_grads(dy, u, x, m, v, s, ctx->needs_input_grad(edge_b),
+                                           ctx->needs_input_grad(edge_a), lora_B.scalar_type(), lora_A.scalar_type());
+      } else {
+        if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
+        if (ctx->needs_input_grad(edge_a))
+          da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+      }
       if (ctx->needs_input_grad(0))
         dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
 #endif
     } else {
       const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
-      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
+      // Under create_graph the saved u is a constant to autograd: recomputed from x (and m) and A instead, dB's
+      // graph reaches them (second derivatives through dB).
+      const at::Tensor u_b = at::GradMode::is_enabled() ? at::mm(m.defined() ? x * m : x, a.t()) : u;
+      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
       if (ctx->needs_input_grad(edge_a))
         da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
       if (ctx->needs_input_grad(0)) {
@@ -241,13 +298,13 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                        const c10::optional<at::Tensor>& dropout_mask, int64_t mode) {
   // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
-  TORCH_CHECK(mode >= 0 && mode <= 2, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill) or 2 ",
-                                              "(ext_thin), got ", mode));
+  TORCH_CHECK(mode >= 0 && mode <= 3, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
+                                              "(ext_thin) or 3 (ext_allthin), got ", mode));
   check_inputs(x, weight, bias, lora_A, lora_B, dropout_mask);
   return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode);
 }
 
-// Whether mode 2 runs the thin kernels for this activation and rank (else mode 1's cuBLAS products).
+// Whether modes 2 and 3 run the thin kernels for this activation and rank (else mode 1's cuBLAS products).
 bool lora_linear_thin_kernels(const at::Tensor& x, int64_t r) { return thin_kernels_apply(x, r); }
 
 }  // namespace

@@ -1,11 +1,13 @@
-// The rank-r products of the LoRA linear layer on tensor cores: kernels of the C++ op's "ext_thin" mode
-// (csrc/lora_linear.cpp), 16-bit activations, ranks up to 128. Two kernel families, each one launch:
+// The rank-r products of the LoRA linear layer on tensor cores: kernels of the C++ op's "ext_thin" and "ext_allthin"
+// modes (csrc/lora_linear.cpp), 16-bit activations, ranks up to 128. Three kernel families, each one launch:
 //
 //   row      out [N, r]  = (G * M) F^T      G [N, K] (x or dy), M [N, K] mask or none, F [r, K]
 //                                          (u = x_l A^T with F = A; v = dy B with F = B^T)
 //   lowrank  out [N, C]  = (s P Q (+ bias)) * M     P [N, r], Q [r, C]
 //                                          (the rank-r term the big cuBLAS GEMM then accumulates onto, beta = 1:
 //                                          y's s u B^T + b, and dx's s (v A) * m)
+//   col      out [C, r]  = s (G * M)^T P    G [N, C], P [N, r], two problems per launch ("ext_allthin" only:
+//                                          dB = s dy^T u and dA^T = s x_l^T v of one backward)
 //
 // Why: each ATen call costs host time that the step waits for when tokens are few (1024 tokens of a 4096-wide
 // layer: the host, not the GPU, sets the pace). Here each product is one launch that reads its big operand once,
@@ -14,13 +16,14 @@
 // Inputs are 16-bit (bfloat16 or float16, all of one type; the caller casts float32 adapters first). The sums
 // stay inside one block (no atomics, no split-K): every result is reproducible bit for bit.
 //
-// Measured on the H200 (bench/results/logs/session12-thin-profile-2026-12-02.json, GPU time per call): these
-// kernels take about twice cuBLAS's time at 8192 tokens (row 44 / 71 us for u / v against 22 / 24 us, lowrank
+// Measured on the H200 (bench/results/logs/session12-thin-profile-2026-12-02.json, GPU time per call): row and
+// lowrank take about twice cuBLAS's time at 8192 tokens (row 44 / 71 us for u / v against 22 / 24 us, lowrank
 // 46 us against 25 us; at 1024 tokens row 3.5x, lowrank 1.3x), while the op's host time per forward + backward
-// drops from 445 to 247 us at 1024 tokens. So the dispatcher, which chooses by measured step time, takes ext_thin only where the
-// host sets the pace. The reductions over the tokens (dB = s dy^T u, dA = s v^T x_l) stay on cuBLAS: a kernel of
-// this kind reading dy and x in 16- or 32-column strips ran at about a third of cuBLAS's speed
-// (session12-thin-profile-run1-2026-12-02.json).
+// drops from 445 to 247 us at 1024 tokens. So the dispatcher, which chooses by measured step time, takes these
+// kernels only where the host sets the pace. With many tokens the col kernel's blocks (one per 64 columns, each
+// summing over every token) are too few and too long: a first kernel of this kind, reading 16- or 32-column
+// strips, ran at about a third of cuBLAS's speed at 8192 tokens (session12-thin-profile-run1-2026-12-02.json);
+// "ext_thin" keeps dB and dA on cuBLAS, "ext_allthin" trades that for one launch instead of two cuBLAS calls.
 //
 // Needs only the CUDA runtime (no torch headers); the torch-facing side is csrc/lora_linear.cpp.
 #include <cuda_bf16.h>
@@ -329,6 +332,138 @@ __global__ void __launch_bounds__(kThreads) lowrank_kernel(LowrankArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// col: out(c, j) = s ((G * M)^T P)(c, j) for c < C, j < r, with G [N, C], M [N, C] mask or none, P [N, r]
+//   (dB = s dy^T u: G = dy, P = u, out [C, r]; dA = s v^T x_l, written transposed: G = x, M = m, P = v,
+//   out(c, j) at dA[j, c]). One block per 64 columns of G, the whole N in 64-row stages: the sum over the tokens
+//   stays inside one block, in a fixed order. Two problems (dB and dA of one backward) share one launch: blocks
+//   [0, blocks(0)) take the first, the rest the second. Meant for few tokens, where one launch instead of two cuBLAS
+//   calls saves host time (with many tokens its 64-column blocks are too few and too long; the dispatcher measures).
+// ---------------------------------------------------------------------------------------------------------------
+struct ColArgs {
+  const void* g;        // [N, C], row stride ldg, unit column stride
+  long long ldg;
+  const void* m;        // mask of G's shape (row stride ldm) or null
+  long long ldm;
+  const void* p;        // [N, r], row stride ldp, unit column stride
+  long long ldp;
+  void* out;            // out(c, j) = out[c * o_sc + j * o_sj], float32 when out_f32, else G's type
+  long long o_sc, o_sj;
+  bool out_f32;
+  float s;
+  long long N, C;
+  int r;
+  bool g_vec, m_vec, p_vec;
+};
+
+template <int RT>
+struct ColShape {
+  // (two stages at r > 64: three with a mask would pass 99 KB, the opt-in limit of compute capability 8.6 / 8.9)
+  static constexpr int BC = 64, BN = 64, RP = 16 * RT, STAGES = RT == 8 ? 2 : 3;
+  static constexpr int LDG = BC + kPad;   // G and M tiles [BN][LDG]
+  static constexpr int LDP = RP + kPad;   // P tile [BN][LDP]
+  static constexpr int LDO = RP + 4;      // float epilogue tile [BC][LDO]
+  __host__ __device__ static constexpr int stage_bytes(bool mask) {
+    return align128(2 * (BN * LDG * (mask ? 2 : 1) + BN * LDP));
+  }
+  __host__ __device__ static constexpr int smem_bytes(bool mask) {
+    return STAGES * stage_bytes(mask) > align128(BC * LDO * 4) ? STAGES * stage_bytes(mask) : align128(BC * LDO * 4);
+  }
+  static long long blocks(const ColArgs& a) { return (a.C + BC - 1) / BC; }
+};
+
+template <class T, int RT>
+__global__ void __launch_bounds__(kThreads) col_kernel(ColArgs a0, ColArgs a1, unsigned blocks0) {
+  using S = ColShape<RT>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const bool second = blockIdx.x >= blocks0;
+  const ColArgs a = second ? a1 : a0;
+  const T* g = static_cast<const T*>(a.g);
+  const T* m = static_cast<const T*>(a.m);
+  const T* p = static_cast<const T*>(a.p);
+  const bool has_m = m != nullptr;
+  // (the block's shared memory is sized for a mask; each problem lays out its own stages)
+  const int stage_bytes = S::stage_bytes(has_m);
+  const long long c0 = (long long)(second ? blockIdx.x - blocks0 : blockIdx.x) * S::BC;
+  const int nt = (int)((a.N + S::BN - 1) / S::BN);
+  const int warp = threadIdx.x / 32;   // columns c0 + 16 warp .. + 15
+
+  auto tiles = [&](int st, T*& gs, T*& ms, T*& ps) {
+    gs = reinterpret_cast<T*>(smem + st * stage_bytes);
+    ms = gs + S::BN * S::LDG;
+    ps = has_m ? ms + S::BN * S::LDG : ms;
+  };
+  auto load_stage = [&](int st, int t) {
+    T *gs, *ms, *ps;
+    tiles(st, gs, ms, ps);
+    const long long n0 = (long long)t * S::BN;
+    for (int c = threadIdx.x; c < S::BN * (S::BC / 8); c += kThreads) {
+      const int i = c / (S::BC / 8), k = (c % (S::BC / 8)) * 8;
+      const bool ok = n0 + i < a.N;
+      load8(gs + i * S::LDG + k, g + (ok ? (n0 + i) * a.ldg : 0), c0 + k, a.C, ok, a.g_vec);
+      if (has_m) load8(ms + i * S::LDG + k, m + (ok ? (n0 + i) * a.ldm : 0), c0 + k, a.C, ok, a.m_vec);
+    }
+    for (int c = threadIdx.x; c < S::BN * (S::RP / 8); c += kThreads) {
+      const int i = c / (S::RP / 8), j = (c % (S::RP / 8)) * 8;
+      const bool ok = n0 + i < a.N;
+      load8(ps + i * S::LDP + j, p + (ok ? (n0 + i) * a.ldp : 0), j, a.r, ok, a.p_vec);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RT];
+#pragma unroll
+  for (int j = 0; j < RT; ++j) wmma::fill_fragment(acc[j], 0.f);
+#pragma unroll
+  for (int st = 0; st < S::STAGES - 1; ++st) {
+    if (st < nt) load_stage(st, st);
+    cp_async_commit();
+  }
+  for (int t = 0; t < nt; ++t) {
+    cp_async_wait<S::STAGES - 2>();
+    __syncthreads();
+    T *gs, *ms, *ps;
+    tiles(t % S::STAGES, gs, ms, ps);
+    if (has_m) {
+      mask_tile(gs, ms, S::BN, S::BC, S::LDG);
+      __syncthreads();
+    }
+    if (t + S::STAGES - 1 < nt) load_stage((t + S::STAGES - 1) % S::STAGES, t + S::STAGES - 1);
+    cp_async_commit();
+#pragma unroll
+    for (int kk = 0; kk < S::BN; kk += 16) {
+      // G^T's 16 x 16 tile (c, n): G's tile read column-major
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, gs + kk * S::LDG + warp * 16, S::LDG);
+#pragma unroll
+      for (int j = 0; j < RT; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, ps + kk * S::LDP + j * 16, S::LDP);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* os = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int j = 0; j < RT; ++j)
+    wmma::store_matrix_sync(os + warp * 16 * S::LDO + j * 16, acc[j], S::LDO, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < S::BC * a.r; i += kThreads) {
+    // consecutive threads along c when the output is transposed (dA), along j otherwise
+    const bool c_fast = a.o_sc == 1;
+    const int c = c_fast ? i % S::BC : i / a.r, j = c_fast ? i / S::BC : i % a.r;
+    if (c0 + c >= a.C) continue;
+    const float val = a.s * os[c * S::LDO + j];
+    const long long at = (c0 + c) * a.o_sc + (long long)j * a.o_sj;
+    if (a.out_f32) {
+      static_cast<float*>(a.out)[at] = val;
+    } else {
+      static_cast<T*>(a.out)[at] = from_float<T>(val);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 // Dynamic shared memory above the default 48 KB needs the function's opt-in, once per device; `configured` is the
@@ -393,6 +528,19 @@ struct LowrankLaunch {
   }
 };
 
+template <class T, int RT>
+struct ColLaunch {
+  static int run(const ColArgs& a0, const ColArgs& a1, cudaStream_t stream) {
+    using S = ColShape<RT>;
+    static unsigned long long configured = 0;
+    if (int err = ensure_smem(col_kernel<T, RT>, S::smem_bytes(true), configured)) return err;
+    const long long b0 = S::blocks(a0), b1 = a1.C > 0 ? S::blocks(a1) : 0;
+    const bool mask = a0.m != nullptr || a1.m != nullptr;
+    col_kernel<T, RT><<<(unsigned)(b0 + b1), kThreads, S::smem_bytes(mask), stream>>>(a0, a1, (unsigned)b0);
+    return (int)cudaGetLastError();
+  }
+};
+
 bool aligned16(const void* p, long long row_stride) {
   return p != nullptr && (reinterpret_cast<uintptr_t>(p) % 16 == 0) && row_stride % 8 == 0;
 }
@@ -432,6 +580,24 @@ int bk_thin_lowrank_launch(int dtype, const void* p, long long ldp, const void* 
   LowrankArgs a{p, ldp, q, q_sj, q_sc, bias, m, ldm, out, ldo, s, N, C, r,
                 aligned16(p, ldp), aligned16(q, cc ? q_sj : q_sc), aligned16(m, ldm), aligned16(out, ldo)};
   return by_dtype_rank<LowrankLaunch>(dtype, r, a, cc, stream);
+}
+
+// Up to two problems in one launch (the second skipped when C1 == 0; N is shared): for each, out(c, j) =
+// s ((G * M)^T P)(c, j) for c < C, j < r, written at out[c * o_sc + j * o_sj] in float32 when out_f32 else in the
+// 16-bit type; G [N, C] row stride ldg, M null or row stride ldm, P [N, r] row stride ldp.
+int bk_thin_col_launch(int dtype, long long N, int r, float s,
+                       const void* g0, long long ldg0, const void* m0, long long ldm0, const void* p0, long long ldp0,
+                       void* out0, long long o_sc0, long long o_sj0, int out_f32_0, long long C0,
+                       const void* g1, long long ldg1, const void* m1, long long ldm1, const void* p1, long long ldp1,
+                       void* out1, long long o_sc1, long long o_sj1, int out_f32_1, long long C1,
+                       cudaStream_t stream) {
+  if (r < 1 || r > 128 || (dtype != 1 && dtype != 2)) return 1;
+  if (C0 <= 0 || N <= 0) return 1;   // the first problem is the one always present; the op never asks for N = 0
+  ColArgs a0{g0, ldg0, m0, ldm0, p0, ldp0, out0, o_sc0, o_sj0, out_f32_0 != 0, s, N, C0, r,
+             aligned16(g0, ldg0), aligned16(m0, ldm0), aligned16(p0, ldp0)};
+  ColArgs a1{g1, ldg1, m1, ldm1, p1, ldp1, out1, o_sc1, o_sj1, out_f32_1 != 0, s, N, C1 > 0 ? C1 : 0, r,
+             aligned16(g1, ldg1), aligned16(m1, ldm1), aligned16(p1, ldp1)};
+  return by_dtype_rank<ColLaunch>(dtype, r, a0, a1, stream);
 }
 
 const char* bk_thin_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

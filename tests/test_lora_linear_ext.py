@@ -43,7 +43,8 @@ def op():
     return torch.ops.balora.lora_linear
 
 
-MODES = (0, 1, 2)   # ext, ext_prefill, ext_thin (on CPU tensors and float64 the thin kernels do not apply: mode 1)
+# ext, ext_prefill, ext_thin, ext_allthin (on CPU tensors and float64 the thin kernels do not apply: mode 1)
+MODES = (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -60,6 +61,16 @@ def test_gradcheck_float64(op, mode, bias, dropout):
     y = f(*ins)
     ref = x @ W.T + (b if bias else 0) + 0.7 * ((x * m if dropout else x) @ A.T) @ B.T
     torch.testing.assert_close(y.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dropout", (False, True))
+def test_double_backward_float64(op, mode, dropout):
+    """Second derivatives through the C++ node (create_graph): dB's graph must reach x and A (the saved u is a
+    constant to autograd; the backward recomputes it under grad mode)."""
+    x, W, b, A, B, m, _ = operands(6, 7, 5, 3, torch.float64, bias=True, dropout=dropout, seed=16)
+    ins = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
+    assert torch.autograd.gradgradcheck(lambda x, W, b, A, B: op(x, W, b, A, B, 0.7, m, mode), ins)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -114,8 +125,9 @@ def test_errors_name_the_shapes(op):
         op(x, W, b, A, B, 1.0, torch.ones(4, 5), 0)
     with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
         op(x, W, b, A.to("meta"), B, 1.0, None, 0)
-    with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\) or 2 \(ext_thin\), got 3"):
-        op(x, W, b, A, B, 1.0, None, 3)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\), 2 \(ext_thin\) or 3 "
+                                           r"\(ext_allthin\), got 4"):
+        op(x, W, b, A, B, 1.0, None, 4)
 
 
 def test_thin_kernels_only_for_16bit_cuda_activations(op):
@@ -139,7 +151,7 @@ def ext_offered(monkeypatch, op):
     functional._PLANS.clear()
 
 
-@pytest.mark.parametrize("impl", ("ext", "ext_prefill", "ext_thin"))
+@pytest.mark.parametrize("impl", tuple(L.EXT_IMPLS))
 def test_forced_through_the_package(ext_offered, impl):
     """lora_linear(impl=...) routes to the C++ op (no Python autograd Function in between) and matches
     the float64 reference."""

@@ -276,6 +276,37 @@ def test_op_gradcheck_float64_cpu(path):
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.parametrize("path", ("custom_op", "function", "public"))
+@pytest.mark.parametrize("impl", ("auto", "torch", "cublas_mm"))
+def test_op_double_backward_float64_cpu(path, impl):
+    """Second derivatives (create_graph): the backward must be differentiable in every operand, dB's dependence
+    on x and A included (the saved u is a constant to autograd: recomputed under create_graph)."""
+    if path == "public" and impl != "auto":
+        pytest.skip("the public entry point takes the dispatcher's choice")
+    x, W, b, A, B, m, dy = operands(5, 7, 6, 3, torch.float64, bias=True, dropout=path != "public", seed=4)
+    ins = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
+
+    def f(x, W, b, A, B):
+        if path == "custom_op":
+            return L.lora_linear_fwd_op(x, W, b, A, B, 0.7, m, impl)[0]
+        if path == "function":
+            return L.LoRALinearFunction.apply(x, W, b, A, B, 0.7, m, impl)
+        return bk.lora_linear(x, W, b, A, B, 0.7)
+
+    assert torch.autograd.gradgradcheck(f, ins)
+
+
+@interp_only
+@pytest.mark.parametrize("impl", ("cublas", "triton"))
+def test_interp_double_backward(impl):
+    """The kernel implementations under create_graph: their backward runs the reference's differentiable
+    products (the kernels' outputs would be constants to autograd: silently wrong second derivatives)."""
+    x, W, b, A, B, m, dy = operands(5, 7, 6, 3, torch.float64, bias=True, dropout=True, seed=6)
+    ins = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
+    assert torch.autograd.gradgradcheck(lambda x, W, b, A, B: L.lora_linear(x, W, b, A, B, 0.7, m, impl=impl), ins)
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 def test_compile_fullgraph_cpu():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -438,7 +469,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
@@ -514,10 +545,11 @@ def test_gpu_kernels_poisoned_outputs(dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
-def test_gpu_thin_kernels_strided_and_misaligned(dtype):
-    """ext_thin (csrc/lora_thin.cu) on operands read in place with row strides other than their width: x a column
-    slice starting one element in (no 16-byte copies: the element loads), dy a column slice eight elements in
+def test_gpu_thin_kernels_strided_and_misaligned(dtype, impl):
+    """ext_thin / ext_allthin (csrc/lora_thin.cu) on operands read in place with row strides other than their
+    width: x a column slice starting one element in (no 16-byte copies: the element loads), dy a column slice eight elements in
     (16-byte copies, longer rows), a column-major dropout mask (copied first), float32 adapters, bias; outputs
     poisoned; the 2x-PyTorch-error rule on y and every gradient."""
     if not L.thin_kernels_apply(torch.empty(1, 1, device="cuda", dtype=dtype), 1):
@@ -534,7 +566,7 @@ def test_gpu_thin_kernels_strided_and_misaligned(dtype):
     xs, dys = xbig[:, 1:1 + I], dybig[:, 8:8 + O]
     assert xs.data_ptr() % 16 and xs.stride() == (I + 9, 1) and dys.stride() == (O + 16, 1) and mt.stride(1) != 1
     _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
-    y = L.lora_linear(xs, W, b, Ag, Bg, 2.0, mt, impl="ext_thin")
+    y = L.lora_linear(xs, W, b, Ag, Bg, 2.0, mt, impl=impl)
     y.backward(dys)
     torch.cuda.synchronize()
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
@@ -547,30 +579,37 @@ def test_gpu_thin_kernels_strided_and_misaligned(dtype):
 
 @gpu
 @needs_cuda
-def test_gpu_thin_partial_grads_rank1_and_double_backward():
-    """ext_thin with a frozen input (only the adapters' gradients), at r = 1 in bf16, and under create_graph (its
-    backward then runs ext_prefill's differentiable products: the second derivative through dx's rank-r term
-    must match ext_prefill's)."""
+@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin"))
+def test_gpu_thin_partial_grads_rank1_and_double_backward(impl):
+    """ext_thin / ext_allthin with a frozen input (only the adapters' gradients; for ext_allthin also only dA or
+    only dB, one problem in the launch), at r = 1 in bf16, and under create_graph (their backward then runs
+    ext_prefill's differentiable products: the second derivative through dx's rank-r term must match
+    ext_prefill's)."""
     if not L.thin_kernels_apply(torch.empty(1, 1, device="cuda", dtype=torch.bfloat16), 1):
         pytest.skip(f"the extension's thin kernels are unavailable: {_ext.error() or _ext.how()}")
     N, I, O, r = 300, 136, 72, 1
     x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", None, True, True, seed=23)
-    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
-    y = L.lora_linear(x, W, b, Ag, Bg, 2.0, m, impl="ext_thin")
-    y.backward(dy)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
-    assert_2x("y (r=1)", y, yp, y64)
-    assert_2x("dA (r=1, x frozen)", Ag.grad, gp.lora_A, g64.lora_A)
-    assert_2x("dB (r=1, x frozen)", Bg.grad, gp.lora_B, g64.lora_B)
+    trainable = (("lora_A", "lora_B"), ("lora_A",), ("lora_B",)) if impl == "ext_allthin" else (("lora_A", "lora_B"),)
+    for wants in trainable:
+        Ag, Bg = A.clone().requires_grad_("lora_A" in wants), B.clone().requires_grad_("lora_B" in wants)
+        _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+        y = L.lora_linear(x, W, b, Ag, Bg, 2.0, m, impl=impl)
+        y.backward(dy)
+        assert_2x(f"y (r=1, {wants})", y, yp, y64)
+        if "lora_A" in wants:
+            assert_2x(f"dA (r=1, x frozen, {wants})", Ag.grad, gp.lora_A, g64.lora_A)
+        if "lora_B" in wants:
+            assert_2x(f"dB (r=1, x frozen, {wants})", Bg.grad, gp.lora_B, g64.lora_B)
+        assert (Ag.grad is None) == ("lora_A" not in wants) and (Bg.grad is None) == ("lora_B" not in wants)
     N, I, O, r = 256, 64, 48, 8
     x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", torch.float32, False, False, seed=24)
     grads = {}
-    for impl in ("ext_prefill", "ext_thin"):
+    for how in ("ext_prefill", impl):
         xg, Ag = x.clone().requires_grad_(True), A.clone().requires_grad_(True)
-        gx, = torch.autograd.grad(L.lora_linear(xg, W, None, Ag, B, 2.0, None, impl=impl), xg, dy, create_graph=True)
-        grads[impl] = torch.autograd.grad(gx.float().square().sum(), Ag)[0]
-    assert rel_err(grads["ext_thin"], grads["ext_prefill"].double()) < 1e-2, "second derivative through dx differs"
+        gx, = torch.autograd.grad(L.lora_linear(xg, W, None, Ag, B, 2.0, None, impl=how), xg, dy, create_graph=True)
+        grads[how] = torch.autograd.grad(gx.float().square().sum(), Ag)[0]
+    assert rel_err(grads[impl], grads["ext_prefill"].double()) < 1e-2, "second derivative through dx differs"
 
 
 def _fwd_bwd_peak(fn, x, params, dy):

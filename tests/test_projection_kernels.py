@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -469,6 +470,47 @@ def test_extension_refused_on_gpus_older_than_its_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _ext.unsupported_gpu() is None
     assert "-gencode=arch=compute_90,code=compute_90" in _ext.CUDA_ARCH_FLAGS   # PTX: JIT-compiled on newer GPUs
+
+
+def test_extension_build_lock_left_behind_is_reported_not_waited_on(monkeypatch, tmp_path):
+    """A JIT build killed part-way leaves torch.utils.cpp_extension's lock file in the build folder, and torch waits
+    for it without limit: an old one makes the extension unavailable with a reason naming the file (callers fall
+    back), a fresh one (another process building now) is left to torch."""
+    from torch.utils import cpp_extension
+    from balora_kernels import _ext
+    monkeypatch.setenv("BALORA_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BALORA_KERNELS_DISABLE_EXT", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(_ext, "unsupported_gpu", lambda: None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME or "/usr/local/cuda")
+    builds = []
+
+    def fake_build(**kw):
+        builds.append(kw["build_directory"])
+        raise RuntimeError("fake build: not compiled in this test")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    try:
+        import balora_kernels._C  # noqa: F401
+        pytest.skip("a prebuilt extension is installed: no JIT build to test")
+    except ImportError:
+        pass
+    lock = tmp_path / _ext._build_tag() / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    old = time.time() - _ext.STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    try:
+        _ext.reset()
+        assert _ext.load() is None and builds == []
+        assert f"the JIT build's lock file {lock} is 31 min old: an earlier build was probably interrupted" in \
+            _ext.error(), _ext.error()
+        os.utime(lock, None)                                    # fresh: another process is building
+        _ext.reset()
+        assert _ext.load() is None and builds == [str(lock.parent)]
+        assert "fake build" in _ext.error()
+    finally:
+        _ext.reset()
 
 
 def test_extension_with_another_schema_is_not_used():

@@ -27,10 +27,13 @@ Implementations (one is chosen per call and per direction by
   kernels of ``csrc/lora_thin.cu`` (each one launch that reads its big operand once); the two big GEMMs
   and dB, dA (dW) stay on cuBLAS. For CUDA bf16 / fp16 activations, 1 <= r <= 128 and up to 65535 x 64
   tokens (:func:`thin_kernels_apply` says whether a call runs them); other calls, and a backward with
-  ``create_graph`` (the kernels are not differentiable), run ``ext_prefill``'s products.
-The three C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher offers them
+  ``create_graph`` (the kernels are not differentiable), run ``ext_prefill``'s products;
+* ``"ext_allthin"`` — ``ext_thin`` with dB and dA also on ``csrc/lora_thin.cu`` (one launch for both,
+  each column strip's sum over the tokens inside one block): only the two big GEMMs stay on cuBLAS, one
+  launch where ``ext_thin`` makes two cuBLAS calls — less host time, for few tokens. Same conditions.
+The four C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher offers them
 only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
-Python (``ext_thin``: ``ext_prefill``'s).
+Python (``ext_thin``, ``ext_allthin``: ``ext_prefill``'s).
 
 The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
 without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
@@ -72,9 +75,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin")
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
-EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2}   # name -> the C++ op's mode
+EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3}   # name -> the C++ op's mode
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -515,7 +518,7 @@ def _thin_by_cublas(impl: str, mask) -> bool:
 
 
 # Implementations whose every product is one cuBLAS call (the C++ ones issue the same products; from
-# Python, under torch.compile, ext_thin runs ext_prefill's).
+# Python, under torch.compile, ext_thin and ext_allthin run ext_prefill's).
 _ALL_CUBLAS = ("cublas_mm", *EXT_IMPLS)
 
 
@@ -689,6 +692,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
     The rank-r products are formed first so every intermediate stays N x r: v and dB need only
     one read of dy, dx is one GEMM pass with the rank-r term in its accumulator, dA one read of x.
+
+    Under ``create_graph`` (grad mode on inside backward) the gradients must themselves be
+    differentiable: the kernels are not, and the saved ``u`` is a constant to autograd (dB's
+    dependence on x and A would be lost), so the backward then runs the reference's products with
+    ``u`` recomputed from x and A (:func:`_differentiable_backward`).
     """
 
     @staticmethod
@@ -706,10 +714,22 @@ class LoRALinearFunction(torch.autograd.Function):
         x, u, weight, lora_A, lora_B, mask = ctx.saved_tensors
         need = ctx.needs_input_grad
         bwd_impl, cfg = ctx.bwd_plan
-        g = lora_linear_backward(bwd_impl, dy, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
-                                 need_x=need[0], need_weight=need[1], need_bias=ctx.has_bias and need[2],
-                                 config=cfg)
+        if torch.is_grad_enabled():
+            g = _differentiable_backward(dy, x, weight, lora_A, lora_B, ctx.scaling, mask, need, ctx.has_bias)
+        else:
+            g = lora_linear_backward(bwd_impl, dy, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
+                                     need_x=need[0], need_weight=need[1], need_bias=ctx.has_bias and need[2],
+                                     config=cfg)
         return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None, None
+
+
+def _differentiable_backward(dy, x, weight, lora_A, lora_B, scaling: float, mask, need, has_bias: bool):
+    """The backward under ``create_graph``: the reference's products, differentiable in every operand, with
+    ``u = x_l A^T`` recomputed (not the saved constant) so that dB's graph reaches x and A. ``need``: the
+    Function's ``needs_input_grad`` (x, weight, bias, ...)."""
+    return reference.lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, mask, u=None,
+                                          need_x_grad=need[0], need_weight_grad=need[1],
+                                          need_bias_grad=has_bias and need[2])
 
 
 
@@ -765,6 +785,9 @@ def _backward_op(ctx, grad_y, grad_u):
     x, u, weight, lora_A, lora_B, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_b = ctx.has_bias and need[2]
+    if torch.is_grad_enabled():   # create_graph: see LoRALinearFunction
+        g = _differentiable_backward(grad_y, x, weight, lora_A, lora_B, ctx.scaling, mask, need, ctx.has_bias)
+        return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None, None
     dx, dW, db, dA, dB = lora_linear_bwd_op(grad_y, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
                                             need[0], need[1], need_b, ctx.impl)
     return (dx if need[0] else None, dW if need[1] else None, db if need_b else None,
@@ -775,9 +798,9 @@ lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
-    """Whether ``ext_thin`` runs csrc/lora_thin.cu's kernels for activations like ``x`` [N, in] at rank ``r``
-    (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded); otherwise it runs
-    ``ext_prefill``."""
+    """Whether ``ext_thin`` / ``ext_allthin`` run csrc/lora_thin.cu's kernels for activations like ``x``
+    [N, in] at rank ``r`` (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded);
+    otherwise they run ``ext_prefill``'s products."""
     return _functional()._ext_available() and bool(torch.ops.balora.lora_linear_thin_kernels(x, r))
 
 

@@ -1,0 +1,84 @@
+"""Probe: host time per forward + backward of each layer of entry points into the LoRA linear op, and GPU time.
+
+At one shape (bf16, default 1024 tokens 4096 -> 4096, r = 16): the frozen layer, the C++ op called directly in
+each mode, ``ops.lora_linear.lora_linear`` with the implementation forced, the public ``balora_kernels.lora_linear``
+(the dispatcher's choice) and ``BaLoRALinear``; host microseconds per step (nothing waits for the GPU inside a
+batch), also forward alone, and GPU microseconds per step replayed from a CUDA graph. Where the host, not the GPU,
+sets the pace, the larger of the two is what a step costs.
+
+    python bench/probe/host_entry.py --out DIR      # on the device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench", "probe"))
+
+import balora_kernels as bk  # noqa: E402
+from balora_kernels.ops import lora_linear as L  # noqa: E402
+from lora_profile import graph_us, host_us  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--in", dest="in_f", type=int, default=4096)
+    ap.add_argument("--out-features", dest="out_f", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    dev, dt, N, I, O, r = "cuda", torch.bfloat16, a.tokens, a.in_f, a.out_f, a.rank
+    x = torch.randn(N, I, device=dev, dtype=dt, requires_grad=True)
+    gy = torch.randn(N, O, device=dev, dtype=dt)
+    W = torch.randn(O, I, device=dev, dtype=dt) / I ** 0.5
+    A = (torch.randn(r, I, device=dev, dtype=dt) / I ** 0.5).requires_grad_(True)
+    B = (torch.randn(O, r, device=dev, dtype=dt) * 1e-2).requires_grad_(True)
+    layer = bk.BaLoRALinear(I, O, r, bias=False, device=dev, dtype=dt)
+    layer.weight.data.copy_(W)
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    lin = torch.nn.Linear(I, O, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    from balora_kernels import _ext
+    _ext.load()
+    op = torch.ops.balora.lora_linear
+    fwds = {"frozen nn.Linear": (lambda: lin(x), [x])}
+    for name, mode in L.EXT_IMPLS.items():
+        fwds[f"op mode {mode} ({name})"] = (lambda mode=mode: op(x, W, None, A, B, 2.0, None, mode), [x, A, B])
+    for name in ("ext_thin", "ext_allthin", "ext_prefill"):
+        fwds[f"L.lora_linear impl={name}"] = (lambda name=name: L.lora_linear(x, W, None, A, B, 2.0, None, impl=name),
+                                              [x, A, B])
+    fwds["bk.lora_linear (public, auto)"] = (lambda: bk.lora_linear(x, W, None, A, B, 2.0), [x, A, B])
+    fwds["BaLoRALinear module"] = (lambda: layer(x), [x, layer.lora_A, layer.lora_B])
+    rows = {}
+    for name, (f, params) in fwds.items():
+        def step(f=f, params=params):
+            return torch.autograd.grad(f(), params, gy)
+        row = {"host_fwd_bwd_us": round(host_us(step), 1), "host_fwd_us": round(host_us(f), 1)}
+        try:
+            row["gpu_graph_us"] = round(graph_us(step), 1)
+        except Exception as e:  # noqa: BLE001 -- a probe: report and go on
+            row["gpu_graph_us"] = repr(e)[:120]
+        rows[name] = row
+        print(f"{name:34s} host fwd+bwd {row['host_fwd_bwd_us']:7.1f} us  fwd {row['host_fwd_us']:7.1f} us  "
+              f"GPU {row['gpu_graph_us']} us", flush=True)
+    print("plan (auto):", L._plan("auto", x, W, A))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"host_entry_{N}.json"), "w") as fh:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [N, I, O, r],
+                       "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
