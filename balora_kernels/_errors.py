@@ -20,7 +20,9 @@ def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B, same_dtype: b
 
     ``same_dtype=False`` (under autocast, before casting) skips the rules that tie dtypes together."""
     problems = []
-    if weight.dim() != 2:
+    if x.dim() == 0:
+        problems.append("x must have at least one dim [..., in]")
+    elif weight.dim() != 2:
         problems.append("weight must be 2-D [out, in]")
     elif lora_A.dim() != 2 or lora_B.dim() != 2:
         problems.append("lora_A must be [r, in] and lora_B [out, r]")
@@ -57,11 +59,20 @@ def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B, same_dtype: b
 
 
 def check_pairs(where: str, named_pairs) -> None:
-    """Every ``(name, lora_A, lora_B)`` must be floating ``[r, in]`` / ``[out, r]`` tensors on one device."""
+    """Every ``(name, lora_A, lora_B)`` must be floating ``[r, in]`` / ``[out, r]`` tensors (r >= 1) on one device,
+    each writable in place: no element shared by several indices (an ``expand``-ed tensor) and no inference
+    tensor outside inference mode. Checked before anything is written, so a bad pair leaves every pair as it was."""
     for name, A, B in named_pairs:
         ok = (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and A.dim() == 2 and B.dim() == 2
-              and A.shape[0] == B.shape[1] and A.is_floating_point() and B.is_floating_point()
+              and A.shape[0] == B.shape[1] and A.shape[0] >= 1 and A.is_floating_point() and B.is_floating_point()
               and A.device == B.device)
         if not ok:
             raise ValueError(f"{where}: adapter {name!r} must have lora_A [r, in] and lora_B [out, r] floating "
-                             f"tensors on one device; got lora_A {describe(A)}, lora_B {describe(B)}")
+                             f"tensors (r >= 1) on one device; got lora_A {describe(A)}, lora_B {describe(B)}")
+        for which, t in (("lora_A", A), ("lora_B", B)):
+            if t.numel() > 1 and torch._debug_has_internal_overlap(t) != 0:
+                raise ValueError(f"{where}: adapter {name!r}: {which} {describe(t)} with strides {tuple(t.stride())} "
+                                 "has elements shared by several indices (expanded?); it cannot be written in place")
+            if t.is_inference() and not torch.is_inference_mode_enabled():
+                raise ValueError(f"{where}: adapter {name!r}: {which} {describe(t)} is an inference tensor (created "
+                                 "under torch.inference_mode), which cannot be written in place outside it")

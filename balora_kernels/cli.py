@@ -5,7 +5,8 @@
     balora bench --shapes tiny   # projection and fused-linear speed against the baselines
     balora check                 # the ops against the float64 reference on this machine
 
-Every command prints a table and writes JSON (and a PNG for demo / bench) under ``--out``.
+Every command prints a table; demo and bench write JSON and a PNG under ``--out``, check writes its JSON
+report to ``--json`` when given. Counts and sizes must be positive integers.
 A missing optional package is reported with the command that installs it (exit status 2).
 """
 from __future__ import annotations
@@ -81,6 +82,18 @@ GPU_DEFAULTS = dict(steps=200, batch_size=8, seq_len=128, eval_every=10, eval_se
 
 class UsageError(Exception):
     """A bad option value: reported as one line (exit status 2), never a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a bad value is argparse's one-line error (exit status 2), before
+    anything is loaded."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def _device(spec: str):
@@ -186,9 +199,16 @@ def _finish(result: dict, json_path: Path, png_path: Optional[Path], plot_fn: st
 
 def _demo_synthetic(args, out: Path) -> int:
     from .demo import synthetic
-    seeds = args.seeds or 16
+    ignored = [f"--{k.replace('_', '-')}" for k in ("modes", "lr", "alpha", "target_modules", "device", "batch_size",
+                                                     "seq_len", "eval_every", "eval_seqs")
+               if getattr(args, k) is not None] + (["--rank"] if args.rank != 8 else [])
+    if ignored:
+        raise UsageError("--synthetic takes --steps, --seeds, --seed, --out, --no-plot, --quiet; "
+                         f"not {', '.join(ignored)}")
+    seeds = 16 if args.seeds is None else args.seeds
     bar = _progress(len(synthetic.OPTIMIZERS) * len(synthetic.METHODS), "synthetic", not args.quiet)
-    res = synthetic.run_experiment(seeds=seeds, steps=args.steps or 100, progress=bar.update, seed=args.seed)
+    res = synthetic.run_experiment(seeds=seeds, steps=100 if args.steps is None else args.steps,
+                                   progress=bar.update, seed=args.seed)
     bar.close()
     res["env"] = _environment(__import__("torch").device("cpu"))
     print(synthetic.format_summary(res))
@@ -243,18 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="CPU defaults: 40 steps of 4x64 tokens, q_proj,v_proj, lr 3e-3, alpha 16. "
                                    "GPU defaults: 200 steps of 8x128 tokens, all linear layers, lr 1e-3, alpha 16.")
     d.add_argument("--synthetic", action="store_true", help="run the paper's synthetic experiment instead (no model needed)")
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--rank", type=int, default=8)
+    d.add_argument("--steps", type=_positive_int, default=None)
+    d.add_argument("--rank", type=_positive_int, default=8)
     d.add_argument("--lr", type=float, default=None)
     d.add_argument("--alpha", type=float, default=None, help="lora_alpha (the scale is alpha / rank)")
     d.add_argument("--modes", default=None, help="comma list of lora,svd,nearest (default: lora and the package's default mode)")
     d.add_argument("--target-modules", default=None, help="comma list of module names (default: q_proj,v_proj on CPU, all linear on GPU)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    d.add_argument("--batch-size", type=int, default=None)
-    d.add_argument("--seq-len", type=int, default=None)
-    d.add_argument("--eval-every", type=int, default=None)
-    d.add_argument("--eval-seqs", type=int, default=None)
-    d.add_argument("--seeds", type=int, default=None, help="--synthetic: number of seeds (default 16)")
+    d.add_argument("--batch-size", type=_positive_int, default=None)
+    d.add_argument("--seq-len", type=_positive_int, default=None)
+    d.add_argument("--eval-every", type=_positive_int, default=None)
+    d.add_argument("--eval-seqs", type=_positive_int, default=None)
+    d.add_argument("--seeds", type=_positive_int, default=None, help="--synthetic: number of seeds (default 16)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="balora_demo")
     d.add_argument("--no-plot", action="store_true")
@@ -262,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="projection overhead and fused-linear speed against the baselines")
     b.add_argument("--shapes", default="llama-1b", help="comma list of llama2-7b, llama-1b, tiny")
-    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--rank", type=_positive_int, default=16)
     b.add_argument("--device", default=None)
-    b.add_argument("--tokens", type=int, default=None, help="tokens per linear call (default 8192 on GPU, 256 on CPU)")
-    b.add_argument("--reps", type=int, default=None)
+    b.add_argument("--tokens", type=_positive_int, default=None, help="tokens per linear call (default 8192 on GPU, 256 on CPU)")
+    b.add_argument("--reps", type=_positive_int, default=None)
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--no-paper-loop", action="store_true", help="skip the paper's per-module SVD loop")
     b.add_argument("--out", default="balora_bench")

@@ -22,6 +22,9 @@ from .ops import projection as _proj_ops
 
 IMPLS = ("torch", "triton", "cuda")
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+# The activation dtypes the Triton kernels take (float64 and others run cuBLAS or the reference math, even when
+# BALORA_KERNELS_IMPL asks for triton / cuda).
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def requested_impl() -> Optional[str]:
@@ -63,7 +66,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B, same_dtype=False)
     dt = torch.get_autocast_dtype(dev)
     cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t  # noqa: E731
-    args = (cast(x), cast(weight), cast(bias), lora_A, lora_B, scaling, dropout_p, training, name)
+    # Adapters stay float32 or the autocast dtype; another 16-bit dtype (bfloat16 adapters under float16
+    # autocast) is cast too, as F.linear would (differentiably: their gradients still come back in their dtype).
+    cast_adapter = lambda t: t if t.dtype in (dt, torch.float32) else cast(t)  # noqa: E731
+    args = (cast(x), cast(weight), cast(bias), cast_adapter(lora_A), cast_adapter(lora_B), scaling, dropout_p,
+            training, name)
     if torch.compiler.is_compiling():
         with torch.autocast(dev, enabled=False):
             return _lora_linear(*args)
@@ -146,7 +153,8 @@ def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dty
     """The one choice of LoRA-linear implementation (one of ``ops.lora_linear.IMPLS``).
 
     ``direction`` is 'forward' or 'backward'; N tokens, in/out features, rank r, activation dtype.
-    ``BALORA_KERNELS_IMPL`` overrides: torch -> reference math; triton -> fused Triton GEMMs;
+    ``BALORA_KERNELS_IMPL`` overrides (for the Triton kernels' dtypes, float32 / float16 / bfloat16; float64
+    takes cuBLAS, or on CPU the reference math): torch -> reference math; triton -> fused Triton GEMMs;
     cuda -> the csrc op ('ext_thin': csrc/lora_thin.cu's rank-r kernels, cuBLAS big GEMMs, the autograd
     node in C++; 'cublas', cuBLAS GEMMs + Triton rank-r kernels, when the extension is unavailable). Otherwise, on CUDA in
     bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
@@ -165,18 +173,18 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
     if N == 0:
         return "torch"                      # an empty batch: nothing to launch
     if device.type != "cuda":
-        interp = os.environ.get("TRITON_INTERPRET", "") == "1"
+        interp = os.environ.get("TRITON_INTERPRET", "") == "1" and dtype in _TRITON_DTYPES
         return {"triton": "triton", "cuda": "cublas"}.get(req, "torch") if (have_triton and interp) else "torch"
     if req == "torch":
         return "torch"
-    if req == "triton" and have_triton:
+    if req == "triton" and have_triton and dtype in _TRITON_DTYPES:
         return "triton"
     ext = _ext_available()          # the first CUDA call may JIT-build the extension (cached after)
     all_cublas = "ext" if ext else "cublas_mm"
     if not have_triton:
         return all_cublas
     if req == "cuda":
-        return "ext_thin" if ext else "cublas"
+        return "ext_thin" if ext else ("cublas" if dtype in _TRITON_DTYPES else all_cublas)
     if dtype not in (torch.bfloat16, torch.float16):
         return all_cublas
     allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.EXT_IMPLS)

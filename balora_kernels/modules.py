@@ -65,8 +65,27 @@ class BaLoRALinear(nn.Module):
             bias.requires_grad_(False)
         adt = adapter_dtype or weight.dtype
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=adt))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=weight.device, dtype=adt))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=weight.device, dtype=adt))
+        self.reset_adapters()
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """``lora_A`` kaiming-uniform, ``lora_B`` zeros (PEFT's init: the adapter starts as a no-op)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as a fresh layer would: ``weight`` and ``bias`` as ``nn.Linear`` does (for
+        a layer built by :meth:`from_linear`, that is the shared Linear's), the adapters by
+        :meth:`reset_adapters`; not merged. Called by ``module.to_empty()`` + ``reset_parameters()`` flows
+        (meta-device construction)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapters()
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -97,6 +116,24 @@ class BaLoRALinear(nn.Module):
         delta = self.delta_weight()
         self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
+
+    # Whether s B A is folded into `weight` travels with the weights: a state dict records it (key "lora_merged",
+    # a bool tensor), so loading a merged layer's weights into a fresh layer neither adds s B A twice nor ignores
+    # the adapter; state dicts without the key (saved before it existed) load as not merged.
+    _MERGED_KEY = "lora_merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self._MERGED_KEY] = torch.tensor(self.merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged = state_dict.pop(prefix + self._MERGED_KEY, None)
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == n_errors:
+            self.merged = bool(merged) if merged is not None else False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

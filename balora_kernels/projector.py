@@ -1,7 +1,7 @@
 """``BalancedProjector``: finds every LoRA adapter of a model and balances them all, batched."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,32 @@ from .reference import MODES, check_mode
 NamedPair = Tuple[str, torch.Tensor, torch.Tensor]   # (name, lora_A [r, in], lora_B [out, r])
 
 
+Slot = Tuple[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _adapter_slots(module: nn.Module, prefix: str = "") -> List[Slot]:
+    """``(name, get)`` for every linear LoRA pair below ``module``, frozen or not; ``get()`` returns the module's
+    current ``(lora_A, lora_B)`` tensors (dictionary lookups: a parameter replaced by a new object is seen)."""
+    from .modules import BaLoRALinear
+    slots = []
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, BaLoRALinear):
+            slots.append((name, lambda params=m._parameters: (params["lora_A"], params["lora_B"])))
+        elif isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and isinstance(getattr(m, "lora_B", None), nn.ModuleDict):
+            mods_a, mods_b = m.lora_A._modules, m.lora_B._modules
+            for key in m.lora_A.keys():
+                a, b = m.lora_A[key], m.lora_B[key] if key in m.lora_B else None
+                wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
+                if isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor) and wa.dim() == 2 and wb.dim() == 2:
+                    slots.append((f"{name}[{key}]" if name else key, lambda k=key, ma=mods_a, mb=mods_b: (
+                        ma[k]._parameters["weight"], mb[k]._parameters["weight"])))
+    return slots
+
+
+def _trainable(A: torch.Tensor, B: torch.Tensor) -> bool:
+    return A.requires_grad or B.requires_grad
+
+
 def find_adapters(module: nn.Module, prefix: str = "") -> List[NamedPair]:
     """Every LoRA pair below ``module``: BaLoRALinear layers and PEFT LoRA ``Linear`` layers.
 
@@ -21,42 +47,33 @@ def find_adapters(module: nn.Module, prefix: str = "") -> List[NamedPair]:
     whose weights are 2-D (linear LoRA; embedding and conv LoRA are not linear pairs). Pairs whose
     factors both have ``requires_grad`` off (frozen or inactive adapters) are left out.
     """
-    from .modules import BaLoRALinear
     found, seen = [], set()
-    for name, m in module.named_modules(prefix=prefix):
-        if isinstance(m, BaLoRALinear):
-            pairs = [(name, m.lora_A, m.lora_B)]
-        elif isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and isinstance(getattr(m, "lora_B", None), nn.ModuleDict):
-            pairs = []
-            for key in m.lora_A.keys():
-                a, b = m.lora_A[key], m.lora_B[key] if key in m.lora_B else None
-                wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
-                if isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor) and wa.dim() == 2 and wb.dim() == 2:
-                    pairs.append((f"{name}[{key}]" if name else key, wa, wb))
-        else:
-            continue
-        for p in pairs:
-            # frozen adapters (requires_grad off: e.g. PEFT's inactive adapters) are not projected
-            if id(p[1]) not in seen and (p[1].requires_grad or p[2].requires_grad):
-                seen.add(id(p[1]))
-                found.append(p)
+    for name, get in _adapter_slots(module, prefix):
+        A, B = get()
+        # frozen adapters (requires_grad off: e.g. PEFT's inactive adapters) are not projected
+        if id(A) not in seen and _trainable(A, B):
+            seen.add(id(A))
+            found.append((name, A, B))
     return found
 
 
-def _collect(source) -> List[NamedPair]:
+def _collect(source) -> Tuple[List[NamedPair], list]:
+    """``(pairs, slots)``: the pairs to project, and the module slots they were found through (to watch)."""
     if isinstance(source, nn.Module):
-        return find_adapters(source)
+        return find_adapters(source), _adapter_slots(source)
     pairs: List[NamedPair] = []
+    slots = []
     for i, item in enumerate(source):
         if isinstance(item, nn.Module):
             pairs.extend(find_adapters(item, prefix=f"[{i}]"))
+            slots.extend(_adapter_slots(item, prefix=f"[{i}]"))
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             pairs.append((f"pair{i}", item[0], item[1]))
         elif isinstance(item, (tuple, list)) and len(item) == 3 and isinstance(item[0], str):
             pairs.append(tuple(item))
         else:
             raise TypeError(f"BalancedProjector: item {i} is neither a module nor an (A, B) pair: {type(item).__name__}")
-    return pairs
+    return pairs, slots
 
 
 class BalancedProjector:
@@ -76,12 +93,14 @@ class BalancedProjector:
 
     def __init__(self, model_or_modules: Union[nn.Module, Iterable], mode: str = "nearest", every: int = 1):
         check_mode("BalancedProjector", mode)
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"BalancedProjector: every must be a positive integer, got {every!r}")
-        self.named_pairs = _collect(model_or_modules)
+        self._source = model_or_modules if isinstance(model_or_modules, nn.Module) else list(model_or_modules)
+        self.named_pairs, self._slots = _collect(self._source)
         if not self.named_pairs:
             raise ValueError("BalancedProjector: no LoRA adapters found (expected BaLoRALinear or PEFT LoRA Linear layers, or (A, B) pairs)")
         check_pairs("BalancedProjector", self.named_pairs)
+        self._watched = self._slot_state()
         self.mode, self.every = mode, every
         self.steps = 0              # optimizer steps seen while attached
         self.projections = 0        # projections run
@@ -93,7 +112,34 @@ class BalancedProjector:
     def names(self) -> List[str]:
         return [n for n, _, _ in self.named_pairs]
 
+    def _slot_state(self) -> list:
+        """For the pairs found in modules: each slot's current tensors and whether it is trained."""
+        out = []
+        for _, get in self._slots:
+            A, B = get()
+            out.append((A, B, _trainable(A, B)))
+        return out
+
+    def _slots_changed(self) -> bool:
+        """Whether a module's adapter was replaced by another tensor object (``load_state_dict(assign=True)``,
+        a new ``nn.Parameter``, ``model.to`` with ``torch.__future__`` overwrite) or started / stopped requiring
+        grad (PEFT's ``set_adapter``) since the pairs were collected: then they are collected again (a Python
+        loop of dictionary lookups over the slots, no device work)."""
+        for (_, get), (a0, b0, t0) in zip(self._slots, self._watched):
+            a, b = get()
+            if a is not a0 or b is not b0 or (a.requires_grad or b.requires_grad) != t0:
+                return True
+        return False
+
     def _current_plan(self):
+        if self._slots and self._slots_changed():
+            pairs, self._slots = _collect(self._source)
+            if not pairs:
+                raise ValueError(f"BalancedProjector: no trainable LoRA adapter left (the {len(self._slots)} found "
+                                 "in the modules all have requires_grad off)")
+            check_pairs("BalancedProjector", pairs)
+            self.named_pairs, self._plan = pairs, None
+            self._watched = self._slot_state()
         if self._plan is None or self._plan.is_stale():
             check_pairs("BalancedProjector", self.named_pairs)    # a parameter may have changed shape since __init__
             self._plan = functional.make_projection_plan([(A, B) for _, A, B in self.named_pairs])

@@ -166,20 +166,21 @@ std::pair<at::Tensor, at::Tensor> thin_col_grads(const at::Tensor& dy, const at:
     int f32 = 0;
   } pb[2];
   int n = 0;
-  if (need_b)   // dB(c, j) at c * r + j
+  // (an empty side, out or in = 0, has an empty gradient and no problem in the launch)
+  if (need_b && g_b.size(1) > 0)   // dB(c, j) at c * r + j
     pb[n++] = {g_b.data_ptr(), nullptr, u.data_ptr(), g_b.stride(0), 0, u.stride(0), r, 1, g_b.size(1),
                db.data_ptr(), db.scalar_type() == at::kFloat};
-  if (need_a)   // dA(j, c) at j * in + c
+  if (need_a && g_a.size(1) > 0)   // dA(j, c) at j * in + c
     pb[n++] = {g_a.data_ptr(), m_a.defined() ? m_a.data_ptr() : nullptr, v.data_ptr(), g_a.stride(0),
                m_a.defined() ? m_a.stride(0) : 0, v.stride(0), 1, g_a.size(1), g_a.size(1), da.data_ptr(),
                da.scalar_type() == at::kFloat};
-  if (n == 0) return {db, da};
-  check_launch(bk_thin_col_launch(thin_dtype(dy), N, (int)r, (float)s,
-                                  pb[0].g, pb[0].ldg, pb[0].m, pb[0].ldm, pb[0].p, pb[0].ldp, pb[0].out, pb[0].o_sc,
-                                  pb[0].o_sj, pb[0].f32, pb[0].C,
-                                  pb[1].g, pb[1].ldg, pb[1].m, pb[1].ldm, pb[1].p, pb[1].ldp, pb[1].out, pb[1].o_sc,
-                                  pb[1].o_sj, pb[1].f32, pb[1].C, stream_of(dy)),
-               "adapter gradients (dB = s dy^T u, dA = s v^T x)");
+  if (n > 0)
+    check_launch(bk_thin_col_launch(thin_dtype(dy), N, (int)r, (float)s,
+                                    pb[0].g, pb[0].ldg, pb[0].m, pb[0].ldm, pb[0].p, pb[0].ldp, pb[0].out,
+                                    pb[0].o_sc, pb[0].o_sj, pb[0].f32, pb[0].C,
+                                    pb[1].g, pb[1].ldg, pb[1].m, pb[1].ldm, pb[1].p, pb[1].ldp, pb[1].out,
+                                    pb[1].o_sc, pb[1].o_sj, pb[1].f32, pb[1].C, stream_of(dy)),
+                 "adapter gradients (dB = s dy^T u, dA = s v^T x)");
   return {need_b ? as_dtype(db, b_dt) : db, need_a ? as_dtype(da, a_dt) : da};
 }
 #endif
@@ -276,8 +277,10 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
       const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
       // Under create_graph the saved u is a constant to autograd: recomputed from x (and m) and A instead, dB's
       // graph reaches them (second derivatives through dB).
-      const at::Tensor u_b = at::GradMode::is_enabled() ? at::mm(m.defined() ? x * m : x, a.t()) : u;
-      if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
+      if (ctx->needs_input_grad(edge_b)) {
+        const at::Tensor u_b = at::GradMode::is_enabled() ? at::mm(m.defined() ? x * m : x, a.t()) : u;
+        dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
+      }
       if (ctx->needs_input_grad(edge_a))
         da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
       if (ctx->needs_input_grad(0)) {

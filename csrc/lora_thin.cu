@@ -381,7 +381,8 @@ __global__ void __launch_bounds__(kThreads) col_kernel(ColArgs a0, ColArgs a1, u
   const T* m = static_cast<const T*>(a.m);
   const T* p = static_cast<const T*>(a.p);
   const bool has_m = m != nullptr;
-  // (the block's shared memory is sized for a mask; each problem lays out its own stages)
+  // (the block's shared memory fits the masked layout when either problem has a mask; each problem lays out
+  // its own stages within it)
   const int stage_bytes = S::stage_bytes(has_m);
   const long long c0 = (long long)(second ? blockIdx.x - blocks0 : blockIdx.x) * S::BC;
   const int nt = (int)((a.N + S::BN - 1) / S::BN);

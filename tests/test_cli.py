@@ -290,3 +290,25 @@ def test_bench_cuda_without_cuda_is_one_line(capsys):
     from balora_kernels.cli import main
     assert main(["bench", "--device", "cuda", "--shapes", "tiny"]) == 2
     assert "torch sees no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["demo", "--synthetic", "--seeds", "-1"], "argument --seeds: must be a positive integer, got -1"),
+    (["demo", "--eval-every", "x"], "argument --eval-every: 'x' is not an integer"),
+    (["bench", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["demo", "--synthetic", "--lr", "1e-3", "--modes", "svd"], "--synthetic takes --steps, --seeds, --seed, --out, "
+                                                                "--no-plot, --quiet; not --modes, --lr"),
+])
+def test_bad_counts_and_ignored_options_are_one_line_before_any_work(argv, message, capsys, tmp_path):
+    """Counts and sizes must be positive (0 used to mean the default for --synthetic, and the real demo loaded the
+    model before refusing); --synthetic refuses the real demo's options instead of ignoring them."""
+    from balora_kernels.cli import main
+    try:
+        rc = main(argv + ["--out", str(tmp_path)])
+    except SystemExit as e:     # argparse's own error exit
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

@@ -414,3 +414,112 @@ def test_fan_in_fan_out_layer_left_as_peft_and_inactive_adapter_not_projected():
         if n in second:
             assert torch.equal(p, second[n]), f"inactive adapter {n} was written"
     patch.undo()
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _ClampedLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own (e.g. a quantisation-aware Linear)."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-0.1, 0.1)
+
+
+def test_bases_that_are_not_plain_linear_forwards_stay_on_peft(monkeypatch):
+    """PEFT calls ``self.base_layer(x)``: a base whose forward is not nn.Linear's, or another adapter wrapped around
+    the Linear (PEFT's mixed models), must keep PEFT's forward (the fast path computes x W^T + b itself)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLayer(_ClampedLinear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        balora = to_balora(model)
+        calls = CountCalls(monkeypatch)
+        out = model(x)
+    assert balora.report.left == {"base_model.model.proj": "base layer _ClampedLinear overrides nn.Linear.forward"}
+    assert calls.n == 0 and torch.equal(out, ref)
+    balora.undo()
+    try:
+        from peft import LoHaConfig
+    except ImportError:
+        return
+    mixed = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoHaConfig(r=2, alpha=4, target_modules=["proj"],
+                                                                  init_weights=False), adapter_name="loha", mixed=True)
+    mixed.add_adapter("lora", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False))
+    mixed.set_adapter(["loha", "lora"])
+    with torch.no_grad():
+        ref = mixed(x)
+        balora = to_balora(mixed)
+        out = mixed(x)
+    assert list(balora.report.left.values()) == ["base layer wrapped by peft.tuners.loha.layer.Linear (another "
+                                                 "adapter or wrapper)"]
+    assert torch.equal(out, ref)
+
+
+def test_backward_hooks_keep_pefts_forward(monkeypatch):
+    """A backward hook on a LoRA sub-module fires under PEFT's forward: the patched forward then hands the call back
+    to PEFT (it would bypass the sub-module's call)."""
+    model = tiny_peft(seed=3)
+    balora = to_balora(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    fired = []
+    h = q.lora_A["default"].register_full_backward_hook(lambda *a: fired.append(1))
+    calls = CountCalls(monkeypatch)
+    model(tokens(1)).logits.sum().backward()
+    assert fired and calls.n == 13                       # the other 13 layers still take the fast path
+    h.remove()
+    balora.undo()
+
+
+def test_patched_model_pickles(tmp_path):
+    """torch.save(model) of a patched model loads back patched, with the same outputs (the patched forward is a
+    picklable partial, not a bound method); deepcopy too."""
+    model = tiny_peft(seed=5).eval()
+    to_balora(model)
+    x = tokens(2)
+    with torch.no_grad():
+        ref = model(x).logits
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    for other in (torch.load(path, weights_only=False), copy.deepcopy(model)):
+        patched = [m for m in other.modules() if "forward" in m.__dict__]
+        assert len(patched) == 14 and all(m.forward.args[0] is m for m in patched)
+        with torch.no_grad():
+            assert torch.equal(other(x).logits, ref)
+        assert unpatch(other) == 14
+
+
+def test_projector_follows_set_adapter_and_replaced_parameters():
+    """to_balora's projector projects the adapters that require grad at each projection: after PEFT's set_adapter
+    the adapter now trained, not the one now frozen; and parameters replaced by load_state_dict(assign=True)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _randomize(model, 1)
+    balora = to_balora(model)
+    assert balora.report.projected == ["base_model.model.proj[default]"]
+    layer = model.base_model.model.proj
+
+    def gap(key):
+        A, B = layer.lora_A[key].weight.double(), layer.lora_B[key].weight.double()
+        return ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item()
+
+    model.set_adapter("other")
+    frozen = layer.lora_A["default"].weight.detach().clone()
+    assert gap("other") > 0.1
+    stats = balora.projector.project().as_dict()
+    assert stats["projected"] == 1 and gap("other") < 1e-6
+    assert torch.equal(layer.lora_A["default"].weight, frozen)
+    sd = {k: v + 0.5 for k, v in model.state_dict().items() if "lora_" in k and "other" in k}
+    model.load_state_dict(sd, strict=False, assign=True)
+    assert gap("other") > 0.1
+    balora.projector.project()
+    assert gap("other") < 1e-6
+    balora.undo()

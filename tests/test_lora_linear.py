@@ -127,6 +127,44 @@ def test_autocast_cpu_bf16_with_fp32_adapters():
         assert_within_2x_torch_error(g, gr, gpt, f"autocast d{n}")
 
 
+def test_autocast_casts_adapters_of_another_16bit_dtype():
+    """bfloat16 adapters under float16 autocast: cast like F.linear would (not refused); their gradients come back
+    in bfloat16."""
+    x, W = torch.randn(6, 8), torch.randn(5, 8)
+    A = torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = bk.lora_linear(x, W, None, A, B, 2.0)
+        y_pt = _plain_lora(x, W, None, A, B, 2.0)
+    assert y.dtype == torch.float16 == y_pt.dtype
+    ref = _plain_lora(f64(x.half()), f64(W.half()), None, f64(A.half()), f64(B.half()), 2.0)
+    assert_within_2x_torch_error(y, ref, y_pt, "bf16 adapters under fp16 autocast")
+    gA, gB = torch.autograd.grad(y, (A, B), torch.ones_like(y))
+    assert gA.dtype == torch.bfloat16 and gB.dtype == torch.bfloat16
+
+
+def test_zero_dim_x_raises_named_error():
+    W, A, B = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError,
+                       match=r"^layer\.0: x must have at least one dim \[\.\.\., in\]\. Got x \(\) float32"):
+        bk.lora_linear(torch.tensor(1.0), W, None, A, B, 1.0, name="layer.0")
+
+
+def test_forced_triton_takes_only_its_dtypes(monkeypatch):
+    """BALORA_KERNELS_IMPL=triton / cuda under the interpreter: float64 stays on the reference math (the Triton
+    kernels do not take it)."""
+    from balora_kernels import functional
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    for req, kernel in (("triton", "triton"), ("cuda", "cublas")):
+        monkeypatch.setenv("BALORA_KERNELS_IMPL", req)
+        functional._PLANS.clear()
+        if functional._lora_ops.triton is not None:
+            assert functional._lora_linear_impl("forward", 9, 16, 12, 4, torch.float32, cpu) == kernel
+        assert functional._lora_linear_impl("forward", 9, 16, 12, 4, torch.float64, cpu) == "torch"
+    functional._PLANS.clear()
+
+
 @pytest.mark.parametrize("case", ["x_in", "A_in", "B_shape", "bias_shape", "x_dtype", "int_x", "A_dtype"])
 def test_bad_operands_raise_named_errors(case):
     x, W, b, A, B = _operands((3,), 10, 7, 2, dtype=torch.float32)

@@ -293,6 +293,8 @@ def test_op_double_backward_float64_cpu(path, impl):
             return L.LoRALinearFunction.apply(x, W, b, A, B, 0.7, m, impl)
         return bk.lora_linear(x, W, b, A, B, 0.7)
 
+    firsts = torch.autograd.grad(f(*ins), ins, dy, create_graph=True)   # (gradgradcheck skips constants)
+    assert all(g.requires_grad for i, g in enumerate(firsts) if i != 2), [g.grad_fn for g in firsts]   # db: sum dy
     assert torch.autograd.gradgradcheck(f, ins)
 
 
@@ -303,7 +305,14 @@ def test_interp_double_backward(impl):
     products (the kernels' outputs would be constants to autograd: silently wrong second derivatives)."""
     x, W, b, A, B, m, dy = operands(5, 7, 6, 3, torch.float64, bias=True, dropout=True, seed=6)
     ins = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
-    assert torch.autograd.gradgradcheck(lambda x, W, b, A, B: L.lora_linear(x, W, b, A, B, 0.7, m, impl=impl), ins)
+
+    def f(x, W, b, A, B):
+        return L.lora_linear(x, W, b, A, B, 0.7, m, impl=impl)
+
+    # gradgradcheck passes over first derivatives without a graph (constants): each must have one (but db = sum dy)
+    firsts = torch.autograd.grad(f(*ins), ins, dy, create_graph=True)
+    assert all(g.requires_grad for i, g in enumerate(firsts) if i != 2), [g.grad_fn for g in firsts]
+    assert torch.autograd.gradgradcheck(f, ins)
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
@@ -444,7 +453,7 @@ def test_dispatcher_cache_is_never_stale(monkeypatch, no_ext):
 def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
     """The eager Function decides both directions once, in forward: an override changed between
     forward and backward does not mix implementations within one call (and costs no lookup)."""
-    x, W, b, A, B, m, dy = operands(6, 5, 4, 2, torch.float64, bias=True, seed=4)
+    x, W, b, A, B, m, dy = operands(6, 5, 4, 2, torch.float32, bias=True, seed=4)
     calls = []
     real = L.lora_linear_backward
 
@@ -459,11 +468,11 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
     y = L.lora_linear(xg, W, b, A, B, 0.5, None)           # 'auto' on CPU: the torch math
     monkeypatch.setenv("BALORA_KERNELS_IMPL", "cuda")      # would be 'cublas' if chosen again
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert functional._lora_linear_impl("backward", 6, 5, 4, 2, torch.float64, x.device) == "cublas"
+    assert functional._lora_linear_impl("backward", 6, 5, 4, 2, torch.float32, x.device) == "cublas"
     y.backward(dy)
     assert calls == ["torch"]
     (_, g64), _ = references(x, W, b, A, B, None, dy, 0.5)
-    torch.testing.assert_close(xg.grad, g64.x)
+    torch.testing.assert_close(xg.grad.double(), g64.x, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,9 +558,9 @@ def test_gpu_kernels_poisoned_outputs(dtype):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_gpu_thin_kernels_strided_and_misaligned(dtype, impl):
     """ext_thin / ext_allthin (csrc/lora_thin.cu) on operands read in place with row strides other than their
-    width: x a column slice starting one element in (no 16-byte copies: the element loads), dy a column slice eight elements in
-    (16-byte copies, longer rows), a column-major dropout mask (copied first), float32 adapters, bias; outputs
-    poisoned; the 2x-PyTorch-error rule on y and every gradient."""
+    width: x a column slice starting one element in (no 16-byte copies: the element loads), dy a column slice
+    eight elements in (16-byte copies, longer rows), a column-major dropout mask (copied first), float32
+    adapters, bias; outputs poisoned; the 2x-PyTorch-error rule on y and every gradient."""
     if not L.thin_kernels_apply(torch.empty(1, 1, device="cuda", dtype=dtype), 1):
         pytest.skip(f"the extension's thin kernels are unavailable: {_ext.error() or _ext.how()}")
     N, I, O, r = 1000, 200, 136, 24
@@ -590,7 +599,8 @@ def test_gpu_thin_partial_grads_rank1_and_double_backward(impl):
     N, I, O, r = 300, 136, 72, 1
     x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", None, True, True, seed=23)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
-    trainable = (("lora_A", "lora_B"), ("lora_A",), ("lora_B",)) if impl == "ext_allthin" else (("lora_A", "lora_B"),)
+    trainable = ((("lora_A", "lora_B"), ("lora_A",), ("lora_B",)) if impl == "ext_allthin"
+                 else (("lora_A", "lora_B"),))
     for wants in trainable:
         Ag, Bg = A.clone().requires_grad_("lora_A" in wants), B.clone().requires_grad_("lora_B" in wants)
         _poison_allocator(4 * (N * (I + O) * 4 + 2**20))

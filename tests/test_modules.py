@@ -159,3 +159,52 @@ def test_rank_limit_is_min_of_in_and_out_both_ways():
     with pytest.raises(ValueError, match=r"^BaLoRALinear\(8->16\): r must be an integer in .*\[1, 8\], got 9"):
         bk.BaLoRALinear(8, 16, r=9)
     assert bk.BaLoRALinear(8, 16, r=8).r == 8
+
+
+def test_reset_parameters_after_meta_construction():
+    """Built on the meta device, materialised with to_empty(), then reset_parameters(): initialised like a fresh
+    layer (lora_B zeros, lora_A and the base kaiming-uniform), not left as uninitialised memory."""
+    with torch.device("meta"):
+        m = bk.BaLoRALinear(64, 32, r=4, bias=True)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    m.merged = True
+    m.reset_parameters()
+    bound = 1 / math.sqrt(64)
+    assert torch.count_nonzero(m.lora_B) == 0 and not m.merged
+    for t in (m.weight, m.bias, m.lora_A):
+        assert torch.isfinite(t).all() and 0 < t.abs().max() <= bound
+    x = torch.randn(3, 64)
+    assert_rel_close(m(x), F.linear(x, m.weight, m.bias), 1e-6, "reset layer = base layer")
+
+
+def test_merged_flag_travels_with_the_state_dict():
+    """A merged layer's weights already hold s B A: loading them into a fresh layer must not add it again, and an
+    unmerged state loaded into a merged layer must run the adapter again; state dicts without the flag (older
+    checkpoints) load as not merged."""
+    torch.manual_seed(0)
+    m = bk.BaLoRALinear(16, 12, r=3, alpha=6)
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(4, 16)
+    y = m(x).detach()
+    unmerged_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    assert not unmerged_sd["lora_merged"]
+    m.merge()
+    merged_sd = m.state_dict()
+    assert merged_sd["lora_merged"]
+    fresh = bk.BaLoRALinear(16, 12, r=3, alpha=6)
+    fresh.load_state_dict(merged_sd)
+    assert fresh.merged
+    assert_rel_close(fresh(x), y, 1e-5, "merged weights in a fresh layer")
+    m.load_state_dict(unmerged_sd)              # m was merged
+    assert not m.merged
+    assert_rel_close(m(x), y, 1e-5, "unmerged weights in a merged layer")
+    m.merge()
+    old = {k: v for k, v in unmerged_sd.items() if k != "lora_merged"}
+    m.load_state_dict(old)                      # strict: the missing flag is not an error
+    assert not m.merged
+    assert_rel_close(m(x), y, 1e-5, "a state dict without the flag")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        bk.BaLoRALinear(16, 12, r=2).load_state_dict(merged_sd)

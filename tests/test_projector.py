@@ -218,6 +218,7 @@ def test_state_dict_round_trip_resumes_exactly(split):
     ("mode", ValueError, r"BalancedProjector: mode must be one of \('nearest', 'svd'\), got 'polar'"),
     ("every0", ValueError, r"BalancedProjector: every must be a positive integer, got 0"),
     ("every_float", ValueError, r"every must be a positive integer, got 2.5"),
+    ("every_bool", ValueError, r"every must be a positive integer, got True"),
     ("empty", ValueError, r"BalancedProjector: no LoRA adapters found"),
     ("bad_item", TypeError, r"BalancedProjector: item 1 is neither a module nor an \(A, B\) pair: str"),
     ("rank_mismatch", ValueError, r"adapter 'pair0' must have lora_A \[r, in\] and lora_B \[out, r\].*"
@@ -233,6 +234,7 @@ def test_constructor_errors(case, exc, match):
         "mode": ([(A, B)], {"mode": "polar"}),
         "every0": ([(A, B)], {"every": 0}),
         "every_float": ([(A, B)], {"every": 2.5}),
+        "every_bool": ([(A, B)], {"every": True}),
         "empty": (nn.Sequential(nn.Linear(3, 3)), {}),
         "bad_item": ([(A, B), "lora"], {}),
         "rank_mismatch": ([(A, torch.randn(6, 4))], {}),
@@ -324,3 +326,76 @@ def test_backend_says_which_plan_runs_and_why():
     net = nn.Sequential(bk.BaLoRALinear(12, 10, 3))
     b = bk.BalancedProjector(net).backend
     assert b == {"plan": "TorchProjectionPlan", "backend": "torch", "why": "cpu tensors take the torch path"}
+
+
+def test_follows_parameters_replaced_and_adapters_unfrozen():
+    """Built from a model, the projector looks its adapters up again before every projection: a parameter replaced
+    by a new object (load_state_dict(assign=True), a new nn.Parameter) is projected, not the dead tensor it held,
+    and an adapter that starts requiring grad joins (one that stops leaves); none left is a named error."""
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.BaLoRALinear(12, 10, 3), bk.BaLoRALinear(10, 12, 3))
+    _randomize(net)
+    proj = bk.BalancedProjector(net)
+    other = copy.deepcopy(net)
+    _randomize(other, std=2.0)
+    net.load_state_dict(other.state_dict(), assign=True)          # new Parameter objects
+    net[1].lora_A = nn.Parameter(torch.randn(3, 10))              # and one assigned directly
+    assert gap64(net[0].lora_A, net[0].lora_B) > 0.1 and gap64(net[1].lora_A, net[1].lora_B) > 0.1
+    proj.project()
+    for m in net:
+        assert gap64(m.lora_A, m.lora_B) < 1e-5
+    net[1].lora_A.requires_grad_(False)
+    net[1].lora_B.requires_grad_(False)
+    _randomize(net)
+    frozen = (net[1].lora_A.detach().clone(), net[1].lora_B.detach().clone())
+    proj.project()
+    assert proj.names == ["0"] and gap64(net[0].lora_A, net[0].lora_B) < 1e-5
+    assert_bitwise_equal(net[1].lora_A, frozen[0], "frozen A")
+    net[1].lora_B.requires_grad_(True)                            # trained again
+    proj.project()
+    assert proj.names == ["0", "1"] and gap64(net[1].lora_A, net[1].lora_B) < 1e-5
+    for m in net:
+        m.lora_A.requires_grad_(False)
+        m.lora_B.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable LoRA adapter left"):
+        proj.project()
+
+
+@pytest.mark.parametrize("case", ["expanded", "inference", "rank0"])
+def test_unwritable_or_empty_pairs_are_named_errors_before_any_write(case):
+    good = (torch.randn(3, 10), torch.randn(7, 3))
+    if case == "expanded":
+        bad, match = (torch.randn(3, 6), torch.randn(1, 3).expand(5, 3)), r"lora_B .*strides \(0, 1\).*expanded"
+    elif case == "inference":
+        with torch.inference_mode():
+            bad = (torch.randn(3, 6), torch.randn(5, 3))
+        match = r"lora_A .* is an inference tensor"
+    else:
+        bad, match = (torch.randn(0, 6), torch.randn(5, 0)), r"\(r >= 1\)"
+    before = [t.clone() for t in good + bad]
+    with pytest.raises(ValueError, match=r"^BalancedProjector: adapter 'pair1'.*" + match):
+        bk.BalancedProjector([good, bad]).project()
+    for t, b in zip(good + bad, before):
+        assert_bitwise_equal(t, b, "pair after a refused projection")
+
+
+def test_a_write_that_fails_midway_is_rolled_back(monkeypatch):
+    """Should a copy into a parameter fail after others were written, every pair gets its values back."""
+    pairs = [(torch.randn(3, 10), torch.randn(7, 3)), (torch.randn(2, 6, dtype=torch.float64),
+                                                       torch.randn(5, 2, dtype=torch.float64))]
+    before = [t.clone() for p in pairs for t in p]
+    real, n = torch._foreach_copy_, []
+
+    def failing(dst, src):
+        n.append(1)
+        if len(n) == 3:                     # the second group's A
+            raise RuntimeError("simulated failure")
+        return real(dst, src)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", failing)
+    proj = bk.BalancedProjector(pairs)
+    assert proj.backend["plan"] == "TorchProjectionPlan"
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        proj.project()
+    for t, b in zip([t for p in pairs for t in p], before):
+        assert_bitwise_equal(t, b, "pair after a failed write")

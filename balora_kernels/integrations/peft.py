@@ -17,20 +17,24 @@ standard PEFT adapter and plain PEFT loads it. The patched forward follows PEFT'
 ``disable_adapters``, the active adapter) and hands the call back to PEFT's own forward whenever
 the fast path does not apply at that moment: adapters disabled or merged, several or no active
 adapters, a LoRA variant (DoRA, ...), extra forward arguments (``adapter_names``), DTensor
-weights, hooks on the sub-modules, or dtypes PEFT would mix differently (a float32 adapter on a
-bfloat16 layer outside ``torch.autocast``: PEFT runs that branch in float32).
+weights, forward or backward hooks on the sub-modules (or global ones), or dtypes PEFT would mix
+differently (a float32 adapter on a bfloat16 layer outside ``torch.autocast``: PEFT runs that branch in
+float32).
 
 Layers whose forward is left as PEFT's at patch time, with the reason in the report: DoRA and
 other LoRA variants, several active adapters, ``fan_in_fan_out`` (GPT-2's Conv1D), quantised or
-non-``nn.Linear`` bases, embedding and conv LoRA, forwards already wrapped (accelerate hooks).
+non-``nn.Linear`` bases, bases that are not plain ``nn.Linear`` forwards (a subclass overriding ``forward``,
+another adapter wrapped around the Linear as in PEFT's mixed models), embedding and conv LoRA, forwards already
+wrapped (accelerate hooks).
 Their adapters are still balanced where the math applies: DoRA's output depends on ``B A`` only,
 embedding LoRA is a plain ``[d, r] x [r, V]`` pair, conv LoRA is ``B[out, r] x A[r, in*k*k]``
 (1x1 ``lora_B``, ungrouped), and quantised-base LoRA layers have ordinary float adapters.
-Only adapters whose factors require grad are projected (frozen adapters are not trained).
+Only adapters whose factors require grad are projected (frozen adapters are not trained); the projector
+follows changes (``set_adapter``, parameters replaced by new objects) before every projection.
 """
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -80,27 +84,68 @@ class BaLoRAPatch:
         return f"BaLoRAPatch({self.projector!r}, {len(self.report.patched)} layers patched)"
 
 
+Source = Tuple[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]], Optional[Callable]]
+
+
+def _params(src: Source) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The parameters behind a source: its pair, or for a view (conv LoRA) the parameters it views."""
+    return (src[2] or src[1])()
+
+
 class PeftProjector(BalancedProjector):
     """A :class:`BalancedProjector` over PEFT adapters, some of them reshaped views (conv LoRA).
 
-    A view of a parameter does not follow ``model.to(...)`` (which swaps the parameter's storage);
-    before each projection the views are checked against their parameters and rebuilt if needed.
+    It follows the model: before each projection, every adapter pair it knows (trained or not) is looked up
+    again, and when a parameter was replaced by another object (``load_state_dict(assign=True)``, ...) or an
+    adapter started or stopped requiring grad (PEFT's ``set_adapter``), the pairs to project are collected
+    again: only adapters that require grad are projected. A view of a parameter does not follow
+    ``model.to(...)`` (which swaps the parameter's storage): the views are checked against their parameters
+    and rebuilt if needed.
     """
 
-    def __init__(self, sources: List[Tuple[str, Callable[[], Tuple[torch.Tensor, torch.Tensor]], tuple]],
-                 mode: str = "nearest", every: int = 1):
-        self._sources = sources          # (name, getter -> (A, B), parameters behind the views or ())
-        super().__init__([(n, *get()) for n, get, _ in sources], mode=mode, every=every)
+    def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1):
+        # (name, getter -> (A, B), getter -> the parameters behind the views, or None)
+        self._all_sources = sources
+        self._known = self._source_state()
+        self._sources = self._trained_sources()
+        super().__init__([(n, *get()) for n, get, _ in self._sources], mode=mode, every=every)
+
+    def _source_state(self) -> list:
+        out = []
+        for src in self._all_sources:
+            A, B = _params(src)
+            out.append((A, B, A.requires_grad and B.requires_grad))
+        return out
+
+    def _trained_sources(self) -> List[Source]:
+        return [src for src, (_, _, trained) in zip(self._all_sources, self._known) if trained]
+
+    def _sources_changed(self) -> bool:
+        for src, (a0, b0, t0) in zip(self._all_sources, self._known):
+            a, b = _params(src)
+            if a is not a0 or b is not b0 or (a.requires_grad and b.requires_grad) != t0:
+                return True
+        return False
 
     def _views_stale(self) -> bool:
         for (name, get, params), (_, A, B) in zip(self._sources, self.named_pairs):
-            if params and (A.data_ptr() != params[0].data_ptr() or B.data_ptr() != params[1].data_ptr()
-                           or A.dtype != params[0].dtype or B.dtype != params[1].dtype):
+            if params is None:
+                continue
+            pa, pb = params()
+            if (A.data_ptr() != pa.data_ptr() or B.data_ptr() != pb.data_ptr() or A.dtype != pa.dtype
+                    or B.dtype != pb.dtype):
                 return True
         return False
 
     def _current_plan(self):
-        if self._views_stale():
+        if self._sources_changed():
+            self._known = self._source_state()
+            self._sources = self._trained_sources()
+            if not self._sources:
+                raise ValueError(f"PeftProjector: no trainable LoRA adapter left (the {len(self._all_sources)} "
+                                 "adapter pairs of the model all have requires_grad off)")
+            self.named_pairs, self._plan = [(n, *get()) for n, get, _ in self._sources], None
+        elif self._views_stale():
             self.named_pairs = [(n, *get()) for n, get, _ in self._sources]
             self._plan = None
         return super()._current_plan()
@@ -143,6 +188,9 @@ def _why_not_patched(layer, lora_layer) -> Optional[str]:
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():
         return f"quantised or unsupported base layer {type(base).__name__}"
+    why = _base_not_plain(layer, base)
+    if why:
+        return why
     keys = _active_keys(layer)
     if len(keys) > 1:
         return f"several active adapters {keys}"
@@ -154,6 +202,20 @@ def _why_not_patched(layer, lora_layer) -> Optional[str]:
     return None
 
 
+def _base_not_plain(layer, base) -> Optional[str]:
+    """Why PEFT's ``self.base_layer(x)`` is not plain ``x W^T + b`` on ``base`` (the innermost Linear), or None:
+    the fast path computes that product itself, so it must be all the base layer does."""
+    if layer.base_layer is not base:
+        wrapper = type(layer.base_layer)
+        return f"base layer wrapped by {wrapper.__module__}.{wrapper.__qualname__} (another adapter or wrapper)"
+    if type(base).forward is not _LINEAR_FORWARD:
+        return f"base layer {type(base).__name__} overrides nn.Linear.forward"
+    return None
+
+
+_LINEAR_FORWARD = nn.Linear.forward
+
+
 def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
     out = []
     for key in layer.lora_A.keys():
@@ -161,7 +223,8 @@ def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
             continue
         a, b = layer.lora_A[key], layer.lora_B[key]
         if isinstance(getattr(a, "weight", None), torch.Tensor) and a.weight.dim() == 2 and b.weight.dim() == 2:
-            out.append((f"{name}[{key}]", (lambda a=a, b=b: (a.weight, b.weight)), ()))
+            # (dictionary lookups: the projector calls it before every projection)
+            out.append((f"{name}[{key}]", (lambda a=a, b=b: (a._parameters["weight"], b._parameters["weight"])), None))
     return out
 
 
@@ -170,7 +233,7 @@ def _embedding_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
     for key in layer.lora_embedding_A.keys():
         if key in layer.lora_embedding_B.keys():
             out.append((f"{name}[{key}]",
-                        (lambda k=key: (layer.lora_embedding_A[k], layer.lora_embedding_B[k])), ()))
+                        (lambda k=key: (layer.lora_embedding_A[k], layer.lora_embedding_B[k])), None))
     return out
 
 
@@ -191,7 +254,7 @@ def _conv_pairs(name: str, layer, not_projected: Dict[str, str]) -> List[Tuple[s
         def get(a=a, b=b):
             r = a.weight.shape[0]
             return a.weight.detach().view(r, -1), b.weight.detach().view(b.weight.shape[0], r)
-        out.append((label, get, (a.weight, b.weight)))
+        out.append((label, get, lambda a=a, b=b: (a._parameters["weight"], b._parameters["weight"])))
     return out
 
 
@@ -232,15 +295,13 @@ def _scan(model: nn.Module):
         else:
             report.left[label] = f"{type(m).__name__} LoRA is not supported"
             report.not_projected[label] = f"{type(m).__name__}: not a plain B @ A product"
-    kept = []
     for src in sources:
-        A, B = src[2] or src[1]()       # a view's parameters say whether it is trained
+        A, B = _params(src)             # a view's parameters say whether it is trained
         if A.requires_grad and B.requires_grad:
-            kept.append(src)
             report.projected.append(src[0])
         else:
-            report.not_projected[src[0]] = "frozen adapter (requires_grad=False)"
-    return to_patch, report, kept
+            report.not_projected[src[0]] = "frozen adapter (requires_grad=False; projected once it requires grad)"
+    return to_patch, report, sources
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +311,14 @@ _FLOAT32 = torch.float32
 
 
 def _hook_free(mod: nn.Module) -> bool:
-    return not (mod._forward_hooks or mod._forward_pre_hooks or "forward" in mod.__dict__)
+    return not (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
+                or "forward" in mod.__dict__)
+
+
+def _global_hooks() -> bool:
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
 
 
 def _fast_adapter(layer, x: torch.Tensor):
@@ -268,9 +336,9 @@ def _fast_adapter(layer, x: torch.Tensor):
     lin_a, lin_b, drop = layer.lora_A[key], layer.lora_B[key], layer.lora_dropout[key]
     if not isinstance(base, nn.Linear) or not isinstance(drop, (nn.Dropout, nn.Identity)):
         return None
-    if lin_a.bias is not None:
+    if lin_a.bias is not None or _base_not_plain(layer, base):
         return None
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _global_hooks():
         return None
     if not (_hook_free(base) and _hook_free(lin_a) and _hook_free(lin_b) and _hook_free(drop)):
         return None
@@ -307,7 +375,7 @@ def _balora_forward(self, x, *args, **kwargs):
 
 def _is_patched(m: nn.Module) -> bool:
     fwd = m.__dict__.get("forward")
-    return isinstance(fwd, types.MethodType) and fwd.__func__ is _balora_forward
+    return isinstance(fwd, functools.partial) and fwd.func is _balora_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +399,7 @@ def to_balora(model: nn.Module, *, mode: str = "nearest", every: int = 1, patch:
         raise RuntimeError(f"to_balora: {len(already)} layers are already patched (first: {already[0]!r}); "
                            f"call undo() / unpatch(model) first")
     to_patch, report, sources = _scan(model)
-    if not sources:
+    if not report.projected:
         found = len(report.left) + len(to_patch)
         raise ValueError(f"to_balora: no trainable PEFT LoRA adapter found in {type(model).__name__} "
                          f"({found} LoRA layers seen; not projected: {dict(list(report.not_projected.items())[:3])})")
@@ -339,7 +407,8 @@ def to_balora(model: nn.Module, *, mode: str = "nearest", every: int = 1, patch:
     if patch:
         for label, m in to_patch:
             m._balora_name = label
-            m.forward = types.MethodType(_balora_forward, m)
+            # (a partial of a module-level function, not a bound method: torch.save(model) pickles it by name)
+            m.forward = functools.partial(_balora_forward, m)
             report.patched.append(label)
     else:
         for label, _ in to_patch:

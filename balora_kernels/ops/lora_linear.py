@@ -732,7 +732,6 @@ def _differentiable_backward(dy, x, weight, lora_A, lora_B, scaling: float, mask
                                           need_bias_grad=has_bias and need[2])
 
 
-
 # --------------------------------------------------------------------------------------------
 # torch.library ops (used under torch.compile: opaque to the tracer, with fake implementations)
 # --------------------------------------------------------------------------------------------

@@ -131,9 +131,20 @@ class TorchProjectionPlan:
             A, B = torch.stack(As), torch.stack(Bs)
             t = reference.balancing_transforms(*reference.grams(A, B), mode,
                                                factor_dtypes=(A.dtype, B.dtype))
-            results.append((As, Bs, *reference.apply_transforms(A, B, t), t))
-        for As, Bs, A2, B2, _ in results:
-            torch._foreach_copy_(As, list(A2.unbind(0)))
-            torch._foreach_copy_(Bs, list(B2.unbind(0)))
+            results.append((As, Bs, A, B, *reference.apply_transforms(A, B, t), t))
+        try:
+            for As, Bs, _, _, A2, B2, _ in results:
+                torch._foreach_copy_(As, list(A2.unbind(0)))
+                torch._foreach_copy_(Bs, list(B2.unbind(0)))
+        except BaseException:
+            # (check_pairs refuses the parameters that cannot be written; should a copy fail all the same, every
+            # pair gets its values back: the stacked copies above are the originals)
+            for As, Bs, A, B, _, _, _ in results:
+                for dst, src in zip(As + Bs, list(A.unbind(0)) + list(B.unbind(0))):
+                    try:
+                        dst.copy_(src)
+                    except Exception:  # noqa: BLE001 -- the tensor that refused the write keeps its values
+                        pass
+            raise
         device = self.pairs[0][0].device if self.pairs else torch.device("cpu")
         return ProjectionStats.from_transforms([res[-1] for res in results], device)
