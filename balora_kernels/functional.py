@@ -88,11 +88,15 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     _errors.check_lora_shapes(name, x, weight, bias, lora_A, lora_B)
     flat = x.dim() != 2
     x2 = x.reshape(-1, x.shape[-1]) if flat else x
-    # Dropout (LoRA branch only): the scaled mask is drawn here, in x's dtype, and the kernels read
-    # it where x * mask is needed; x * mask itself is never materialised on the kernel paths.
+    # Dropout (LoRA branch only): a 0/1 mask is drawn here, in x's dtype, and the kernels read it where
+    # x * mask is needed (x * mask itself is never materialised on the kernel paths); 1/(1-p) joins the
+    # scaling, applied in float32 by the GEMMs and kernels: s ((x * m / (1-p)) A^T) B^T = (s / (1-p)) ((x * m)
+    # A^T) B^T with m exact, where a mask holding 1/(1-p) rounded to bfloat16 (1.4297 for 1/0.7) would scale
+    # the branch by that rounding.
     mask = None
     if dropout_p > 0.0 and training:
-        mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p)
+        scaling = scaling / (1.0 - dropout_p)
     # The implementation is chosen inside the op, per call and per direction, by _lora_linear_plan
     # (so torch.compile sees one opaque op and the choice adds no guard or graph break).
     y = _lora_ops.lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), mask)

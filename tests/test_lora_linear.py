@@ -230,3 +230,29 @@ def test_autocast_stays_on_around_the_op_even_when_it_raises():
         assert torch.is_autocast_enabled("cpu")
         assert (x @ W.T).dtype == torch.bfloat16    # and still casts
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_dropout_mask_is_exact_and_its_scale_joins_the_scaling(monkeypatch):
+    """The mask holds 0 and 1 (exact in every dtype) and 1/(1-p) goes into the scaling, applied in float32: a mask
+    holding 1/(1-p) in bfloat16 (1.4297 for p = 0.3) would scale the LoRA branch by its rounding."""
+    from balora_kernels.ops import lora_linear as L
+    seen = {}
+    real = L.lora_linear
+
+    def spy(x, W, b, A, B, s, mask=None, impl="auto"):
+        seen.update(s=s, mask=mask)
+        return real(x, W, b, A, B, s, mask, impl)
+
+    monkeypatch.setattr(L, "lora_linear", spy)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    W, A, B = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(4, 32), torch.randn(16, 4)
+    torch.manual_seed(1)
+    y = bk.lora_linear(x, W, None, A, B, 2.0, dropout_p=0.3)
+    m = seen["mask"]
+    assert m.dtype == torch.bfloat16 and set(m.unique().tolist()) == {0.0, 1.0}
+    assert seen["s"] == 2.0 / 0.7
+    torch.manual_seed(1)
+    assert torch.equal(m, torch.empty_like(x).bernoulli_(0.7))
+    assert y.dtype == torch.bfloat16
+    bk.lora_linear(x, W, None, A, B, 2.0, dropout_p=0.3, training=False)
+    assert seen["mask"] is None and seen["s"] == 2.0

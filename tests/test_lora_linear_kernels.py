@@ -231,9 +231,9 @@ def test_interp_op_paths(dtype, r, impl, dropout, monkeypatch):
     torch.manual_seed(7)
     y = bk.lora_linear(xg, W, b, Ag, Bg, 0.5, dropout_p=p)
     torch.manual_seed(7)
-    mask = torch.empty_like(xg.detach().reshape(N, I)).bernoulli_(1 - p).div_(1 - p) if dropout else None
+    mask = torch.empty_like(xg.detach().reshape(N, I)).bernoulli_(1 - p) if dropout else None   # 0/1
     y.backward(dy.reshape(1, N, O))
-    (y64, g64), (yp, gp) = references(x, W, b, A, B, mask, dy, 0.5)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, mask, dy, 0.5 / (1 - p))   # 1/(1-p) in the scaling
     assert_2x("y", y.reshape(N, O), yp, y64)
     for name, got in (("x", xg.grad.reshape(N, I)), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
         assert got.dtype == getattr(gp, name).dtype

@@ -47,9 +47,10 @@ Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 * ``_lora_gemm_kernel`` out = X Wt + s (P Q) * m + b; with ``HAS_BASE=False`` only the rank-r term;
 * ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once.
 
-Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_linear`
-(``bernoulli / (1-p)``, x's dtype); the kernels read it where ``x_l`` is needed (``u``, ``dA``) and
-multiply the rank-r term of ``dx`` by it, so ``x_l`` is never materialised. It is saved for backward.
+Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_linear` (0/1 in x's
+dtype, with 1/(1-p) folded into ``s``; the op takes any mask values); the kernels read it where ``x_l``
+is needed (``u``, ``dA``) and multiply the rank-r term of ``dx`` by it, so ``x_l`` is never
+materialised. It is saved for backward.
 
 Autograd: eagerly :class:`LoRALinearFunction` (lowest Python overhead: the dispatcher's cached
 choice for both directions is looked up once, in forward); under ``torch.compile`` the
