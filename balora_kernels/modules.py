@@ -117,23 +117,27 @@ class BaLoRALinear(nn.Module):
         self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
 
-    # Whether s B A is folded into `weight` travels with the weights: a state dict records it (key "lora_merged",
-    # a bool tensor), so loading a merged layer's weights into a fresh layer neither adds s B A twice nor ignores
-    # the adapter; state dicts without the key (saved before it existed) load as not merged.
-    _MERGED_KEY = "lora_merged"
+    # Whether s B A is folded into `weight` travels with the weights: the module's extra state (key "_extra_state",
+    # a bool tensor: torch.save, safetensors and torch.distributed.checkpoint take it), so loading a merged layer's
+    # weights into a fresh layer neither adds s B A twice nor ignores the adapter. A state dict without the flag
+    # (saved before it existed) loads as not merged when it holds the weight, and leaves the flag alone when it
+    # does not (adapters only).
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + self._MERGED_KEY] = torch.tensor(self.merged)
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        merged = state_dict.pop(prefix + self._MERGED_KEY, None)
-        n_errors = len(error_msgs)
+        key = prefix + nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key not in state_dict:     # (load_state_dict passes a copy of the caller's dict)
+            state_dict[key] = torch.tensor(False if prefix + "weight" in state_dict else self.merged)
+        merged, n_errors = self.merged, len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) == n_errors:
-            self.merged = bool(merged) if merged is not None else False
+        if len(error_msgs) != n_errors:   # a refused load leaves the flag as it was
+            self.merged = merged
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

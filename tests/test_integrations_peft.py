@@ -512,6 +512,7 @@ def test_projector_follows_set_adapter_and_replaced_parameters():
         return ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item()
 
     model.set_adapter("other")
+    assert balora.projector.names == ["base_model.model.proj[other]"]      # (state_dict / checkpoints see it now)
     frozen = layer.lora_A["default"].weight.detach().clone()
     assert gap("other") > 0.1
     stats = balora.projector.project().as_dict()
@@ -523,3 +524,51 @@ def test_projector_follows_set_adapter_and_replaced_parameters():
     balora.projector.project()
     assert gap("other") < 1e-6
     balora.undo()
+
+
+def test_projectors_follow_added_and_deleted_adapters():
+    """After add_adapter + set_adapter the new adapter is projected (to_balora's projector scans the model again),
+    and after delete_adapter neither projector fails on the deleted adapter's lookup."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _randomize(model, 2)
+    balora = to_balora(model)
+    plain = bk.BalancedProjector(model)
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False))
+    model.set_adapter("c")
+    layer = model.base_model.model.proj
+    for proj in (balora.projector, plain):
+        with torch.no_grad():
+            layer.lora_B["c"].weight.normal_()
+        A, B = layer.lora_A["c"].weight.double(), layer.lora_B["c"].weight.double()
+        assert ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item() > 0.1
+        proj.project()
+        A, B = layer.lora_A["c"].weight.double(), layer.lora_B["c"].weight.double()
+        assert ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item() < 1e-6
+        assert proj.names == ["base_model.model.proj[c]"]
+    model.delete_adapter("default")
+    for proj in (balora.projector, plain):
+        proj.project()
+        assert proj.names == ["base_model.model.proj[c]"]
+    balora.undo()
+
+
+def test_checkpoint_all_params_keeps_the_merged_flag(tmp_path):
+    """save_checkpoint(params="all") / load_checkpoint carry BaLoRALinear's merged flag (its extra state) into the
+    model, not into a copy; a refused load restores it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.BaLoRALinear(8, 6, r=2), bk.BaLoRALinear(6, 4, r=2))
+    nn.init.normal_(net[0].lora_B)
+    net[0].merge()
+    x = torch.randn(3, 8)
+    y = net(x).detach()
+    save_checkpoint(str(tmp_path / "ck.safetensors"), net, params="all")
+    fresh = nn.Sequential(bk.BaLoRALinear(8, 6, r=2), bk.BaLoRALinear(6, 4, r=2))
+    load_checkpoint(str(tmp_path / "ck.safetensors"), fresh)
+    assert fresh[0].merged and not fresh[1].merged
+    torch.testing.assert_close(fresh(x), y)
+    other = nn.Sequential(bk.BaLoRALinear(8, 6, r=2), bk.BaLoRALinear(6, 4, r=2))
+    opt = torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        load_checkpoint(str(tmp_path / "ck.safetensors"), other, optimizer=opt)
+    assert not other[0].merged

@@ -180,20 +180,22 @@ def test_reset_parameters_after_meta_construction():
     assert_rel_close(m(x), F.linear(x, m.weight, m.bias), 1e-6, "reset layer = base layer")
 
 
-def test_merged_flag_travels_with_the_state_dict():
+def test_merged_flag_travels_with_the_state_dict(tmp_path):
     """A merged layer's weights already hold s B A: loading them into a fresh layer must not add it again, and an
-    unmerged state loaded into a merged layer must run the adapter again; state dicts without the flag (older
-    checkpoints) load as not merged."""
+    unmerged state loaded into a merged layer must run the adapter again. The flag is the module's extra state
+    (a bool tensor: torch.save, safetensors and torch.distributed.checkpoint take it). State dicts without it
+    (older checkpoints) load as not merged when they hold the weight, and leave the flag alone when they hold
+    only the adapters; a refused load leaves it as it was."""
     torch.manual_seed(0)
     m = bk.BaLoRALinear(16, 12, r=3, alpha=6)
     nn.init.normal_(m.lora_B)
     x = torch.randn(4, 16)
     y = m(x).detach()
     unmerged_sd = {k: v.clone() for k, v in m.state_dict().items()}
-    assert not unmerged_sd["lora_merged"]
+    assert not unmerged_sd["_extra_state"]
     m.merge()
     merged_sd = m.state_dict()
-    assert merged_sd["lora_merged"]
+    assert merged_sd["_extra_state"]
     fresh = bk.BaLoRALinear(16, 12, r=3, alpha=6)
     fresh.load_state_dict(merged_sd)
     assert fresh.merged
@@ -202,9 +204,21 @@ def test_merged_flag_travels_with_the_state_dict():
     assert not m.merged
     assert_rel_close(m(x), y, 1e-5, "unmerged weights in a merged layer")
     m.merge()
-    old = {k: v for k, v in unmerged_sd.items() if k != "lora_merged"}
+    m.load_state_dict({k: unmerged_sd[k] for k in ("lora_A", "lora_B")}, strict=False)   # adapters only
+    assert m.merged
+    assert_rel_close(m(x), y, 1e-5, "adapters loaded into a merged layer")
+    old = {k: v for k, v in unmerged_sd.items() if k != "_extra_state"}
     m.load_state_dict(old)                      # strict: the missing flag is not an error
     assert not m.merged
     assert_rel_close(m(x), y, 1e-5, "a state dict without the flag")
     with pytest.raises(RuntimeError, match="size mismatch"):
         bk.BaLoRALinear(16, 12, r=2).load_state_dict(merged_sd)
+    refused = bk.BaLoRALinear(16, 12, r=2)
+    with pytest.raises(RuntimeError):
+        refused.load_state_dict(merged_sd)
+    assert not refused.merged
+    st = pytest.importorskip("safetensors.torch")
+    st.save_file(merged_sd, str(tmp_path / "m.safetensors"))
+    again = bk.BaLoRALinear(16, 12, r=3, alpha=6)
+    again.load_state_dict(st.load_file(str(tmp_path / "m.safetensors")))
+    assert again.merged

@@ -152,24 +152,42 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
 
     # Write model, optimizer and projector state; if any part refuses (e.g. an optimizer with other
     # parameter groups, a bad projector state), restore all three: nothing is left half-loaded.
-    backup_model = {k: current[k].detach().clone() for k in saved}
+    owners = {k: _extra_state_owner(model, k) for k in saved}
+    backup_model = {k: (owners[k].get_extra_state() if owners[k] is not None else current[k].detach().clone())
+                    for k in saved}
     backup_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     backup_proj = projector.state_dict() if projector is not None else None
     try:
-        with torch.no_grad():
-            for k, v in saved.items():
-                current[k].copy_(v)
+        _write_model(current, owners, saved)
         if optimizer is not None:
             optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
         if projector is not None:
             projector.load_state_dict(meta["projector"])
     except Exception:
-        with torch.no_grad():
-            for k, v in backup_model.items():
-                current[k].copy_(v)
+        _write_model(current, owners, backup_model)
         if optimizer is not None:
             optimizer.load_state_dict(backup_opt)
         if projector is not None:
             projector.load_state_dict(backup_proj)
         raise
     return meta.get("extra")
+
+
+def _extra_state_owner(model: nn.Module, key: str):
+    """The module whose extra state ``key`` is (``...._extra_state``; e.g. BaLoRALinear's merged flag), or None."""
+    suffix = nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+    if not (key == suffix or key.endswith("." + suffix)):
+        return None
+    name = key[: -len(suffix)].rstrip(".")
+    return model.get_submodule(name) if name else model
+
+
+def _write_model(current: dict, owners: dict, values: dict) -> None:
+    """Model tensors in place (``state_dict()``'s tensors are the parameters and buffers), extra state through
+    its module (``state_dict()`` holds a copy of it)."""
+    with torch.no_grad():
+        for k, v in values.items():
+            if owners[k] is not None:
+                owners[k].set_extra_state(v)
+            else:
+                current[k].copy_(v)

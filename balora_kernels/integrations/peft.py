@@ -97,15 +97,17 @@ class PeftProjector(BalancedProjector):
 
     It follows the model: before each projection, every adapter pair it knows (trained or not) is looked up
     again, and when a parameter was replaced by another object (``load_state_dict(assign=True)``, ...) or an
-    adapter started or stopped requiring grad (PEFT's ``set_adapter``), the pairs to project are collected
-    again: only adapters that require grad are projected. A view of a parameter does not follow
+    adapter started or stopped requiring grad (PEFT's ``set_adapter``), or one was deleted, the model is
+    scanned again (adapters added since are seen): only adapters that require grad are projected. A view of a parameter does not follow
     ``model.to(...)`` (which swaps the parameter's storage): the views are checked against their parameters
     and rebuilt if needed.
     """
 
-    def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1):
-        # (name, getter -> (A, B), getter -> the parameters behind the views, or None)
-        self._all_sources = sources
+    def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1,
+                 model: Optional[nn.Module] = None):
+        # (name, getter -> (A, B), getter -> the parameters behind the views, or None); the model, scanned again
+        # when its adapters change (adapters added or deleted since)
+        self._all_sources, self._model = sources, model
         self._known = self._source_state()
         self._sources = self._trained_sources()
         super().__init__([(n, *get()) for n, get, _ in self._sources], mode=mode, every=every)
@@ -117,12 +119,21 @@ class PeftProjector(BalancedProjector):
             out.append((A, B, A.requires_grad and B.requires_grad))
         return out
 
+    def _rescan(self) -> None:
+        if self._model is not None:
+            self._all_sources = _scan(self._model)[2]
+        self._known = self._source_state()
+        self._sources = self._trained_sources()
+
     def _trained_sources(self) -> List[Source]:
         return [src for src, (_, _, trained) in zip(self._all_sources, self._known) if trained]
 
     def _sources_changed(self) -> bool:
         for src, (a0, b0, t0) in zip(self._all_sources, self._known):
-            a, b = _params(src)
+            try:
+                a, b = _params(src)
+            except (KeyError, AttributeError):   # the adapter was deleted (delete_adapter)
+                return True
             if a is not a0 or b is not b0 or (a.requires_grad and b.requires_grad) != t0:
                 return True
         return False
@@ -137,10 +148,9 @@ class PeftProjector(BalancedProjector):
                 return True
         return False
 
-    def _current_plan(self):
+    def _follow(self) -> None:
         if self._sources_changed():
-            self._known = self._source_state()
-            self._sources = self._trained_sources()
+            self._rescan()
             if not self._sources:
                 raise ValueError(f"PeftProjector: no trainable LoRA adapter left (the {len(self._all_sources)} "
                                  "adapter pairs of the model all have requires_grad off)")
@@ -148,7 +158,6 @@ class PeftProjector(BalancedProjector):
         elif self._views_stale():
             self.named_pairs = [(n, *get()) for n, get, _ in self._sources]
             self._plan = None
-        return super()._current_plan()
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +412,7 @@ def to_balora(model: nn.Module, *, mode: str = "nearest", every: int = 1, patch:
         found = len(report.left) + len(to_patch)
         raise ValueError(f"to_balora: no trainable PEFT LoRA adapter found in {type(model).__name__} "
                          f"({found} LoRA layers seen; not projected: {dict(list(report.not_projected.items())[:3])})")
-    projector = PeftProjector(sources, mode=mode, every=every)
+    projector = PeftProjector(sources, mode=mode, every=every, model=model)
     if patch:
         for label, m in to_patch:
             m._balora_name = label
