@@ -98,9 +98,9 @@ class PeftProjector(BalancedProjector):
     It follows the model: before each projection, every adapter pair it knows (trained or not) is looked up
     again, and when a parameter was replaced by another object (``load_state_dict(assign=True)``, ...) or an
     adapter started or stopped requiring grad (PEFT's ``set_adapter``), or one was deleted, the model is
-    scanned again (adapters added since are seen): only adapters that require grad are projected. A view of a parameter does not follow
-    ``model.to(...)`` (which swaps the parameter's storage): the views are checked against their parameters
-    and rebuilt if needed.
+    scanned again (adapters added since are seen): only adapters that require grad are projected. A view
+    of a parameter does not follow ``model.to(...)`` (which swaps the parameter's storage): the views are
+    checked against their parameters and rebuilt if needed.
     """
 
     def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1,
@@ -225,6 +225,12 @@ def _base_not_plain(layer, base) -> Optional[str]:
 _LINEAR_FORWARD = nn.Linear.forward
 
 
+def _weights_of(layer, key: str) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
+    """``() -> (lora_A[key].weight, lora_B[key].weight)`` of ``layer``, looked up each call."""
+    mods_a, mods_b = layer.lora_A._modules, layer.lora_B._modules
+    return lambda: (mods_a[key]._parameters["weight"], mods_b[key]._parameters["weight"])
+
+
 def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
     out = []
     for key in layer.lora_A.keys():
@@ -232,8 +238,9 @@ def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
             continue
         a, b = layer.lora_A[key], layer.lora_B[key]
         if isinstance(getattr(a, "weight", None), torch.Tensor) and a.weight.dim() == 2 and b.weight.dim() == 2:
-            # (dictionary lookups: the projector calls it before every projection)
-            out.append((f"{name}[{key}]", (lambda a=a, b=b: (a._parameters["weight"], b._parameters["weight"])), None))
+            # (dictionary lookups by key: the projector calls it before every projection, and a deleted
+            # adapter is a KeyError)
+            out.append((f"{name}[{key}]", _weights_of(layer, key), None))
     return out
 
 
@@ -263,7 +270,7 @@ def _conv_pairs(name: str, layer, not_projected: Dict[str, str]) -> List[Tuple[s
         def get(a=a, b=b):
             r = a.weight.shape[0]
             return a.weight.detach().view(r, -1), b.weight.detach().view(b.weight.shape[0], r)
-        out.append((label, get, lambda a=a, b=b: (a._parameters["weight"], b._parameters["weight"])))
+        out.append((label, get, _weights_of(layer, key)))
     return out
 
 
