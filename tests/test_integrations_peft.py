@@ -1,5 +1,6 @@
 """balora_kernels.integrations.peft and .checkpoint on tiny models built from configs (no downloads)."""
 import copy
+import json
 import os
 
 import pytest
@@ -572,3 +573,23 @@ def test_checkpoint_all_params_keeps_the_merged_flag(tmp_path):
     with pytest.raises(ValueError, match="holds no optimizer state"):
         load_checkpoint(str(tmp_path / "ck.safetensors"), other, optimizer=opt)
     assert not other[0].merged
+
+
+def test_all_params_checkpoint_without_extra_state_still_loads(tmp_path):
+    """An "all" checkpoint written before BaLoRALinear had extra state (no _extra_state keys) loads, as not merged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(bk.BaLoRALinear(8, 6, r=2), bk.BaLoRALinear(6, 4, r=2))
+    save_checkpoint(str(tmp_path / "ck.safetensors"), net, params="all")
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ck.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("_extra_state")}
+    m = json.loads(meta["balora"])
+    m["model_keys"] = [k for k in m["model_keys"] if not k.endswith("_extra_state")]
+    meta["balora"] = json.dumps(m)
+    st.save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    fresh = nn.Sequential(bk.BaLoRALinear(8, 6, r=2), bk.BaLoRALinear(6, 4, r=2))
+    fresh[0].merged = True
+    load_checkpoint(str(tmp_path / "old.safetensors"), fresh)
+    torch.testing.assert_close(fresh[1].lora_A, net[1].lora_A)

@@ -137,8 +137,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     unknown = [k for k in saved if k not in current]
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(current[k].shape)}"
              for k, v in saved.items() if k in current and current[k].shape != v.shape]
+    # (extra state is optional: checkpoints written before a module had it load without it)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved] \
-        if meta["params"] == "trainable" else [k for k in current if k not in saved]
+        if meta["params"] == "trainable" else [k for k in current
+                                               if k not in saved and _extra_state_owner(model, k) is None]
     if unknown or wrong or missing:
         raise ValueError(f"load_checkpoint: {path} does not fit {type(model).__name__}: "
                          f"unknown keys {unknown[:3]}, shape mismatches {wrong[:3]}, missing {missing[:3]}")
