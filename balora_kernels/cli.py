@@ -114,6 +114,8 @@ def _demo_real(args, out: Path) -> int:
     import torch
 
     from .demo import assets, train
+    if args.seeds is not None:
+        raise UsageError("--seeds is an option of --synthetic (the real demo runs one seed: --seed)")
     device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for k, v in d.items():

@@ -299,6 +299,7 @@ def test_bench_cuda_without_cuda_is_one_line(capsys):
     (["bench", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
     (["demo", "--synthetic", "--lr", "1e-3", "--modes", "svd"], "--synthetic takes --steps, --seeds, --seed, --out, "
                                                                 "--no-plot, --quiet; not --modes, --lr"),
+    (["demo", "--seeds", "3"], "--seeds is an option of --synthetic (the real demo runs one seed: --seed)"),
 ])
 def test_bad_counts_and_ignored_options_are_one_line_before_any_work(argv, message, capsys, tmp_path):
     """Counts and sizes must be positive (0 used to mean the default for --synthetic, and the real demo loaded the
