@@ -26,14 +26,19 @@ def _adapter_slots(module: nn.Module, prefix: str = "") -> List[Slot]:
         if isinstance(m, BaLoRALinear):
             slots.append((name, lambda params=m._parameters: (params["lora_A"], params["lora_B"])))
         elif isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and isinstance(getattr(m, "lora_B", None), nn.ModuleDict):
-            mods_a, mods_b = m.lora_A._modules, m.lora_B._modules
             for key in m.lora_A.keys():
                 a, b = m.lora_A[key], m.lora_B[key] if key in m.lora_B else None
                 wa, wb = getattr(a, "weight", None), getattr(b, "weight", None)
                 if isinstance(wa, torch.Tensor) and isinstance(wb, torch.Tensor) and wa.dim() == 2 and wb.dim() == 2:
-                    slots.append((f"{name}[{key}]" if name else key, lambda k=key, ma=mods_a, mb=mods_b: (
-                        ma[k]._parameters["weight"], mb[k]._parameters["weight"])))
+                    slots.append((f"{name}[{key}]" if name else key, _lora_weights(m, key)))
     return slots
+
+
+def _lora_weights(layer: nn.Module, key: str) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
+    """``() -> (lora_A[key].weight, lora_B[key].weight)`` of a PEFT LoRA layer, looked up by key at each call
+    (dictionary lookups: a parameter replaced by a new object is seen, a deleted adapter is a KeyError)."""
+    mods_a, mods_b = layer.lora_A._modules, layer.lora_B._modules
+    return lambda: (mods_a[key]._parameters["weight"], mods_b[key]._parameters["weight"])
 
 
 def _trainable(A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -91,7 +96,7 @@ class BalancedProjector:
     tensors, as ``(name, A, B)`` tuples; its low-precision model copy is refreshed by the framework.
 
     ``follow_model`` (default True): for the pairs found in modules, before each projection the modules'
-    adapters are looked up again (a Python loop of dictionary lookups, about 40 to 90 us for 224 pairs on a
+    adapters are looked up again (a Python loop of dictionary lookups, about 45 to 150 us for 224 pairs on a
     2-core CPU) and collected anew when a parameter was replaced by another object
     (``load_state_dict(assign=True)``, a new ``nn.Parameter``) or an adapter started or stopped requiring grad
     (PEFT's ``set_adapter``); without it, nothing is looked up at call time and such changes need a new
@@ -104,7 +109,7 @@ class BalancedProjector:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"BalancedProjector: every must be a positive integer, got {every!r}")
         self._source = model_or_modules if isinstance(model_or_modules, nn.Module) else list(model_or_modules)
-        self.named_pairs, self._slots = _collect(self._source)
+        self.named_pairs, self._slots = self._recollect()
         if not self.named_pairs:
             raise ValueError("BalancedProjector: no LoRA adapters found (expected BaLoRALinear or PEFT LoRA Linear layers, or (A, B) pairs)")
         check_pairs("BalancedProjector", self.named_pairs)
@@ -122,12 +127,19 @@ class BalancedProjector:
         self._follow()
         return [n for n, _, _ in self.named_pairs]
 
+    def _recollect(self) -> Tuple[List[NamedPair], List[Slot]]:
+        """``(pairs to project, slots to watch)`` from the source (subclasses: from their own)."""
+        return _collect(self._source)
+
+    # Whether a pair is trained, hence projected (a subclass may ask both factors to require grad).
+    _trained = staticmethod(_trainable)
+
     def _slot_state(self) -> list:
         """For the pairs found in modules: each slot's current tensors and whether it is trained."""
         out = []
         for _, get in self._slots:
             A, B = get()
-            out.append((A, B, _trainable(A, B)))
+            out.append((A, B, self._trained(A, B)))
         return out
 
     def _slots_changed(self) -> bool:
@@ -135,23 +147,24 @@ class BalancedProjector:
         a new ``nn.Parameter``, ``model.to`` with ``torch.__future__`` overwrite) or started / stopped requiring
         grad (PEFT's ``set_adapter``) since the pairs were collected: then they are collected again (a Python
         loop of dictionary lookups over the slots, no device work)."""
+        trained = self._trained
         for (_, get), (a0, b0, t0) in zip(self._slots, self._watched):
             try:
                 a, b = get()
             except (KeyError, AttributeError):   # the adapter was deleted (PEFT's delete_adapter)
                 return True
-            if a is not a0 or b is not b0 or (a.requires_grad or b.requires_grad) != t0:
+            if a is not a0 or b is not b0 or trained(a, b) != t0:
                 return True
         return False
 
     def _follow(self) -> None:
         """Collect the pairs again when the modules' adapters changed (see ``follow_model``)."""
         if self.follow_model and self._slots and self._slots_changed():
-            pairs, self._slots = _collect(self._source)
+            pairs, self._slots = self._recollect()
             if not pairs:
-                raise ValueError(f"BalancedProjector: no trainable LoRA adapter left (the {len(self._slots)} found "
-                                 "in the modules all have requires_grad off)")
-            check_pairs("BalancedProjector", pairs)
+                raise ValueError(f"{type(self).__name__}: no trainable LoRA adapter left (the {len(self._slots)} "
+                                 "adapter pairs found all have requires_grad off)")
+            check_pairs(type(self).__name__, pairs)
             self.named_pairs, self._plan = pairs, None
             self._watched = self._slot_state()
 

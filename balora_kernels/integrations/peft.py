@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional
-from ..projector import BalancedProjector
+from ..projector import BalancedProjector, _lora_weights
 from .distributed import is_dtensor
 
 __all__ = ["BaLoRAPatch", "PatchReport", "to_balora", "unpatch"]
@@ -95,48 +95,32 @@ def _params(src: Source) -> Tuple[torch.Tensor, torch.Tensor]:
 class PeftProjector(BalancedProjector):
     """A :class:`BalancedProjector` over PEFT adapters, some of them reshaped views (conv LoRA).
 
-    It follows the model: before each projection, every adapter pair it knows (trained or not) is looked up
-    again, and when a parameter was replaced by another object (``load_state_dict(assign=True)``, ...) or an
-    adapter started or stopped requiring grad (PEFT's ``set_adapter``), or one was deleted, the model is
-    scanned again (adapters added since are seen): only adapters that require grad are projected. A view
-    of a parameter does not follow ``model.to(...)`` (which swaps the parameter's storage): the views are
-    checked against their parameters and rebuilt if needed.
+    It follows the model as :class:`BalancedProjector` does (``follow_model``): its slots are every adapter
+    pair of the model, trained or not, and when a parameter was replaced by another object
+    (``load_state_dict(assign=True)``, ...), an adapter started or stopped requiring grad (PEFT's
+    ``set_adapter``) or one was deleted, the model is scanned again (adapters added since are seen): only
+    adapters whose two factors require grad are projected. A view of a parameter does not follow
+    ``model.to(...)`` (which swaps the parameter's storage): the views are checked against their parameters
+    and rebuilt if needed.
     """
 
     def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1,
                  model: Optional[nn.Module] = None):
         # (name, getter -> (A, B), getter -> the parameters behind the views, or None); the model, scanned again
-        # when its adapters change (adapters added or deleted since)
-        self._all_sources, self._model = sources, model
-        self._known = self._source_state()
-        self._sources = self._trained_sources()
-        super().__init__([(n, *get()) for n, get, _ in self._sources], mode=mode, every=every)
+        # when its adapters change
+        self._all_sources, self._model, self._sources = sources, model, None
+        super().__init__((), mode=mode, every=every)
 
-    def _source_state(self) -> list:
-        out = []
-        for src in self._all_sources:
-            A, B = _params(src)
-            out.append((A, B, A.requires_grad and B.requires_grad))
-        return out
+    @staticmethod
+    def _trained(A: torch.Tensor, B: torch.Tensor) -> bool:
+        return A.requires_grad and B.requires_grad
 
-    def _rescan(self) -> None:
-        if self._model is not None:
+    def _recollect(self):
+        if self._model is not None and self._sources is not None:   # (the first call takes to_balora's scan)
             self._all_sources = _scan(self._model)[2]
-        self._known = self._source_state()
-        self._sources = self._trained_sources()
-
-    def _trained_sources(self) -> List[Source]:
-        return [src for src, (_, _, trained) in zip(self._all_sources, self._known) if trained]
-
-    def _sources_changed(self) -> bool:
-        for src, (a0, b0, t0) in zip(self._all_sources, self._known):
-            try:
-                a, b = _params(src)
-            except (KeyError, AttributeError):   # the adapter was deleted (delete_adapter)
-                return True
-            if a is not a0 or b is not b0 or (a.requires_grad and b.requires_grad) != t0:
-                return True
-        return False
+        self._sources = [src for src in self._all_sources if self._trained(*_params(src))]
+        return ([(n, *get()) for n, get, _ in self._sources],
+                [(n, params or get) for n, get, params in self._all_sources])
 
     def _views_stale(self) -> bool:
         for (name, get, params), (_, A, B) in zip(self._sources, self.named_pairs):
@@ -149,13 +133,8 @@ class PeftProjector(BalancedProjector):
         return False
 
     def _follow(self) -> None:
-        if self._sources_changed():
-            self._rescan()
-            if not self._sources:
-                raise ValueError(f"PeftProjector: no trainable LoRA adapter left (the {len(self._all_sources)} "
-                                 "adapter pairs of the model all have requires_grad off)")
-            self.named_pairs, self._plan = [(n, *get()) for n, get, _ in self._sources], None
-        elif self._views_stale():
+        super()._follow()
+        if self._views_stale():
             self.named_pairs = [(n, *get()) for n, get, _ in self._sources]
             self._plan = None
 
@@ -225,12 +204,6 @@ def _base_not_plain(layer, base) -> Optional[str]:
 _LINEAR_FORWARD = nn.Linear.forward
 
 
-def _weights_of(layer, key: str) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
-    """``() -> (lora_A[key].weight, lora_B[key].weight)`` of ``layer``, looked up each call."""
-    mods_a, mods_b = layer.lora_A._modules, layer.lora_B._modules
-    return lambda: (mods_a[key]._parameters["weight"], mods_b[key]._parameters["weight"])
-
-
 def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
     out = []
     for key in layer.lora_A.keys():
@@ -240,7 +213,7 @@ def _linear_pairs(name: str, layer) -> List[Tuple[str, Callable, tuple]]:
         if isinstance(getattr(a, "weight", None), torch.Tensor) and a.weight.dim() == 2 and b.weight.dim() == 2:
             # (dictionary lookups by key: the projector calls it before every projection, and a deleted
             # adapter is a KeyError)
-            out.append((f"{name}[{key}]", _weights_of(layer, key), None))
+            out.append((f"{name}[{key}]", _lora_weights(layer, key), None))
     return out
 
 
@@ -270,7 +243,7 @@ def _conv_pairs(name: str, layer, not_projected: Dict[str, str]) -> List[Tuple[s
         def get(a=a, b=b):
             r = a.weight.shape[0]
             return a.weight.detach().view(r, -1), b.weight.detach().view(b.weight.shape[0], r)
-        out.append((label, get, _weights_of(layer, key)))
+        out.append((label, get, _lora_weights(layer, key)))
     return out
 
 

@@ -3,46 +3,33 @@
 Plain PyTorch (cuBLAS products only, no extension), bf16, fwd+bwd of one LoRA linear as the
 prefill implementation issues it (u, rank-r term, big GEMM with beta=1; v, dB, dA, rank-r term, big
 GEMM with beta=1), timed as CUDA-graph replays (so stream concurrency is what the GPU does, no host
-cost) beside the frozen layer, with variants that move dB / dA / the forward's u to a side stream.
+cost) beside the frozen layer, with variants that move dB and dA to a side stream.
 
     python bench/probe/overlap.py --out DIR
+
+(bench/results/logs/session13-overlap-probe-2026-12-02.json came from the first version, commit 8fa4f84, which
+had its own CUDA-graph timer: 20 steps a graph, the median of 7 replays; it now uses lora_profile.graph_us.)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_profile import graph_us  # noqa: E402
+
+
+def graph_ms(fn):
+    return graph_us(fn) / 1e3
+
 
 CASES = {"8k_4096x4096_r16": (8192, 4096, 4096, 16), "8k_4096to11008_r16": (8192, 4096, 11008, 16),
          "8k_11008to4096_r16": (8192, 11008, 4096, 16), "8k_4096x4096_r64": (8192, 4096, 4096, 64),
          "1k_4096x4096_r16": (1024, 4096, 4096, 16)}
-
-
-def graph_ms(fn, reps=20, rounds=7):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best.append(a.elapsed_time(b) / reps)
-    best.sort()
-    return best[len(best) // 2]
 
 
 def main():
