@@ -8,11 +8,13 @@
 #   device run: bash bench/gpu_final.sh projcheck # build, projection GPU tests, balora check (host-side csrc changes)
 #   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
-#   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table)
+#   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table), then (while
+#                                                  # the call has time left) bench/probe/host_entry.py
 #   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
 #                                            # call has time left) the GPU/host profile per implementation; NCU_THIN=1:
 #                                            # first ncu of csrc/lora_thin.cu's kernels (bench/probe/thin_once.py)
-#                                            # after the tests bench/probe/host_entry.py; NO_PROFILE=1: no profile.
+#                                            # after the tests bench/probe/host_entry.py; NO_PROFILE=1: no profile;
+#                                            # PROJ_AFTER=1: then the projection GPU tests (while time is left).
 #                                            # Run the benchmark and probes through this script (or export
 #                                            # BALORA_KERNELS_CACHE_DIR=$PWD/.bkcache as it does): without it a
 #                                            # new process JIT-builds the extension again (~220 s) elsewhere
@@ -41,8 +43,16 @@ mkdir -p "$OUT/bench"
 # rest. Nothing is reused otherwise (a plain JIT build).
 balance_sha() { cat csrc/balance.cu csrc/balance_math.cuh | sha256sum | cut -c1-64; }
 seed_build() {
+  # A whole library built by an earlier call of the same sources, torch and flags (.bkcache/prev/so_part_* and
+  # build_tag, returned by a call run with SAVE_SO=1) is used as it is: no build at all on a fresh machine.
+  local t; t=$(python3 -c "from balora_kernels import _ext; print(_ext._build_tag())")
+  if [ -f .bkcache/prev/so_part_00 ] && [ "$(cat .bkcache/prev/build_tag 2>/dev/null)" = "$t" ] &&
+     [ ! -e ".bkcache/$t/balora_kernels_C.so" ]; then
+    mkdir -p ".bkcache/$t" && cat .bkcache/prev/so_part_* > ".bkcache/$t/balora_kernels_C.so" &&
+      echo "reusing .bkcache/prev's library ($t)" && return 0
+  fi
   [ -f .bkcache/prev/balance.cuda.o ] && [ "$(cat .bkcache/prev/balance.sha 2>/dev/null)" = "$(balance_sha)" ] || return 0
-  local d; d=.bkcache/$(python3 -c "from balora_kernels import _ext; print(_ext._build_tag())")
+  local d=.bkcache/$t
   [ -e "$d/balora_kernels_C.so" ] && return 0
   mkdir -p "$d" && cp .bkcache/prev/balance.cuda.o .bkcache/prev/.ninja_log .bkcache/prev/.ninja_deps "$d/" || return 0
   touch -d 2020-01-01 csrc/balance.cu csrc/balance_math.cuh   # older than the object: ninja keeps it
@@ -51,7 +61,14 @@ seed_build() {
 }
 save_build() {
   local d; d=.bkcache/$(python3 -c "from balora_kernels import _ext; print(_ext._build_tag())")
-  mkdir -p "$OUT/prev" && cp "$d/balance.cuda.o" "$d/.ninja_log" "$d/.ninja_deps" "$OUT/prev/" 2>/dev/null && balance_sha > "$OUT/prev/balance.sha"
+  mkdir -p "$OUT/prev"
+  if [ -n "${SAVE_SO:-}" ] && [ -f "$d/balora_kernels_C.so" ]; then
+    # The whole library, in parts under the 16 MiB a returned file may have (the call returns at most 8 files:
+    # this replaces the balance.cuda.o seed)
+    split -b 15M -d "$d/balora_kernels_C.so" "$OUT/prev/so_part_" && basename "$d" > "$OUT/prev/build_tag"
+    return 0
+  fi
+  cp "$d/balance.cuda.o" "$d/.ninja_log" "$d/.ninja_deps" "$OUT/prev/" 2>/dev/null && balance_sha > "$OUT/prev/balance.sha"
 }
 projection_tests() {
   echo "== GPU tests (projection)"
@@ -121,6 +138,7 @@ seed_build
     fi
     echo "== host time per entry point (1024 tokens, bench/probe/host_entry.py)"
     timeout 90 python3 bench/probe/host_entry.py --out "$OUT"; echo "rc=$?"
+    if [ -n "${PROJ_AFTER:-}" ] && [ "$SECONDS" -lt 320 ]; then projection_tests; fi
     if [ -z "${NO_PROFILE:-}" ] && [ "$SECONDS" -lt 390 ]; then
       echo "== GPU kernels and host time per implementation"
       timeout $((540 - SECONDS)) python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
@@ -132,6 +150,10 @@ seed_build
     echo "== LoRA linear benchmark (writes the tuning table)"
     timeout 530 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
     cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null
+    if [ "$SECONDS" -lt 520 ]; then   # with the table just written (its "plan (auto)" line)
+      echo "== host time per entry point (1024 tokens, bench/probe/host_entry.py)"
+      timeout $((590 - SECONDS)) python3 bench/probe/host_entry.py; echo "rc=$?"
+    fi
   elif [ "$PART" = grouped ]; then
     projection_tests
     echo "== CUDA Gram / rescale against Triton, launch variants"
