@@ -621,3 +621,25 @@ def test_gradient_checkpointing_matches_plain_training(device, reentrant, monkey
     for (n, p), (_, q) in zip(lora_params(model).items(), lora_params(twin).items()):
         assert p.grad is not None and p.grad.abs().sum() > 0, n
         assert torch.equal(p.grad, q.grad), f"{n}: gradients differ under gradient checkpointing"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_over_patched_model(device):
+    """torch.func.functional_call + grad over a to_balora model: the patched forwards use the substituted
+    parameters (not the module's) and give autograd's gradients."""
+    from torch.func import functional_call, grad
+    model = tiny_peft(seed=4, device=device)
+    to_balora(model)
+    x = tokens(3, device=device)
+    params = {n: p.detach() for n, p in lora_params(model).items()}
+    g = grad(lambda p: functional_call(model, p, (x,), {"labels": x}).loss)(params)
+    model(x, labels=x).loss.backward()
+    for n, p in lora_params(model).items():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    doubled = {n: 2 * v if "lora_B" in n else v for n, v in params.items()}
+    with torch.no_grad():
+        subst = functional_call(model, doubled, (x,)).logits
+        for n, p in lora_params(model).items():
+            if "lora_B" in n:
+                p.mul_(2)
+        assert torch.equal(subst, model(x).logits)

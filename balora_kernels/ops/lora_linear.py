@@ -807,10 +807,15 @@ def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=None, impl: str = "auto"):
     """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
 
-    ``impl``: 'auto' (the dispatcher's choice, per direction) or one of :data:`IMPLS`.
+    ``impl``: 'auto' (the dispatcher's choice, per direction) or one of :data:`IMPLS`. Under torch.func's
+    transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``.
     """
     if torch.compiler.is_compiling():
         return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
+    if torch._C._are_functorch_transforms_active():
+        # torch.func's transforms (grad, vmap, jvp, jacrev, functional_call under them) differentiate and batch
+        # plain PyTorch ops only, not this op's kernels or autograd nodes: the reference math, whatever ``impl``.
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     plan = _plan(impl, x, weight, lora_A)
     mode = EXT_IMPLS.get(plan[0][0])
     if mode is not None:   # the C++ op: its own autograd node, both directions
