@@ -107,20 +107,32 @@ ROUNDS = 5
 
 
 def measure_interleaved(providers, x, gy):
-    """{name: {mode: ms}}: ROUNDS rounds over the providers ``{name: (f, params)}`` in turn, each mode
-    timed with a shorter do_bench, then per provider and mode the median over the rounds."""
+    """{name: {mode: ms}}: ROUNDS rounds over the providers ``{name: (f, params)}`` in turn (each round
+    starting one provider further on, so that no provider always follows the same one), each mode timed
+    with a shorter do_bench, then per provider and mode the median over the rounds. A provider that raises
+    is recorded as ``{"error": ...}`` and left out of the later rounds."""
     runs = {k: {m: [] for m in MODES} for k in providers}
-    for _ in range(ROUNDS):
-        for name, (f, params) in providers.items():
+    names, errors = list(providers), {}
+    for k in range(ROUNDS):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            if name in errors:
+                continue
+            f, params = providers[name]
             inputs = [x, *params]
-            runs[name]["forward"].append(median_ms(lambda: f(x), rep=15))
-            y = f(x)
-            runs[name]["backward"].append(median_ms(lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True),
-                                                    rep=15))
-            del y
-            runs[name]["full"].append(median_ms(lambda: torch.autograd.grad(f(x), inputs, gy), rep=15))
-    out = {}
+            try:
+                runs[name]["forward"].append(median_ms(lambda: f(x), rep=15))
+                y = f(x)
+                runs[name]["backward"].append(median_ms(
+                    lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True), rep=15))
+                del y
+                runs[name]["full"].append(median_ms(lambda: torch.autograd.grad(f(x), inputs, gy), rep=15))
+            except Exception as e:  # recorded, not hidden
+                errors[name] = repr(e)
+                print(f"  {name} failed: {e!r}", flush=True)
+    out = {name: {"error": err} for name, err in errors.items()}
     for name, (f, params) in providers.items():
+        if name in errors:
+            continue
         out[name] = {m: sorted(v)[len(v) // 2] for m, v in runs[name].items()}
         out[name]["rounds"] = runs[name]
         base = reset_peak()
@@ -314,7 +326,9 @@ def main():
             "peft": peft_v, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "dtype": "bfloat16",
-            "scaling": SCALING, "timing": "triton.testing.do_bench median (warmup 10 ms, rep 40 ms)"}
+            "scaling": SCALING, "timing": "triton.testing.do_bench median (warmup 10 ms; first-pass baselines rep 40 ms; forced "
+                      "implementations and the final ours / frozen / unfused: median of "
+                      f"{ROUNDS} interleaved rounds of rep 15 ms each)"}
     log(f"{gpu} torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__} peft {peft_v}")
     results = {"meta": meta, "cases": {}}
     tensors = {}

@@ -605,7 +605,10 @@ def test_gradient_checkpointing_matches_plain_training(device, reentrant, monkey
     twin = copy.deepcopy(model)
     to_balora(model)
     to_balora(twin)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if hasattr(model, "activation_checkpointing_enable"):     # (transformers >= 5.24's name)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()    # (the reentrant variant needs an input that requires grad)
     calls = CountCalls(monkeypatch)
     x = tokens(2, device=device)

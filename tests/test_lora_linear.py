@@ -299,3 +299,49 @@ def test_gpu_torch_func_transforms():
     float32 (session 14, H200) the gradients matched autograd's, but vmap's batched products and the loop's
     single ones round differently (3e-6 relative on one element): float64 compares the math, not the rounding."""
     _func_checks("cuda", torch.float64)
+
+
+def test_torch_func_dropout_autocast_and_bad_impl():
+    """Under torch.func: dropout (the mask drawn from the same RNG state) gives autograd's gradients; float32
+    adapters on bfloat16 activations under autocast get float32 gradients within 2x plain PyTorch's bfloat16
+    error (an unfused LoRA under the same autocast) against float64; an implementation name that is none is
+    still refused; compiling inside the transform works."""
+    from torch.func import functional_call, grad
+    from balora_kernels.ops import lora_linear as L
+    torch.manual_seed(0)
+    layer = bk.BaLoRALinear(12, 10, 3, dropout=0.3, dtype=torch.float64)
+    torch.nn.init.normal_(layer.lora_B)
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x = torch.randn(6, 12, dtype=torch.float64)
+    torch.manual_seed(5)
+    g = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+    torch.manual_seed(5)
+    layer(x).square().sum().backward()
+    for k in params:
+        torch.testing.assert_close(g[k], getattr(layer, k).grad)
+
+    layer = bk.BaLoRALinear(48, 40, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    torch.nn.init.normal_(layer.lora_B)
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x = torch.randn(16, 48, dtype=torch.bfloat16)
+    s, W, b = layer.scaling, layer.weight, layer.bias
+
+    def loss(p, lora):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lora(p).float().square().sum()
+
+    g = grad(loss)(params, lambda p: functional_call(layer, p, (x,)))
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss(plain, lambda p: F.linear(x, W, b) + s * F.linear(F.linear(x, p["lora_A"]), p["lora_B"])).backward()
+    p64 = {k: v.double().requires_grad_(True) for k, v in params.items()}
+    y64 = F.linear(f64(x), f64(W), f64(b)) + s * F.linear(F.linear(f64(x), p64["lora_A"]), p64["lora_B"])
+    y64.square().sum().backward()
+    for k in params:
+        assert g[k].dtype == torch.float32
+        assert_within_2x_torch_error(g[k], p64[k].grad, plain[k].grad, what=f"torch.func grad {k} (autocast)")
+
+    W, A, B = torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="unknown implementation 'nope'"):
+        grad(lambda A: L.lora_linear(torch.randn(3, 5), W, None, A, B, 1.0, impl="nope").sum())(A)
+    f = torch.compile(lambda A: L.lora_linear(torch.ones(3, 5), W, None, A, B, 1.0).sum(), backend="aot_eager")
+    torch.testing.assert_close(grad(f)(A), B.sum(0)[:, None] * torch.ones(3, 5).sum(0)[None, :])

@@ -808,13 +808,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
 
     ``impl``: 'auto' (the dispatcher's choice, per direction) or one of :data:`IMPLS`. Under torch.func's
-    transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``.
+    transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``
+    (not under ``torch.compile`` of a transformed function, nor for ``torch.autograd.forward_ad`` dual tensors:
+    those raise torch's errors, the op's autograd nodes having no setup_context / jvp).
     """
     if torch.compiler.is_compiling():
         return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
     if torch._C._are_functorch_transforms_active():
         # torch.func's transforms (grad, vmap, jvp, jacrev, functional_call under them) differentiate and batch
-        # plain PyTorch ops only, not this op's kernels or autograd nodes: the reference math, whatever ``impl``.
+        # plain PyTorch ops only, not this op's kernels or autograd nodes: the reference math, whatever ``impl``
+        # (a name that is none is still refused).
+        if impl != "auto" and impl not in IMPLS:
+            raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     plan = _plan(impl, x, weight, lora_A)
     mode = EXT_IMPLS.get(plan[0][0])
