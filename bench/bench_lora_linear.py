@@ -199,8 +199,9 @@ def run_case(name, N, in_f, out_f, r, log):
     P["compiled"] = measure(torch.compile(unfused, backend="inductor" if DEV == "cuda" else "aot_eager"),
                             x, [A, B], gy)
     # The forced implementations, interleaved (ROUNDS rounds over all of them, the median of each): where the
-    # host sets the pace (1024 tokens) one do_bench per implementation drifted by up to 1.5x between two of them
-    # that issue the same GPU work (session 14), and these times choose the dispatcher's implementation.
+    # host sets the pace (1024 tokens) one do_bench per implementation timed ext_thin 15% apart from the same
+    # implementation re-timed later in the run (session 14), and these times choose the dispatcher's
+    # implementation. (Interleaving narrows drift over the run; it does not remove the host's noise.)
     forced = {}
     for impl in L.IMPLS:
         for c in (range(len(L.GEMM_CONFIGS)) if impl == "triton" else [None]):
