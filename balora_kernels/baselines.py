@@ -43,23 +43,25 @@ def batched_project(groups):
     return outs
 
 
+class OneLinear(torch.nn.Module):
+    """A module holding one linear layer as ``lin`` (what ``get_peft_model`` wraps to give one LoRA layer)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
 def peft_lora_layer(base: "torch.nn.Linear", lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
     """PEFT's LoRA ``Linear`` wrapping ``base`` (``get_peft_model`` on a one-layer module), its adapters
     set to copies of ``lora_A`` [r, in] / ``lora_B`` [out, r] and ``lora_alpha = scaling * r``; the
     adapters keep their dtype (``autocast_adapter_dtype=False``). Raises ImportError without peft."""
-    import torch.nn as nn
     from peft import LoraConfig, get_peft_model
 
-    class One(nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x):
-            return self.lin(x)
-
     r = lora_A.shape[0]
-    model = get_peft_model(One(base), LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"],
+    model = get_peft_model(OneLinear(base), LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"],
                                                  lora_dropout=0.0), autocast_adapter_dtype=False)
     layer = model.base_model.model.lin
     with torch.no_grad():

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import balora_kernels as bk  # noqa: E402
 from balora_kernels import functional, reference  # noqa: E402
+from balora_kernels.baselines import OneLinear  # noqa: E402
 from balora_kernels.integrations.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from balora_kernels.integrations.peft import to_balora, unpatch  # noqa: E402
 
@@ -417,15 +418,6 @@ def test_fan_in_fan_out_layer_left_as_peft_and_inactive_adapter_not_projected():
     patch.undo()
 
 
-class _OneLayer(nn.Module):
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 class _ClampedLinear(nn.Linear):
     """An nn.Linear subclass with a forward of its own (e.g. a quantisation-aware Linear)."""
 
@@ -437,23 +429,23 @@ def test_bases_that_are_not_plain_linear_forwards_stay_on_peft(monkeypatch):
     """PEFT calls ``self.base_layer(x)``: a base whose forward is not nn.Linear's, or another adapter wrapped around
     the Linear (PEFT's mixed models), must keep PEFT's forward (the fast path computes x W^T + b itself)."""
     torch.manual_seed(0)
-    model = get_peft_model(_OneLayer(_ClampedLinear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    model = get_peft_model(OneLinear(_ClampedLinear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["lin"]))
     x = torch.randn(4, 8)
     with torch.no_grad():
         ref = model(x)
         balora = to_balora(model)
         calls = CountCalls(monkeypatch)
         out = model(x)
-    assert balora.report.left == {"base_model.model.proj": "base layer _ClampedLinear overrides nn.Linear.forward"}
+    assert balora.report.left == {"base_model.model.lin": "base layer _ClampedLinear overrides nn.Linear.forward"}
     assert calls.n == 0 and torch.equal(out, ref)
     balora.undo()
     try:
         from peft import LoHaConfig
     except ImportError:
         return
-    mixed = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoHaConfig(r=2, alpha=4, target_modules=["proj"],
+    mixed = get_peft_model(OneLinear(nn.Linear(8, 6)), LoHaConfig(r=2, alpha=4, target_modules=["lin"],
                                                                   init_weights=False), adapter_name="loha", mixed=True)
-    mixed.add_adapter("lora", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False))
+    mixed.add_adapter("lora", LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False))
     mixed.set_adapter(["loha", "lora"])
     with torch.no_grad():
         ref = mixed(x)
@@ -501,19 +493,19 @@ def test_projector_follows_set_adapter_and_replaced_parameters():
     """to_balora's projector projects the adapters that require grad at each projection: after PEFT's set_adapter
     the adapter now trained, not the one now frozen; and parameters replaced by load_state_dict(assign=True)."""
     torch.manual_seed(0)
-    model = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
-    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    model = get_peft_model(OneLinear(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["lin"]))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["lin"]))
     _randomize(model, 1)
     balora = to_balora(model)
-    assert balora.report.projected == ["base_model.model.proj[default]"]
-    layer = model.base_model.model.proj
+    assert balora.report.projected == ["base_model.model.lin[default]"]
+    layer = model.base_model.model.lin
 
     def gap(key):
         A, B = layer.lora_A[key].weight.double(), layer.lora_B[key].weight.double()
         return ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item()
 
     model.set_adapter("other")
-    assert balora.projector.names == ["base_model.model.proj[other]"]      # (state_dict / checkpoints see it now)
+    assert balora.projector.names == ["base_model.model.lin[other]"]      # (state_dict / checkpoints see it now)
     frozen = layer.lora_A["default"].weight.detach().clone()
     assert gap("other") > 0.1
     stats = balora.projector.project().as_dict()
@@ -531,13 +523,13 @@ def test_projectors_follow_added_and_deleted_adapters():
     """After add_adapter + set_adapter the new adapter is projected (to_balora's projector scans the model again),
     and after delete_adapter neither projector fails on the deleted adapter's lookup."""
     torch.manual_seed(0)
-    model = get_peft_model(_OneLayer(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    model = get_peft_model(OneLinear(nn.Linear(8, 6)), LoraConfig(r=2, lora_alpha=4, target_modules=["lin"]))
     _randomize(model, 2)
     balora = to_balora(model)
     plain = bk.BalancedProjector(model)
-    model.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False))
     model.set_adapter("c")
-    layer = model.base_model.model.proj
+    layer = model.base_model.model.lin
     for proj in (balora.projector, plain):
         with torch.no_grad():
             layer.lora_B["c"].weight.normal_()
@@ -546,11 +538,11 @@ def test_projectors_follow_added_and_deleted_adapters():
         proj.project()
         A, B = layer.lora_A["c"].weight.double(), layer.lora_B["c"].weight.double()
         assert ((B.T @ B - A @ A.T).norm() / (B.T @ B).norm()).item() < 1e-6
-        assert proj.names == ["base_model.model.proj[c]"]
+        assert proj.names == ["base_model.model.lin[c]"]
     model.delete_adapter("default")
     for proj in (balora.projector, plain):
         proj.project()
-        assert proj.names == ["base_model.model.proj[c]"]
+        assert proj.names == ["base_model.model.lin[c]"]
     balora.undo()
 
 
