@@ -75,6 +75,9 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream) {
   if (P == 0) return 0;
+  // The blocked kernels' tensor-core products (bk::matmul_mma) cover their tiles with exactly kStageThreads threads,
+  // which balance_config always gives ranks >= kBlockedRank: any other count is refused, never run.
+  if (n >= bk::kBlockedRank && threads != bk::kStageThreads) return (int)cudaErrorInvalidValue;
   // Raise the dynamic shared-memory limits once per device (not again while a CUDA graph is captured), to the
   // device's own limits: every configuration bk::balance_config gives stays within them.
   static bool configured[64] = {false};

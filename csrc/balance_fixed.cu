@@ -11,7 +11,7 @@ namespace bk {
 
 namespace {
 
-// TB: the products' register blocking (bk::CtxT: 1 below kBlockedRank, 4 from there, as the run-time-rank kernels),
+// TB: how the products run (bk::CtxT: 1 below kBlockedRank, 4 from there, as the run-time-rank kernels),
 // MINB: __launch_bounds__'s blocks per SM (1 for ranks 4 to 32, as before r = 64 joined; 2 at r = 64, as the
 // run-time-rank blocked kernel).
 template <int N, int NT, int TB, int MINB>

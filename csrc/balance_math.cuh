@@ -25,8 +25,9 @@
 //   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
 // Fast path (full_rank_transforms): when bounds prove that the reference keeps every component (the usual
 // case), steps 1-4 are replaced by a Cholesky factor of G_B and, with M = L^T G_A L, T = L^-T M^1/4 (times a
-// rotation): in the nearest mode M^1/4 and M^-1/4 come from Newton-Schulz square roots (fourth_root_transforms,
-// matrix products only), in the svd mode (or when those do not settle) from one Jacobi eigendecomposition of M;
+// rotation): in the nearest mode M^-1/4 comes from Newton-Schulz square roots, T^-1 = M^-1/4 L^T and
+// T = G_A (T^-1)^T M^-1/2 (fourth_root_transforms, matrix products only), in the svd mode (or when those do not
+// settle) from one Jacobi eigendecomposition of M;
 // no inversion either way. The polar factor of step 5 is computed by Newton-Schulz iterations too (polar_ns),
 // falling back to eig(C^T C) when they do not converge. All give the same transforms as the general path (to
 // float64 rounding): the nearest mode's T Q does not depend on the basis of T's columns.
@@ -69,6 +70,7 @@ constexpr int STATUS_RANK_DEFICIENT = 4;
 constexpr int STATUS_RANK_SHIFT = 8;               // status >> 8: the live components k (0 for skipped pairs)
 constexpr int MAX_SWEEPS = 24;
 constexpr int NUM_MATS = 11;                       // r x r float64 buffers per pair
+constexpr int kBlockedRank = 33;                   // ranks from here take the blocked kernels (CtxT<4>, below)
 constexpr int PATH_GENERAL = 0, PATH_FAST_EIG = 1, PATH_FAST_NS = 2;  // Ctx::path
 
 struct Ctx {
@@ -86,12 +88,15 @@ struct Ctx {
   double* v1;
   double* v2;
   double* v3;
+  double* stage;      // the staged products' operand tiles (stage_doubles(n); ranks >= kBlockedRank only)
   int path;           // how the last pair's T was found (PATH_*) and, on PATH_FAST_NS, the Newton-Schulz steps
   int ns_steps;       // of both square roots: read by the host build's tests only
 };
 
-// The kernel's compile-time choice of register blocking for the r x r products (see matmul): 1 for small ranks,
-// 4 for large ones. Only the functions that reach matmul take it (as their template parameter CT).
+// The kernel's compile-time choice of how it multiplies r x r matrices (see matmul_store): 1 for small ranks (one
+// output per thread, CUDA cores), 4 for ranks >= kBlockedRank (the float64 tensor cores, matmul_mma, on sm_80 and
+// later; 4 x 4 outputs per thread on the CUDA cores in the host build). Only the functions that reach matmul take
+// it (as their template parameter CT).
 template <int TB_MAX>
 struct CtxT : Ctx {
   static constexpr int tb_max = TB_MAX;
@@ -224,12 +229,109 @@ BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B
   }
 }
 
-// The blocking: 4 x 4 outputs per thread when that still gives every thread a tile, else 2 x 2, else one; at
-// most CT::tb_max (the blocked code's registers made the compiler spill across the kernel: small ranks, where
-// it does not pay, get a kernel without it).
+// ---- float64 tensor-core products (sm_80 and later; the blocked kernels, ranks >= kBlockedRank) ----
+// C = op(A) op(B) by 64 x 64 output tiles: the block stages 16-wide k chunks of both operands in shared memory
+// (c.stage, wherever the operands live: most of a rank-64 pair's matrices are in global memory) and each of the
+// 8 warps multiplies its 16 x 32 part with mma.m8n8k4.f64 (the next chunk's loads in flight meanwhile). The
+// padded leading dimensions make the fragment loads conflict-free: lanes 0-15 (and 16-31) of an A fragment read
+// rows g = 0..3 at k = kk + t, t = 0..3 (offsets 20 g + t: 16 distinct bank pairs), of a B fragment k rows
+// kk + t at columns g (68 t + g). Every output is the float64 sum over k in ascending order, four k per mma
+// instruction: on an H200 these products wrote the same bits as matmul_tiles' fma chain (bench/probe/eig_phases.py's
+// BK_TENSOR_F64=0 build beside this one, bench/results/logs/session15-eig-phases-tensor-cores-2026-12-02.json),
+// whatever the operands' placement or the grid; the same thread stores a given output for a given shape, as in
+// matmul_tiles. r = 64, 224 pairs: the r x r kernel 1.374 -> 0.875 ms (with T by products, below).
+constexpr int kStageTile = 64;                 // output rows and columns of a block tile
+constexpr int kStageK = 16;                    // k per staged chunk (32 measured slower: 1.06 against 0.91 ms)
+constexpr int kStageLdA = kStageK + 4;         // As[i][k]
+constexpr int kStageLdB = kStageTile + 4;      // Bs[k][j]
+constexpr int kStageThreads = 256;             // 8 warps: a 4 x 2 grid of 16 x 32 warp tiles
+BK_HD int stage_doubles(int n) { return n >= kBlockedRank ? kStageTile * kStageLdA + kStageK * kStageLdB : 0; }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BK_HOST_EMULATION)
+#ifndef BK_TENSOR_F64
+#define BK_TENSOR_F64 1       // 0 (a probe switch): the blocked kernels' products on the CUDA cores (matmul_tiles)
+#endif
+#else
+#undef BK_TENSOR_F64
+#define BK_TENSOR_F64 0
+#endif
+
+#if BK_TENSOR_F64
+__device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
+  asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
+               : "+d"(d[0]), "+d"(d[1])
+               : "d"(a), "d"(b));
+}
+
+template <class Store>
+__device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                           int lda, int ldb, Store store) {
+  double* As = c.stage;
+  double* Bs = c.stage + kStageTile * kStageLdA;
+  const int lane = c.tid & 31, warp = c.tid >> 5;
+  const int wr = (warp >> 1) * 16, wc = (warp & 1) * 32, g = lane >> 2, t4 = lane & 3;
+  // The chunk element (row or column, k) a thread moves in each of its 4 steps: along the operand's contiguous
+  // dimension, so that a warp reads consecutive addresses.
+  for (int bi = 0; bi < m; bi += kStageTile) {
+    for (int bj = 0; bj < p; bj += kStageTile) {
+      double acc[2][4][2];
+      for (int t = 0; t < 2; ++t)
+        for (int u = 0; u < 4; ++u) acc[t][u][0] = acc[t][u][1] = 0.0;
+      double ra[4], rb[4];
+      auto fetch = [&](int k0) {
+        for (int s = 0; s < 4; ++s) {
+          const int idx = c.tid + s * kStageThreads;
+          const int ia = tA ? (idx & 63) : (idx >> 4), ka = tA ? (idx >> 6) : (idx & 15);
+          const int gi = bi + ia, gka = k0 + ka;
+          ra[s] = (gi < m && gka < q) ? (tA ? A[gka * lda + gi] : A[gi * lda + gka]) : 0.0;
+          const int jb = tB ? (idx >> 4) : (idx & 63), kb = tB ? (idx & 15) : (idx >> 6);
+          const int gj = bj + jb, gkb = k0 + kb;
+          rb[s] = (gj < p && gkb < q) ? (tB ? B[gj * ldb + gkb] : B[gkb * ldb + gj]) : 0.0;
+        }
+      };
+      fetch(0);
+      for (int k0 = 0; k0 < q; k0 += kStageK) {
+        BK_SYNC();                                  // the stage's previous readers are done
+        for (int s = 0; s < 4; ++s) {
+          const int idx = c.tid + s * kStageThreads;
+          As[(tA ? (idx & 63) : (idx >> 4)) * kStageLdA + (tA ? (idx >> 6) : (idx & 15))] = ra[s];
+          Bs[(tB ? (idx & 15) : (idx >> 6)) * kStageLdB + (tB ? (idx >> 4) : (idx & 63))] = rb[s];
+        }
+        BK_SYNC();
+        if (k0 + kStageK < q) fetch(k0 + kStageK);  // in flight during this chunk's products
+        for (int kk = 0; kk < kStageK; kk += 4) {
+          double a[2], b[4];
+          for (int t = 0; t < 2; ++t) a[t] = As[(wr + 8 * t + g) * kStageLdA + kk + t4];
+          for (int u = 0; u < 4; ++u) b[u] = Bs[(kk + t4) * kStageLdB + wc + 8 * u + g];
+          for (int t = 0; t < 2; ++t)
+            for (int u = 0; u < 4; ++u) dmma_884(acc[t][u], a[t], b[u]);
+        }
+      }
+      for (int t = 0; t < 2; ++t)
+        for (int u = 0; u < 4; ++u)
+          for (int e = 0; e < 2; ++e) {
+            const int i = bi + wr + 8 * t + g, j = bj + wc + 8 * u + 2 * t4 + e;
+            if (i < m && j < p) store(i, j, acc[t][u][e]);
+          }
+    }
+  }
+}
+#endif
+
+// The blocked kernels (CT::tb_max >= 4) run on the tensor cores where the GPU build has them (matmul_mma; their
+// launches always have kStageThreads threads: bk::balance_config), on the CUDA cores otherwise (host build,
+// BK_TENSOR_F64=0): 4 x 4 outputs per thread when that still gives every thread a tile, else 2 x 2, else one; the
+// small ranks' kernels (tb_max 1) always one output per thread (blocked code's registers made the compiler spill
+// across the kernel: small ranks, where it does not pay, get a kernel without it).
 template <class CT, class Store>
 BK_DEV void matmul_store(const CT& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
                          int lda, int ldb, Store store) {
+#if BK_TENSOR_F64
+  if constexpr (CT::tb_max >= 4) {
+    matmul_mma(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+    return;
+  }
+#endif
   if constexpr (CT::tb_max >= 4) {
     if (m * p >= 16 * c.nt) { matmul_tiles<4>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
   }
@@ -689,27 +791,25 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
   double *y2 = nullptr, *z2 = nullptr;
   if (!sqrt_ns(c, b.X, buf2, &y2, &z2, n)) return false;
-  // M^1/4 = bound^1/4 Y2 into X, M^-1/4 = bound^-1/4 Z2 into one of M1, M2, M3 that neither Y2 nor Z2 occupies.
-  const double q = sqrt(sqrt(bound)), iq = 1.0 / q;
-  double* mq = b.X;
-  double* mqi = (y2 == b.M1 || z2 == b.M1) ? ((y2 == b.M2 || z2 == b.M2) ? b.M3 : b.M2) : b.M1;
+  // M^-1/4 = bound^-1/4 Z2 (symmetrized) into X. T^-1 = M^-1/4 L^T, and, as G_A = L^-T M L^-1,
+  // T = L^-T M^1/4 = G_A L M^-3/4 = G_A (T^-1)^T M^-1/2 with M^-1/2 = (M^-1/4)^2: four products, where a back
+  // substitution L^T T = M^1/4 (one column per thread, a chain of dependent loads) took 290 k cycles per pair at
+  // r = 64 on an H200 (bench/results/logs/session11-eig-fixed64-2026-12-02.json, "NS: T, T^-1"). Its rounding:
+  // the gate bounds the condition numbers of M, G_A and L (below 1 / (1.1 RANK_RTOL) ~ 6e4 each): the cancellation
+  // in G_A (L M^-3/4) costs up to about n cond float64 units, and T T^-1 = G_A L (M^-1/4)^4 L^T = I holds as far
+  // as the second root's Z2^4 matches (M / bound)^-1, its residual amplified by about cond(L) cond(M): both far
+  // below the float32 rounding of the T it writes (a back substitution needed only Y2 Z2 = I). The GPU tests'
+  // product and balance bounds against the reference hold on every 7B shape for r = 33 to 128.
+  const double iq = 1.0 / sqrt(sqrt(bound));
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
-    mq[idx] = q * 0.5 * (y2[i * n + j] + y2[j * n + i]);
-    mqi[idx] = iq * 0.5 * (z2[i * n + j] + z2[j * n + i]);
-  }
-  for (int i = c.tid; i < n; i += c.nt) c.v3[i] = 1.0 / b.Y[i * n + i];
-  BK_SYNC();
-  double* w = b.W;                                               // T^-1 = M^-1/4 L^T
-  matmul_store(c, mqi, false, b.Y, true, n, n, n, n, n, [=](int i, int j, double s) { w[i * n + j] = s; });
-  for (int j = c.tid; j < n; j += c.nt) {                        // L^T T[:, j] = M^1/4[:, j], one column per thread
-    for (int i = n - 1; i >= 0; --i) {
-      double s = mq[i * n + j];
-      for (int k = i + 1; k < n; ++k) s -= b.Y[k * n + i] * b.T[k * n + j];
-      b.T[i * n + j] = s * c.v3[i];
-    }
+    b.X[idx] = iq * 0.5 * (z2[i * n + j] + z2[j * n + i]);
   }
   BK_SYNC();
+  matmul(c, b.W, b.X, false, b.Y, true, n, n, n, n, n);          // T^-1 = M^-1/4 L^T
+  mm(c, b.M1, b.X, false, b.X, false, n);                        // M^-1/2
+  mm(c, b.M2, b.W, true, b.M1, false, n);                        // L M^-3/4
+  mm(c, b.T, b.GA, false, b.M2, false, n);                       // T
   return true;
 }
 
@@ -1003,7 +1103,7 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
 }
 
 // Layout of the per-block scratch: vectors and indices (always in shared memory on the GPU).
-BK_HD int small_doubles(int n) { return 32 + 4 * (n / 2 + 1) + 4 * n; }
+BK_HD int small_doubles(int n) { return 32 + 4 * (n / 2 + 1) + 4 * n + stage_doubles(n); }
 BK_HD int small_ints(int n) { return 2 * (n / 2 + 1) + 2 * n + 4; }
 
 BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
@@ -1014,7 +1114,8 @@ BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
   c.v1 = c.v0 + n;
   c.v2 = c.v1 + n;
   c.v3 = c.v2 + n;
-  int* ints = reinterpret_cast<int*>(c.v3 + n);
+  c.stage = c.v3 + n;
+  int* ints = reinterpret_cast<int*>(c.stage + stage_doubles(n));
   c.rp = ints;
   c.rq = c.rp + (n / 2 + 1);
   c.perm = c.rq + (n / 2 + 1);

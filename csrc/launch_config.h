@@ -26,11 +26,15 @@
 #define BK_FIXED_N32_THREADS 128
 #endif
 #define BK_FIXED_N64_THREADS 256   // every rank above 32 takes 256 (balance_config)
+static_assert(BK_FIXED_N64_THREADS == bk::kStageThreads,
+              "the blocked kernels' products (bk::matmul_mma) need 256 threads");
 // Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the Newton-Schulz
 // workspaces first (see bk::carve_mats). With at most one pair per SM (P <= SMs), or r > 64, one block per SM
 // takes all the shared memory a block may opt in to (227 KB on an H100 / H200: 6 matrices at r = 64, all of them
-// up to r = 51); with more pairs two blocks per SM take kMaxSmemBytes each on an H100 / H200 (2 matrices at
-// r = 64, 5 at r = 48), so that 2 x SMs pairs still run in one wave. Measured on an H200 with the run-time-rank
+// up to r = 48); with more pairs two blocks per SM take kMaxSmemBytes each on an H100 / H200 (2 matrices at
+// r = 64, 4 at r = 48), so that 2 x SMs pairs still run in one wave. (The small workspace, bk::small_bytes,
+// includes the 18.5 KB of staged operands of these ranks' tensor-core products since session 15: before, all 11
+// matrices fitted up to r = 51 and 5 at r = 48.) Measured on an H200 with the run-time-rank
 // kernel (7B adapters, r = 64; bench/results/logs/session9-rxr-probe-2026-12-01.json and session9-rxr-probe2-
 // 2026-12-01.json): 224 pairs 1.47 ms (one block per SM, so two waves: 1.66; two blocks of 113 KB, 3 matrices
 // each: 1.56), 112 pairs 0.84 ms (two blocks of 113 KB per SM: 1.14); r = 64 now takes a fixed-rank kernel
@@ -48,7 +52,6 @@
 namespace bk {
 
 constexpr int kMaxSmemBytes = 100 * 1024;   // the budget of launches that want several blocks per SM
-constexpr int kBlockedRank = 33;            // ranks from here take the register-blocked kernel
 constexpr int kSmemReservedPerBlock = 1024; // shared memory the runtime reserves per block (sm_80 and later)
 
 struct SmemLimits {

@@ -35,7 +35,8 @@ VARIANTS = [("cols_consecutive", ["-DBK_MATMUL_STRIDED_COLS=0"]),
             ("max_mats_0", ["-DBK_BLOCKED_MAX_MATS=0"]),     # ranks >= 33: all matrices in global memory (L1)
             ("max_mats_1", ["-DBK_BLOCKED_MAX_MATS=1"]),
             ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"]),
-            ("no_fixed_64", ["-DBK_FIXED_N64=0"])]          # r = 64 by the run-time-rank kernel
+            ("no_fixed_64", ["-DBK_FIXED_N64=0"]),          # r = 64 by the run-time-rank kernel
+            ("cuda_core_products", ["-DBK_TENSOR_F64=0"])]  # ranks >= 33: products on the CUDA cores (matmul_tiles)
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -50,7 +51,7 @@ MARKS = [
     # finer marks of the Newton-Schulz fast path (their phases then hold parts of "T, T^-1" / "C + polar")
     ("  double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 8),
     ("  double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 9),
-    ("  for (int i = c.tid; i < n; i += c.nt) c.v3[i] = 1.0 / b.Y[i * n + i];", 10),
+    ("  // M^-1/4 = bound^-1/4 Z2 (symmetrized) into X.", 10),
     ("  if (mode == 0) {\n    if (!polar_ns(", 12),
     # inside sqrt_ns's loop: its two halves (the phases "NS: sqrt 1/2" then hold only the rest)
     ("    const double* yc = y;", 13),
@@ -58,7 +59,7 @@ MARKS = [
 ]
 # marks that end a phase at the end of a block (appended after the anchor)
 MARKS_AFTER = [
-    ("      b.T[i * n + j] = s * c.v3[i];\n    }\n  }\n  BK_SYNC();\n  return true;\n}\n\n// Steps 1-4 for", 11),
+    ("  mm(c, b.T, b.GA, false, b.M2, false, n);                       // T\n  return true;", 11),
 ]
 
 
