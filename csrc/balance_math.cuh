@@ -316,22 +316,47 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
     }
   }
 }
+
+// The small ranks' products (CT::tb_max 1: ranks < kBlockedRank, every matrix in shared memory): one 8 x 8 output
+// tile per warp at a time, the fragments loaded straight from the operands (no staging, no barrier), k ascending
+// in steps of four as in matmul_mma.
+template <class Store>
+__device__ __forceinline__ void matmul_mma_direct(const Ctx& c, const double* A, bool tA, const double* B, bool tB,
+                                                  int m, int q, int p, int lda, int ldb, Store store) {
+  const int lane = c.tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int tm = (m + 7) >> 3, tp = (p + 7) >> 3;
+  for (int t = c.tid >> 5; t < tm * tp; t += c.nt >> 5) {
+    const int i0 = (t / tp) * 8, j0 = (t % tp) * 8, i = i0 + g, j = j0 + g;
+    double acc[2] = {0.0, 0.0};
+    for (int k0 = 0; k0 < q; k0 += 4) {
+      const int k = k0 + t4;
+      const double a = (i < m && k < q) ? (tA ? A[k * lda + i] : A[i * lda + k]) : 0.0;
+      const double b = (j < p && k < q) ? (tB ? B[j * ldb + k] : B[k * ldb + j]) : 0.0;
+      dmma_884(acc, a, b);
+    }
+    for (int e = 0; e < 2; ++e) {
+      const int col = j0 + 2 * t4 + e;
+      if (i < m && col < p) store(i, col, acc[e]);
+    }
+  }
+}
 #endif
 
-// The blocked kernels (CT::tb_max >= 4) run on the tensor cores where the GPU build has them (matmul_mma; their
-// launches always have kStageThreads threads: bk::balance_config), on the CUDA cores otherwise (host build,
-// BK_TENSOR_F64=0): 4 x 4 outputs per thread when that still gives every thread a tile, else 2 x 2, else one; the
-// small ranks' kernels (tb_max 1) always one output per thread (blocked code's registers made the compiler spill
-// across the kernel: small ranks, where it does not pay, get a kernel without it).
+// Every product runs on the float64 tensor cores where the GPU build has them: the blocked kernels' (CT::tb_max
+// >= 4) by matmul_mma (their launches always have kStageThreads threads: bk::balance_config), the small ranks' by
+// matmul_mma_direct. On the CUDA cores otherwise (host build, BK_TENSOR_F64=0): 4 x 4 outputs per thread for the
+// blocked kernels when that still gives every thread a tile, else 2 x 2, else one; the small ranks' kernels one
+// output per thread (blocked code's registers made the compiler spill across the kernel there).
 template <class CT, class Store>
 BK_DEV void matmul_store(const CT& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
                          int lda, int ldb, Store store) {
 #if BK_TENSOR_F64
   if constexpr (CT::tb_max >= 4) {
     matmul_mma(c, A, tA, B, tB, m, q, p, lda, ldb, store);
-    return;
+  } else {
+    matmul_mma_direct(c, A, tA, B, tB, m, q, p, lda, ldb, store);
   }
-#endif
+#else
   if constexpr (CT::tb_max >= 4) {
     if (m * p >= 16 * c.nt) { matmul_tiles<4>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
   }
@@ -339,6 +364,7 @@ BK_DEV void matmul_store(const CT& c, const double* A, bool tA, const double* B,
     if (m * p >= 4 * c.nt) { matmul_tiles<2>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
   }
   matmul_tiles<1>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+#endif
 }
 
 template <class CT>
