@@ -93,10 +93,10 @@ struct Ctx {
   int ns_steps;       // of both square roots: read by the host build's tests only
 };
 
-// The kernel's compile-time choice of how it multiplies r x r matrices (see matmul_store): 1 for small ranks (one
-// output per thread, CUDA cores), 4 for ranks >= kBlockedRank (the float64 tensor cores, matmul_mma, on sm_80 and
-// later; 4 x 4 outputs per thread on the CUDA cores in the host build). Only the functions that reach matmul take
-// it (as their template parameter CT).
+// The kernel's compile-time choice of how it multiplies r x r matrices (see matmul_store): 1 for small ranks
+// (matmul_mma_direct on the float64 tensor cores of sm_80 and later, one output per thread on the CUDA cores in the
+// host build), 4 for ranks >= kBlockedRank (matmul_mma; 4 x 4 outputs per thread on the CUDA cores in the host
+// build). Only the functions that reach matmul take it (as their template parameter CT).
 template <int TB_MAX>
 struct CtxT : Ctx {
   static constexpr int tb_max = TB_MAX;
@@ -188,8 +188,8 @@ struct FlatIter {
   }
 };
 
-// C [m x p] = op(A) [m x q] op(B) [q x p]; compact row-major operands with the given leading dims.
-// Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains):
+// C [m x p] = op(A) [m x q] op(B) [q x p] on the CUDA cores: the host build's products (and BK_TENSOR_F64=0
+// builds'); compact row-major operands with the given leading dims. Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains):
 // TB consecutive rows i0 + a and TB columns jc + b tp strided by tp = ceil(p / TB), so that the threads of a warp
 // (consecutive jc) read consecutive elements of a row of B and write consecutive outputs: one shared-memory
 // wavefront per load where TB consecutive columns per thread made a 4-way bank conflict at TB = 4
@@ -249,7 +249,7 @@ BK_HD int stage_doubles(int n) { return n >= kBlockedRank ? kStageTile * kStageL
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BK_HOST_EMULATION)
 #ifndef BK_TENSOR_F64
-#define BK_TENSOR_F64 1       // 0 (a probe switch): the blocked kernels' products on the CUDA cores (matmul_tiles)
+#define BK_TENSOR_F64 1       // 0 (a probe switch): every product on the CUDA cores (matmul_tiles)
 #endif
 #else
 #undef BK_TENSOR_F64
@@ -266,6 +266,7 @@ __device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
 template <class Store>
 __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
                            int lda, int ldb, Store store) {
+  static_assert(kStageTile == 64 && kStageK == 16 && kStageThreads == 256, "the index math below assumes these");
   double* As = c.stage;
   double* Bs = c.stage + kStageTile * kStageLdA;
   const int lane = c.tid & 31, warp = c.tid >> 5;
@@ -317,7 +318,8 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
   }
 }
 
-// The small ranks' products (CT::tb_max 1: ranks < kBlockedRank, every matrix in shared memory): one 8 x 8 output
+// The small ranks' products (CT::tb_max 1: ranks < kBlockedRank, whose matrices are all in shared memory unless the
+// device's limits are lower than an H100's; launched with whole warps, BK_FIXED_N*_THREADS): one 8 x 8 output
 // tile per warp at a time, the fragments loaded straight from the operands (no staging, no barrier), k ascending
 // in steps of four as in matmul_mma.
 template <class Store>
@@ -601,9 +603,9 @@ BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, 
   double* cur = Q;
   double* nxt = Qn;
   for (int it = 0; it < NS_MAX_ITERS; ++it) {
-    // A = Q^T Q and ||A - I||_F^2 (each thread's share is summed in its tile order: with register blocking its
-    // last bit, and so at the threshold the iteration count, may differ from an unblocked build; Q converges
-    // either way)
+    // A = Q^T Q and ||A - I||_F^2 (each thread's share is summed in its tile order: with another thread-to-output
+    // mapping (register blocking, the tensor-core products, the host build) its last bit, and so at the threshold
+    // the iteration count, may differ; Q converges either way)
     const double res = product_off_identity(c, cur, true, cur, A, m);
     if (!(res < 1e30)) return false;                            // NaN / divergence
     const double* q = cur;                                      // Qn = 1.5 Q - 0.5 Q A
@@ -825,7 +827,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   // in G_A (L M^-3/4) costs up to about n cond float64 units, and T T^-1 = G_A L (M^-1/4)^4 L^T = I holds as far
   // as the second root's Z2^4 matches (M / bound)^-1, its residual amplified by about cond(L) cond(M): both far
   // below the float32 rounding of the T it writes (a back substitution needed only Y2 Z2 = I). The GPU tests'
-  // product and balance bounds against the reference hold on every 7B shape for r = 33 to 128.
+  // product and balance bounds against the reference hold on every 7B shape for r = 1 to 128.
   const double iq = 1.0 / sqrt(sqrt(bound));
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;

@@ -26,6 +26,11 @@
 #define BK_FIXED_N32_THREADS 128
 #endif
 #define BK_FIXED_N64_THREADS 256   // every rank above 32 takes 256 (balance_config)
+// The small ranks' tensor-core products (bk::matmul_mma_direct) need whole warps.
+static_assert(BK_FIXED_N4_THREADS % 32 == 0 && BK_FIXED_N8_THREADS % 32 == 0 && BK_FIXED_N16_THREADS % 32 == 0 &&
+                  BK_FIXED_N32_THREADS % 32 == 0 && BK_FIXED_N4_THREADS > 0 && BK_FIXED_N8_THREADS > 0 &&
+                  BK_FIXED_N16_THREADS > 0 && BK_FIXED_N32_THREADS > 0,
+              "the r x r kernels run whole warps");
 static_assert(BK_FIXED_N64_THREADS == bk::kStageThreads,
               "the blocked kernels' products (bk::matmul_mma) need 256 threads");
 // Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the Newton-Schulz

@@ -713,7 +713,8 @@ def test_cuda_launch_config_on_h200_is_the_measured_one(host_lib):
     measurement ran (the rule before csrc/launch_config.h: 100 KB per block where blocks share an SM, the opt-in
     limit where one block has it), for every rank and for pair counts around the SM count, given the kernel's small
     workspace: for ranks >= 33 that workspace includes, since session 15, the 18.5 KB of staged tensor-core product
-    operands (STAGE_BYTES), so r = 33 to 51 keep fewer matrices in shared memory than those measurements had."""
+    operands (STAGE_BYTES), so many ranks from 33 to 118 (r = 48 with 224 pairs: 4 instead of 5; r = 64 unchanged)
+    keep fewer matrices in shared memory than those measurements had."""
     optin, per_sm, sms = SMEM_DEVICES["H100/H200"]
 
     def before(P, n, small):

@@ -29,14 +29,14 @@ PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-
           "NS steps: P = Z Y, residual sum", "NS steps: Y P, P Z"]
 NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
-VARIANTS = [("cols_consecutive", ["-DBK_MATMUL_STRIDED_COLS=0"]),
-            ("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
+# (cols_consecutive, -DBK_MATMUL_STRIDED_COLS=0, was dropped in session 15: the GPU kernels' products left matmul_tiles)
+VARIANTS = [("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
             ("legacy_carve", ["-DBK_CARVE_LEGACY=1"]),
             ("max_mats_0", ["-DBK_BLOCKED_MAX_MATS=0"]),     # ranks >= 33: all matrices in global memory (L1)
             ("max_mats_1", ["-DBK_BLOCKED_MAX_MATS=1"]),
             ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"]),
             ("no_fixed_64", ["-DBK_FIXED_N64=0"]),          # r = 64 by the run-time-rank kernel
-            ("cuda_core_products", ["-DBK_TENSOR_F64=0"])]  # ranks >= 33: products on the CUDA cores (matmul_tiles)
+            ("cuda_core_products", ["-DBK_TENSOR_F64=0"])]  # every product on the CUDA cores (matmul_tiles)
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
