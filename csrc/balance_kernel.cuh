@@ -12,8 +12,9 @@
 namespace bk {
 
 // TB_MAX: how the r x r products run (bk::CtxT): 4 for ranks above 32 (staged tensor-core products), 1 below
-// (direct tensor-core products; see bk::matmul_store). NFIX, NT: the rank and threads per block as compile-time constants (0: read at run time;
-// a fixed-rank kernel must be launched with n == NFIX and blockDim.x == NT). MIN_BLOCKS: __launch_bounds__.
+// (direct tensor-core products; see bk::matmul_store). NFIX, NT: the rank and threads per block as compile-time
+// constants (0: read at run time; a fixed-rank kernel must be launched with n == NFIX and blockDim.x == NT).
+// MIN_BLOCKS: __launch_bounds__.
 template <int TB_MAX, int NFIX, int NT, int MIN_BLOCKS>
 __global__ void __launch_bounds__(NT > 0 ? NT : 256, MIN_BLOCKS)
     balance_transforms_kernel(const float* __restrict__ grams, const double* __restrict__ eps_f, int P, int n_rt,

@@ -189,11 +189,12 @@ struct FlatIter {
 };
 
 // C [m x p] = op(A) [m x q] op(B) [q x p] on the CUDA cores: the host build's products (and BK_TENSOR_F64=0
-// builds'); compact row-major operands with the given leading dims. Each thread computes TB x TB outputs (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains):
-// TB consecutive rows i0 + a and TB columns jc + b tp strided by tp = ceil(p / TB), so that the threads of a warp
-// (consecutive jc) read consecutive elements of a row of B and write consecutive outputs: one shared-memory
-// wavefront per load where TB consecutive columns per thread made a 4-way bank conflict at TB = 4
-// (BK_MATMUL_STRIDED_COLS=0 builds the consecutive columns, for comparison). Every output is still the sum over
+// builds'); compact row-major operands with the given leading dims. Each thread computes TB x TB outputs
+// (register blocking: 2 TB loads per TB^2 FMAs, TB^2 independent chains): TB consecutive rows i0 + a and TB
+// columns jc + b tp strided by tp = ceil(p / TB), so that the threads of a warp (consecutive jc) read consecutive
+// elements of a row of B and write consecutive outputs: one shared-memory wavefront per load where TB consecutive
+// columns per thread made a 4-way bank conflict at TB = 4 (BK_MATMUL_STRIDED_COLS=0 builds the consecutive
+// columns, for comparison). Every output is still the sum over
 // k = 0..q-1 in ascending order, by fma from 0.0, whatever TB and column order: the result does not depend on
 // the blocking (nor on the number of threads). `store(i, j, s)` receives each output, always from the same
 // thread for a given shape (no barrier at the end: the caller's).
@@ -259,13 +260,13 @@ BK_HD int stage_doubles(int n) { return n >= kBlockedRank ? kStageTile * kStageL
 #if BK_TENSOR_F64
 __device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
   asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
-               : "+d"(d[0]), "+d"(d[1])
-               : "d"(a), "d"(b));
+      : "+d"(d[0]), "+d"(d[1])
+      : "d"(a), "d"(b));
 }
 
 template <class Store>
-__device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
-                           int lda, int ldb, Store store) {
+__device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q,
+                                        int p, int lda, int ldb, Store store) {
   static_assert(kStageTile == 64 && kStageK == 16 && kStageThreads == 256, "the index math below assumes these");
   double* As = c.stage;
   double* Bs = c.stage + kStageTile * kStageLdA;
