@@ -1,7 +1,8 @@
 """The optional compiled extension (``csrc/``): import it, or JIT-build and cache it; keep why it failed.
 
 It holds the ops ``torch.ops.balora.balance_transforms`` (the projection's r x r step, csrc/balance.cu),
-``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, csrc/grouped.cu) and
+``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, and up to 64 for
+float32 factors, csrc/grouped.cu and grouped_mma.cu) and
 ``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp).
 Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
 is built or a LoRA linear call on CUDA tensors picks its implementation:
@@ -62,7 +63,41 @@ OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
 LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode")
 GROUPED_GRAM_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "partials", "ranges", "counters", "grams")
 GROUPED_RESCALE_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "tw", "status", "skip_bits")
-GROUPED_MAX_RANK = 16   # csrc/grouped.cu: bk_grouped_max_rank()
+GROUPED_MAX_RANK = 16   # csrc/grouped.cu: bk_grouped_max_rank(dtype) of 16-bit factors (the CUDA-core kernels)
+GROUPED_FP32_MAX_RANK = 64   # of float32 factors: ranks 17 to 64 on the tensor cores (csrc/grouped_mma.cu)
+_fp32_max_rank: dict = {}    # the loaded extension's float32 limit, once asked (grouped_max_rank)
+
+
+def grouped_max_rank(fp32: bool) -> int:
+    """The largest rank the CUDA Gram / rescale take: :data:`GROUPED_MAX_RANK` for 16-bit factors; for float32
+    ones :data:`GROUPED_FP32_MAX_RANK` when the loaded extension has csrc/grouped_mma.cu's kernels, else
+    :data:`GROUPED_MAX_RANK`: a prebuilt ``balora_kernels._C`` from sources before them (which still serves the
+    projection, :func:`how` says so) has the same op schemas but refuses float32 ranks above 16. Asked once per
+    process (:func:`_takes_fp32_rank`); without the extension the package's own limit."""
+    if not fp32:
+        return GROUPED_MAX_RANK
+    if "r" not in _fp32_max_rank:
+        if not grouped_available():
+            return GROUPED_FP32_MAX_RANK
+        _fp32_max_rank["r"] = GROUPED_FP32_MAX_RANK if _takes_fp32_rank(GROUPED_FP32_MAX_RANK) else GROUPED_MAX_RANK
+    return _fp32_max_rank["r"]
+
+
+def _current_cuda_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _takes_fp32_rank(r: int) -> bool:
+    """Whether the loaded extension's grouped_rescale takes float32 factors of rank r (r = 64 or a rank block's size:
+    the transforms are passed as [0, 2, r, r]): one call on an empty tile table (no launch), whose rank check
+    (csrc/bindings.cpp, before the table's size) an extension without the rank refuses."""
+    dev = _current_cuda_device()
+    try:
+        grouped_rescale(torch.zeros(0, 6, dtype=torch.int64, device=dev), 0, 0, r, 0,
+                        torch.zeros(0, 2, r, r, device=dev), torch.zeros(0, dtype=torch.int32, device=dev), 0)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _op_ok(name: str, args) -> bool:
@@ -198,7 +233,7 @@ def lora_linear_available() -> bool:
 
 def grouped_available() -> bool:
     """Whether the projection's CUDA Gram and rescale ops (``torch.ops.balora.grouped_gram`` / ``grouped_rescale``,
-    csrc/grouped.cu, ranks up to :data:`GROUPED_MAX_RANK`) can be used."""
+    csrc/grouped.cu, ranks up to :func:`grouped_max_rank`) can be used."""
     return load() is not None and _have_grouped_ops()
 
 

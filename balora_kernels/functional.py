@@ -277,9 +277,10 @@ def _projection_backend_info() -> dict:
         return info
     if _ext.load() is not None:
         info.update(cuda="triton+cuda-ext", extension=_ext.how())
-        # the Gram and rescale of small ranks (TritonProjectionPlan(kernels="auto"))
-        info["gram_rescale"] = (f"cuda rescale for ranks <= {_ext.GROUPED_MAX_RANK} (and cuda Gram there for float32 "
-                                "factors), triton otherwise" if _ext.grouped_available()
+        # which ranks' Gram and rescale take the CUDA kernels (TritonProjectionPlan(kernels="auto"))
+        info["gram_rescale"] = (f"cuda Gram and rescale for float32 factors of ranks <= {_ext.grouped_max_rank(True)} "
+                                f"(tensor cores above {_ext.GROUPED_MAX_RANK}), cuda rescale for 16-bit ones of "
+                                f"ranks <= {_ext.GROUPED_MAX_RANK}, triton otherwise" if _ext.grouped_available()
                                 else f"triton (the extension has no grouped_gram/grouped_rescale: {_ext.how()})")
     else:
         info.update(cuda="triton+torch-eigh", why=f"CUDA extension unavailable: {_ext.error()}")

@@ -12,7 +12,8 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
   ``paper_loop`` (the anchors' ref_project per module), ``torch_batched`` (the anchors' batched_project),
   ``floor`` (read both factors twice, write once, at the copy rate measured in this run);
 * per-kernel times of ours (gram / eig / rescale / stats, each the replay of a CUDA graph holding that step
-  alone: GPU time without the host's launch cost); where ours takes the CUDA Gram / rescale (r <= 16), the
+  alone: GPU time without the host's launch cost); where ours takes the CUDA Gram / rescale (r <= 16, float32 up
+  to r = 64), the
   Triton kernels beside them (``gram_triton_ms``, ``rescale_triton_ms``); for float32 adapters also the
   Triton Gram's other methods;
 * one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
@@ -143,7 +144,7 @@ def main():
                 status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
                 gaps = torch.zeros(plan.n_pairs, 2, dtype=torch.float64, device="cuda")
                 case["gram_ms"] = graph_ms(plan.gram, bench)
-                case["kernels"] = plan.kernels[r]   # {"gram", "rescale"}: "cuda" (csrc/grouped.cu) or "triton"
+                case["kernels"] = plan.kernels[r]   # {"gram", "rescale"}: "cuda" (csrc/grouped*.cu) or "triton"
                 cuda = {k for k, v in case["kernels"].items() if v == "cuda"}
                 tri = plan if not cuda else TritonProjectionPlan(ad, kernels="triton")
                 if "gram" in cuda:                         # the Triton kernels beside the CUDA ones

@@ -6,6 +6,15 @@
 #   device run: bash bench/gpu_final.sh 2    # projection benchmark, balora check / bench, the rest of the suite
 #   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
 #   device run: bash bench/gpu_final.sh projcheck # build, projection GPU tests, balora check (host-side csrc changes)
+#   device run: bash bench/gpu_final.sh mmavar  # variants of the tensor-core Gram / rescale beside the build (carry
+#                                            # .build/variants from bench/probe/build_grouped_variants.sh .build/variants
+#                                            # mma) and ncu of the default one, then the projection GPU tests
+#                                            # selected by MMA_TESTS (a pytest -k expression; default the ones
+#                                            # of the tensor-core kernels and the plan's choice of kernels)
+#   device run: bash bench/gpu_final.sh mmafinal  # as mmavar (MMA_K_CHUNKS: the probe's tile sizes), then the
+#                                            # projection GPU tests and benchmark (until MMAFINAL_END s, default 520)
+#   device run: bash bench/gpu_final.sh mma  # build, the tensor-core Gram / rescale against Triton
+#                                            # (bench/probe/mma_grouped.py), projection GPU tests
 #   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table), then (while
@@ -97,6 +106,16 @@ seed_build
           --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
           python3 bench/probe/grouped_cuda.py --variants .build/variants --once $v > "$OUT/ncu_$v.txt" 2>&1
       done; } > "$OUT/grouped_probe.log" 2>&1 &
+    probe_pid=$!
+  fi
+  if { [ "$PART" = mmavar ] || [ "$PART" = mmafinal ]; } && [ -d .build/variants ]; then   # GPU-only probe, beside
+    { timeout 240 python3 bench/probe/grouped_cuda.py --variants .build/variants --ranks 32,64 --dtypes float32 \
+        --k-chunks "${MMA_K_CHUNKS:-1024,2048}" --out "$OUT"
+      echo "probe rc=$?"
+      timeout 60 ncu --clock-control none -k regex:mma_ --section SpeedOfLight --section Occupancy \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+        python3 bench/probe/grouped_cuda.py --variants .build/variants --once default --once-rank 64 > "$OUT/ncu_mma.txt" 2>&1
+      echo "ncu rc=$?"; } > "$OUT/grouped_probe.log" 2>&1 &
     probe_pid=$!
   fi
   if [ "$PART" = rxr ] && [ -d .bkcache/eig_phases ]; then   # GPU-only probes, beside the CPU-bound build
@@ -198,6 +217,28 @@ seed_build
   elif [ "$PART" = probe ]; then
     echo "== CUDA Gram / rescale against Triton, launch variants"
     timeout 150 python3 bench/probe/grouped_cuda.py --variants .build/variants --out "$OUT"; echo "rc=$?"
+  elif [ "$PART" = mmavar ]; then
+    echo "== GPU tests (projection: ${MMA_TESTS:=mma or kernels_option or extension_errors})"
+    timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py -k "$MMA_TESTS"
+    echo "rc=$?"
+    echo "== tensor-core Gram / rescale variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"
+    sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
+    grep -E "mma_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput|Issue Slots Busy" \
+      "$OUT/ncu_mma.txt" | head -40
+  elif [ "$PART" = mmafinal ]; then
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"
+    projection_tests
+    echo "== projection benchmark"
+    left=$((${MMAFINAL_END:-520} - SECONDS)); [ "$left" -gt 60 ] || left=60
+    timeout $left python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
+    echo "== tensor-core Gram / rescale variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
+    sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
+    grep -E "mma_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy" "$OUT/ncu_mma.txt" | head -20
+  elif [ "$PART" = mma ]; then
+    echo "== tensor-core Gram / rescale against Triton (bench/probe/mma_grouped.py)"
+    timeout 150 python3 bench/probe/mma_grouped.py --out "$OUT"; echo "rc=$?"
+    projection_tests
   elif [ "$PART" = projcheck ]; then
     projection_tests
     echo "== balora check"

@@ -26,8 +26,8 @@ def projection(path=os.path.join(HERE, "projection-h200.json")):
               f"{f(c, 'eig_ms')} | {f(c, 'rescale_ms')} | {f(c, 'floor_ms')} | {c['ours_over_floor']:.1f} | - | - | - |")
     alt = [c for c in d["cases"] if "gram_triton_ms" in c or "rescale_triton_ms" in c]
     if alt:
-        print("\nGram and rescale of ranks <= 16: the kernel ours takes (csrc/grouped.cu where it says cuda) beside the "
-              "Triton kernels, same run, GPU ms\n")
+        print("\nGram and rescale: the kernel ours takes (where it says cuda: csrc/grouped.cu up to r = 16, "
+              "csrc/grouped_mma.cu above) beside the Triton kernels, same run, GPU ms\n")
         print("| model | r | dtype | Gram: ours (kernel) | Gram: Triton | rescale: ours (kernel) | rescale: Triton |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for c in alt:

@@ -89,7 +89,7 @@ def main():
             if key in tried:
                 return tried[key]
             try:
-                plan = gp.TritonProjectionPlan(ad, fp32_gram=method, cuda_graph=False, tune=tune)
+                plan = gp.TritonProjectionPlan(ad, fp32_gram=method, cuda_graph=False, tune=tune, kernels="triton")
                 plan.run("nearest")
                 plan.run("nearest")
                 if kernel == "gram":

@@ -15,8 +15,9 @@ int bk_balance_launch(const float* grams, const double* eps_f, int P, int n, int
                       double* scratch, int threads, int grid, int smem_bytes, int mats_in_smem,
                       cudaStream_t stream);
 const char* bk_error_string(int err);
-int bk_grouped_max_rank();
+int bk_grouped_max_rank(int dtype);
 int bk_grouped_partial_size(int r);
+int bk_grouped_mma_rank_block(int r);
 int bk_grouped_gram_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, float* partials,
                            int partial_stride, const long long* ranges, int* counters, float* grams,
                            cudaStream_t stream);
@@ -73,10 +74,16 @@ void check_tiles(const char* op, const at::Tensor& tiles, int64_t n_b, int64_t n
                   tiles.scalar_type(), " ", tiles.sizes()));
   TORCH_CHECK(n_b >= 0 && n_a >= 0 && n_b + n_a == tiles.size(0), bk::msg(op, ": n_b=", n_b, " + n_a=", n_a,
               " must be the table's ", tiles.size(0), " tiles"));
-  TORCH_CHECK(r >= 1 && r <= bk_grouped_max_rank(), bk::msg(op, ": rank r=", r, " must be in [1, ",
-              bk_grouped_max_rank(), "]"));
   TORCH_CHECK(dtype >= 0 && dtype <= 2, bk::msg(op, ": dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got ",
               dtype));
+  TORCH_CHECK(r >= 1 && r <= bk_grouped_max_rank((int)dtype), bk::msg(op, ": rank r=", r, " must be in [1, ",
+              bk_grouped_max_rank((int)dtype), "] for ", dtype == 0 ? "float32" : "16-bit", " factors"));
+}
+
+// The padded size R of grams / tw must hold the kernels' rank block (r itself up to 16; 32 or 64 above).
+void check_block(const char* op, const char* what, int64_t r, int64_t R) {
+  const int64_t need = r > 16 ? bk_grouped_mma_rank_block((int)r) : r;
+  TORCH_CHECK(R >= need, bk::msg(op, ": ", what, " must be [P, 2, R, R] with R >= ", need, " for r=", r, ", got R=", R));
 }
 
 // tiles int64 [n_b + n_a, 6] (B tiles first), partials fp32 [S, R, R] (workspace: each tile's packed partial in
@@ -92,6 +99,7 @@ void grouped_gram(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t r, 
               ": grams must be contiguous float32 [P, 2, R, R] with R >= r=", r, ", got ", grams.scalar_type(), " ",
               grams.sizes()));
   const int64_t P = grams.size(0), R = grams.size(2);
+  check_block(op, "grams", r, R);
   TORCH_CHECK(partials.is_cuda() && partials.scalar_type() == at::kFloat && partials.is_contiguous() &&
                   partials.dim() == 3 && partials.size(1) * partials.size(2) >= bk_grouped_partial_size((int)r),
               bk::msg(op, ": partials must be contiguous float32 [S, R, R] holding ", bk_grouped_partial_size((int)r),
@@ -127,6 +135,7 @@ void grouped_rescale(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t 
                   tw.size(1) == 2 && tw.size(2) == tw.size(3) && tw.size(2) >= r, bk::msg(op,
               ": tw must be contiguous float32 [P, 2, R, R] with R >= r=", r, ", got ", tw.scalar_type(), " ",
               tw.sizes()));
+  check_block(op, "tw", r, tw.size(2));
   TORCH_CHECK(status.is_cuda() && status.scalar_type() == at::kInt && status.is_contiguous() && status.dim() == 1 &&
                   status.size(0) == tw.size(0), bk::msg(op, ": status must be contiguous int32 [", tw.size(0), "], got ",
                   status.scalar_type(), " ", status.sizes()));

@@ -1,6 +1,8 @@
 // Grouped Gram and grouped in-place rescale of small-rank adapters (r <= 16) on the CUDA cores: the CUDA path of
 // steps 1-2 and 4 of balora_kernels/ops/grouped_projection.py (whose Triton kernels are the fallback and the
-// path for larger ranks). Same device tile table as the Triton kernels, one launch per kernel and dtype:
+// path for larger ranks and 16-bit factors above r = 16); float32 factors of ranks 17 to 64 take the tensor-core
+// kernels of csrc/grouped_mma.cu from this file's entry points (the end of this file). Same device tile table as
+// the Triton kernels, one launch per kernel and dtype:
 //
 //   tiles int64 [n_b + n_a, 6]: (factor address, row stride of A, k_start, k_len, Gram slot, pair); B tiles
 //   (rows [k_start, k_start + k_len) of B [out, r], row stride r) first, then A tiles (columns of A [r, in]).
@@ -406,9 +408,23 @@ int by_dtype_rank(int dtype, int r, Args... args) {
 
 extern "C" {
 
-// Largest rank the kernels take; the packed partial of a tile needs partial_stride >= bk_grouped_partial_size(r).
-int bk_grouped_max_rank() { return 16; }
+// csrc/grouped_mma.cu: float32 factors of ranks 17 to 64 on the tensor cores.
+int bk_grouped_mma_rank_block(int r);
+int bk_grouped_mma_gram_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, float* partials,
+                               int partial_stride, const long long* ranges, int* counters, float* grams,
+                               cudaStream_t stream);
+int bk_grouped_mma_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, const float* tw,
+                                  const int* status, int skip_bits, cudaStream_t stream);
+
+// Largest rank the kernels take for a dtype code (0 float32, 1 bfloat16, 2 float16): float32 factors above 16
+// take csrc/grouped_mma.cu's tensor-core kernels. A tile's partial needs partial_stride >= bk_grouped_partial_size(r)
+// floats: a packed triangle up to r = 16, an RK x RK square above.
+int bk_grouped_max_rank(int dtype) { return dtype == kF32 ? 64 : 16; }
 int bk_grouped_partial_size(int r) {
+  if (r > 16) {
+    const int rk = bk_grouped_mma_rank_block(r);
+    return rk * rk;
+  }
   const int rk = r <= 4 ? 4 : (r <= 8 ? 8 : 16);
   return (rk * (rk + 1) / 2 + 31) / 32 * 32;
 }
@@ -418,16 +434,26 @@ int bk_grouped_partial_size(int r) {
 int bk_grouped_gram_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, float* partials,
                            int partial_stride, const long long* ranges, int* counters, float* grams,
                            cudaStream_t stream) {
-  if (r < 1 || r > 16 || dtype < 0 || dtype > 2 || partial_stride < bk_grouped_partial_size(r)) return 1;
+  if (dtype < 0 || dtype > 2 || r < 1 || r > bk_grouped_max_rank(dtype) || R < r ||
+      partial_stride < bk_grouped_partial_size(r) || (r > 16 && R < bk_grouped_mma_rank_block(r)))
+    return 1;
   if (n_b + n_a == 0) return 0;
+  if (r > 16)
+    return bk_grouped_mma_gram_launch(tiles, n_b, n_b + n_a, r, R, partials, partial_stride, ranges, counters, grams,
+                                      stream);
   return by_dtype_rank<GramLaunch>(dtype, r, tiles, n_b, n_b + n_a, r, R, partials, partial_stride, ranges,
                                    counters, grams, stream);
 }
 
 int bk_grouped_rescale_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, const float* tw,
                               const int* status, int skip_bits, cudaStream_t stream) {
-  if (r < 1 || r > 16 || dtype < 0 || dtype > 2) return 1;
+  // (above r = 16, R >= the rank block as for the Gram, csrc/bindings.cpp's rule: the kernels read only the r x r
+  // block of tw and of each Gram's partials, so R >= r would do; one rule for both ops)
+  if (dtype < 0 || dtype > 2 || r < 1 || r > bk_grouped_max_rank(dtype) || R < r ||
+      (r > 16 && R < bk_grouped_mma_rank_block(r)))
+    return 1;
   if (n_b + n_a == 0) return 0;
+  if (r > 16) return bk_grouped_mma_rescale_launch(tiles, n_b, n_b + n_a, r, R, tw, status, skip_bits, stream);
   return by_dtype_rank<RescaleLaunch>(dtype, r, tiles, n_b, n_b + n_a, r, R, tw, status, skip_bits, stream);
 }
 

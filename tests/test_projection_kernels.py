@@ -11,7 +11,8 @@
 * GPU tests (``-m gpu``): the whole plan (CUDA extension) against the reference on Llama-like mixed
   shapes for r in {1, 8, 16, 64, 128} and fp32 / bf16 / fp16; the rank policy on the device's Grams;
   the float32 Gram methods; the CUDA Gram and rescale of ranks <= 16 (csrc/grouped.cu: every rank block,
-  each dtype, misaligned factors, odd tiles, non-finite pairs, the kernels option, the ops' argument errors);
+  each dtype, misaligned factors, odd tiles, non-finite pairs, the kernels option, the ops' argument errors) and
+  their tensor-core kernels for float32 ranks 17 to 64 (csrc/grouped_mma.cu: both rank blocks, the same cases);
   degenerate pairs; CUDA-graph capture and replay; bitwise determinism; the fallback without the extension.
   (The interpreted-kernel child is skipped where Triton's interpreter cannot run the kernels, triton < 3.9.)
 Outputs of kernels are poisoned (NaN) before they are written.
@@ -472,6 +473,35 @@ def test_extension_refused_on_gpus_older_than_its_kernels(monkeypatch):
     assert "-gencode=arch=compute_90,code=compute_90" in _ext.CUDA_ARCH_FLAGS   # PTX: JIT-compiled on newer GPUs
 
 
+def test_extension_from_before_the_tensor_core_kernels_keeps_float32_ranks_above_16_on_triton(monkeypatch):
+    """grouped_max_rank asks the loaded extension once whether its grouped_rescale takes float32 rank 64 (a call on an
+    empty tile table): a prebuilt library from sources before csrc/grouped_mma.cu (same op schemas, still loaded for
+    the projection) refuses it, and float32 ranks above 16 then stay on Triton instead of failing in the op; one that
+    takes it gives 64; without the extension the package's own limits, nothing asked. (On the GPU:
+    test_gpu_extension_takes_float32_ranks_to_64.)"""
+    from balora_kernels import _ext
+    monkeypatch.setattr(_ext, "_fp32_max_rank", {})
+    monkeypatch.setattr(_ext, "_current_cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(_ext, "grouped_available", lambda: False)
+    assert (_ext.grouped_max_rank(True), _ext.grouped_max_rank(False), _ext._fp32_max_rank) == (64, 16, {})
+    monkeypatch.setattr(_ext, "grouped_available", lambda: True)
+    asked = []
+
+    def rescale_op(refuses):
+        def op(tiles, n_b, n_a, r, dtype, tw, status, skip_bits):
+            asked.append((tuple(tiles.shape), n_b, n_a, r, dtype, tuple(tw.shape), tuple(status.shape)))
+            if refuses:
+                raise RuntimeError(f"balora::grouped_rescale: rank r={r} must be in [1, 16]")
+        return op
+
+    monkeypatch.setattr(_ext, "grouped_rescale", rescale_op(refuses=True))
+    assert _ext.grouped_max_rank(True) == 16 and _ext.grouped_max_rank(True) == 16 and _ext.grouped_max_rank(False) == 16
+    assert asked == [((0, 6), 0, 0, 64, 0, (0, 2, 64, 64), (0,))]     # asked once, with nothing to launch
+    monkeypatch.setattr(_ext, "_fp32_max_rank", {})
+    monkeypatch.setattr(_ext, "grouped_rescale", rescale_op(refuses=False))
+    assert _ext.grouped_max_rank(True) == 64 and len(asked) == 2
+
+
 def test_extension_build_lock_left_behind_is_reported_not_waited_on(monkeypatch, tmp_path):
     """A JIT build killed part-way leaves torch.utils.cpp_extension's lock file in the build folder, and torch waits
     for it without limit: an old one makes the extension unavailable with a reason naming the file (callers fall
@@ -928,6 +958,29 @@ def _grouped_cases(dtype, seed):
     return pairs
 
 
+def check_cuda_gram(plan, pairs, what, first_bad):
+    """A CUDA Gram plan (csrc/grouped.cu, grouped_mma.cu): check_grams on Grams poisoned before, bitwise equal over two
+    launches, the per-Gram counters left zero; then a NaN in A of pair first_bad and an Inf in B of the next pair
+    reach those two Grams and no other (nor the pair after them: it stays finite)."""
+    for g in plan.groups:
+        g.grams.fill_(float("nan"))
+    plan.gram()
+    check_grams(plan, pairs, what)
+    first = [g.grams.clone() for g in plan.groups]
+    for g in plan.groups:
+        g.grams.fill_(float("nan"))
+    plan.gram()
+    for g, f in zip(plan.groups, first):
+        assert torch.equal(g.grams, f) and int(g.counters.abs().sum()) == 0, what
+    a, b = first_bad, first_bad + 1
+    pairs[a][0][1, 3] = float("nan")
+    pairs[b][1][7, 0] = float("inf")
+    plan.gram()
+    G = {i: g.grams[p] for g in plan.groups for p, i in enumerate(g.pair_ids)}
+    assert not torch.isfinite(G[a][1]).all() and not torch.isfinite(G[b][0]).all(), what
+    assert torch.isfinite(G[a][0]).all() and torch.isfinite(G[b][1]).all() and torch.isfinite(G[b + 1]).all(), what
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k_chunk", [None, 999])
@@ -939,22 +992,7 @@ def test_gpu_cuda_gram(dtype, k_chunk):
     pairs = _grouped_cases(dtype, seed=80)
     plan = _cuda_plan(pairs, kernels="cuda", k_chunk=k_chunk)   # "auto" keeps 16-bit Grams in Triton
     assert all(k == CUDA for k in plan.kernels.values()) and plan.backend == "cuda-grouped+cuda-ext", plan.backend
-    for g in plan.groups:
-        g.grams.fill_(float("nan"))
-    plan.gram()
-    check_grams(plan, pairs, f"cuda {dtype}")
-    first = [g.grams.clone() for g in plan.groups]
-    for g in plan.groups:
-        g.grams.fill_(float("nan"))
-    plan.gram()
-    for g, f in zip(plan.groups, first):
-        assert torch.equal(g.grams, f) and int(g.counters.abs().sum()) == 0
-    pairs[4][0][1, 3] = float("nan")          # rank 3: A [3, 4096], B [11008, 3] (pair 5)
-    pairs[5][1][7, 0] = float("inf")
-    plan.gram()
-    G = {i: g.grams[p] for g in plan.groups for p, i in enumerate(g.pair_ids)}
-    assert not torch.isfinite(G[4][1]).all() and not torch.isfinite(G[5][0]).all()
-    assert torch.isfinite(G[4][0]).all() and torch.isfinite(G[5][1]).all() and torch.isfinite(G[6]).all()
+    check_cuda_gram(plan, pairs, f"cuda {dtype}", 4)   # rank 3: A [3, 4096], B [11008, 3] (pair 5)
 
 
 @pytest.mark.gpu
@@ -968,20 +1006,71 @@ def test_gpu_cuda_rescale(dtype):
     check_rescale(plan, pairs, skip=6)
 
 
+def _mma_cases(seed):
+    """Float32 pairs of both rank blocks of the tensor-core Gram / rescale (csrc/grouped_mma.cu: RK = 32 for r = 17
+    to 32, 64 for 33 to 64; full and partial), Llama-sized and awkward shapes (one tile, several with a short last
+    one, fewer rows than a chunk, A rows not a multiple of 4 long), plus factors 16-byte misaligned (views at an
+    odd element offset: the element copies)."""
+    f32 = torch.float32
+    specs = []
+    for r in (17, 32, 33, 64):
+        specs += [(r, 4096, 4096, f32), (r, 4096, 11008, f32), (r, 1000, 37, f32), (r, 37, 2500, f32)]
+    for r in (24, 40, 63):
+        specs += [(r, 1001, 37, f32), (r, 2049, 515, f32)]
+    pairs = make_pairs(specs, device="cuda", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for r in (32, 64):
+        A = (torch.randn(r * 3001 + 1, generator=g) * 0.02).cuda()[1:].view(r, 3001)
+        B = (torch.randn(2049 * r + 1, generator=g) * 0.3).cuda()[1:].view(2049, r)
+        assert A.is_contiguous() and B.data_ptr() % 16 != 0
+        pairs.append((A, B))
+    return pairs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_chunk", [None, 999])
+def test_gpu_mma_gram(k_chunk):
+    """csrc/grouped_mma.cu's Gram (float32, ranks 17 to 64, the default there with the extension): every Gram within
+    2x the plain float32 Gram's error against float64 (norm and per entry), zero padding, bitwise equal over two
+    launches, the per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tile
+    starts and lengths (chunks past the tile's end)."""
+    pairs = _mma_cases(seed=82)
+    plan = _cuda_plan(pairs, k_chunk=k_chunk)
+    assert all(k == CUDA for k in plan.kernels.values()), plan.kernels
+    check_cuda_gram(plan, pairs, "mma", 0)   # rank 17: A [17, 4096], B [11008, 17] (pair 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_chunk", [None, 999])
+def test_gpu_mma_rescale(k_chunk):
+    """csrc/grouped_mma.cu's rescale: B T and T^-1 A within 2x plain PyTorch's float32 error against float64 for
+    every case of _mma_cases (misaligned factors included); a skipped pair is left bit-identical."""
+    pairs = _mma_cases(seed=92)
+    plan = _cuda_plan(pairs, k_chunk=k_chunk)
+    assert all(k == CUDA for k in plan.kernels.values()), plan.kernels
+    check_rescale(plan, pairs, skip=5)
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_option():
     """kernels="triton" keeps the Triton Gram / rescale for every rank; "auto" takes the CUDA rescale up to rank 16
-    and the CUDA Gram there for float32 factors only (a mixed plan says so); "cuda" takes both for 16-bit factors
-    too and refuses larger ranks, by name."""
+    and the CUDA Gram there for float32 factors only (a mixed plan says so), and both for float32 factors up to
+    rank 64; "cuda" takes both for 16-bit factors up to rank 16 too and refuses what it cannot take, by name."""
     f32, bf16 = torch.float32, torch.bfloat16
-    pairs = make_pairs([(8, 256, 512, f32), (32, 512, 256, f32), (4, 128, 64, bf16)], device="cuda", seed=3)
-    assert _cuda_plan(pairs, kernels="triton").kernels == {8: TRITON, 32: TRITON, 4: TRITON}
+    pairs = make_pairs([(8, 256, 512, f32), (32, 512, 256, f32), (4, 128, 64, bf16), (24, 128, 64, bf16),
+                        (72, 256, 128, f32)], device="cuda", seed=3)
+    assert _cuda_plan(pairs, kernels="triton").kernels == {8: TRITON, 32: TRITON, 4: TRITON, 24: TRITON, 72: TRITON}
     auto = _cuda_plan(pairs)
-    assert auto.kernels == {8: CUDA, 32: TRITON, 4: {"gram": "triton", "rescale": "cuda"}}, auto.kernels
+    assert auto.kernels == {8: CUDA, 32: CUDA, 4: {"gram": "triton", "rescale": "cuda"}, 24: TRITON, 72: TRITON}, \
+        auto.kernels
     assert auto.backend == "triton+cuda-grouped+cuda-ext"
-    assert _cuda_plan([pairs[0], pairs[2]], kernels="cuda").kernels == {8: CUDA, 4: CUDA}
-    with pytest.raises(ValueError, match="kernels='cuda' takes ranks up to 16, got pairs of rank 32"):
-        _cuda_plan(pairs, kernels="cuda")
+    assert _cuda_plan(pairs[:3], kernels="cuda").kernels == {8: CUDA, 32: CUDA, 4: CUDA}
+    with pytest.raises(ValueError, match="kernels='cuda' takes ranks up to 16 \\(64 for float32 factors\\), got pairs "
+                                         "of rank 24 with 16-bit factors"):
+        _cuda_plan(pairs[:4], kernels="cuda")
+    with pytest.raises(ValueError, match="kernels='cuda' takes ranks up to 16 \\(64 for float32 factors\\), got pairs "
+                                         "of rank 72$"):
+        _cuda_plan(pairs[4:], kernels="cuda")
     with pytest.raises(ValueError, match="kernels='cuda' is unavailable: the r x r step runs in torch"):
         _cuda_plan(pairs[:1], kernels="cuda", transforms="torch")
     assert _cuda_plan(pairs[:1], transforms="torch").kernels == {8: TRITON}
@@ -1234,6 +1323,17 @@ def test_gpu_plan_replays_its_own_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_extension_takes_float32_ranks_to_64():
+    """The built extension's grouped_rescale takes float32 factors up to rank 64 and refuses 65 (the question
+    grouped_max_rank asks once per process: test_extension_from_before_the_tensor_core_kernels_...), so the plan
+    sends float32 ranks 17 to 64 to csrc/grouped_mma.cu."""
+    from balora_kernels import _ext
+    assert _ext.load() is not None, _ext.error()
+    assert _ext._takes_fp32_rank(64) and not _ext._takes_fp32_rank(65)
+    assert _ext.grouped_max_rank(True) == 64 and _ext.grouped_max_rank(False) == 16
+
+
+@pytest.mark.gpu
 def test_gpu_extension_errors_are_exceptions():
     """Bad arguments to the compiled op raise RuntimeError naming the problem (on the H200 machine an integer
     streamed into a message from the extension once crashed the process: csrc/messages.h)."""
@@ -1248,8 +1348,16 @@ def test_gpu_extension_errors_are_exceptions():
         torch.ops.balora.balance_transforms(*args[:2], 8, 0, z(3), *args[5:])
     tiles = torch.zeros(3, 6, dtype=torch.int64, device="cuda")
     gram_args = [tiles, 2, 1, 8, 0, z(3, 16, 16), z(2, 2, dt=torch.int64), z(2, dt=torch.int32), z(1, 2, 16, 16)]
-    with pytest.raises(RuntimeError, match=r"grouped_gram: rank r=17 must be in \[1, 16\]"):
-        torch.ops.balora.grouped_gram(*gram_args[:3], 17, *gram_args[4:])
+    with pytest.raises(RuntimeError, match=r"grouped_gram: rank r=17 must be in \[1, 16\] for 16-bit factors"):
+        torch.ops.balora.grouped_gram(*gram_args[:3], 17, 1, *gram_args[5:])
+    with pytest.raises(RuntimeError, match=r"grouped_gram: rank r=65 must be in \[1, 64\] for float32 factors"):
+        torch.ops.balora.grouped_gram(*gram_args[:3], 65, *gram_args[4:])
+    with pytest.raises(RuntimeError, match=r"grouped_gram: grams must be \[P, 2, R, R\] with R >= 32 for r=17, got "
+                                           r"R=20"):
+        torch.ops.balora.grouped_gram(*gram_args[:3], 17, *gram_args[4:8], z(1, 2, 20, 20))
+    with pytest.raises(RuntimeError, match=r"grouped_rescale: tw must be \[P, 2, R, R\] with R >= 64 for r=40, got "
+                                           r"R=48"):
+        torch.ops.balora.grouped_rescale(tiles, 2, 1, 40, 0, z(1, 2, 48, 48), z(1, dt=torch.int32), 3)
     with pytest.raises(RuntimeError, match=r"grouped_gram: n_b=2 \+ n_a=2 must be the table's 3 tiles"):
         torch.ops.balora.grouped_gram(tiles, 2, 2, *gram_args[3:])
     with pytest.raises(RuntimeError, match=r"grouped_gram: counters must be contiguous int32 \[2\], got Int \[5\]"):

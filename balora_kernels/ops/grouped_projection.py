@@ -23,9 +23,11 @@ Ranks up to 16 take CUDA-core kernels for steps 1-2 and 4 when the extension has
 :data:`KERNELS`): ``torch.ops.balora.grouped_gram`` (csrc/grouped.cu: one warp per tile, one lane per row, the
 tile's partial summed by a fixed butterfly; the last tile of each Gram to finish sums the partials in tile order,
 an integer counter per Gram, no float atomics: still bitwise reproducible) and ``grouped_rescale`` (one thread per
-row of B / column of A, float32 FMAs, one rounding), on the same tile tables. Measured on an H200
-(bench/results/projection-h200.json, ``gram_triton_ms`` / ``rescale_triton_ms`` beside ours). The Triton kernels
-above are the path for larger ranks and wherever the extension is not built (and what CI runs).
+row of B / column of A, float32 FMAs, one rounding), on the same tile tables; float32 factors of ranks 17 to 64
+take the same two ops' tensor-core kernels (csrc/grouped_mma.cu: one block per tile, 3xTF32 ``mma.m16n8k8``, the
+same counters and tile-order sums). Measured on an H200 (bench/results/projection-h200.json, ``gram_triton_ms`` /
+``rescale_triton_ms`` beside ours). The Triton kernels above are the path for 16-bit factors above rank 16, ranks
+above 64 and wherever the extension is not built (and what CI runs).
 
 Tables (addresses, strides, tile ranges) are built once in :class:`TritonProjectionPlan.__init__`.
 """
@@ -59,6 +61,12 @@ def padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+# Rows per tile of the rank groups that take csrc/grouped_mma.cu's Gram (float32, ranks 17 to 64): 2048, measured on
+# an H200 against 1024 (7B adapters, bench/results/logs/session16-mma-variants-2026-12-02.json): Gram r = 64 0.448 ->
+# 0.402 ms, r = 32 0.226 -> 0.174; rescale r = 64 0.573 -> 0.583, r = 32 0.186 -> 0.190.
+MMA_K_CHUNK = 2048
+
+
 def _block_k(R: int) -> int:
     """Rows (of B) / columns (of A) per inner step: about 4096 elements per [R, BLOCK_K] tile."""
     return max(16, min(256, 4096 // R))
@@ -90,7 +98,8 @@ def _num_warps(R: int) -> int:
 # parameters before R = 64's were re-measured for fp16x3). FMA dots stay the R = 16 default for accuracy: the
 # tensor cores' float32 accumulation left 2e-6 relative error on a 4096-row Gram against 1.4e-7 for FMA dots (an
 # earlier version of tests/test_projection_kernels.py::test_gpu_gram_methods, bench/results/logs/projection-2026-
-# 11-28-rank-policy.txt). (Ranks <= 16 take the CUDA Gram of csrc/grouped.cu when the extension is loaded.) Also
+# 11-28-rank-policy.txt). (With the extension loaded, float32 Grams of ranks up to 64 take the CUDA Grams of
+# csrc/grouped.cu / grouped_mma.cu: KERNELS below.) Also
 # measured and not kept: a rescale by tl.sum over a [rows, RC, RC] product took 0.36 ms against 0.10 for tl.dot
 # at r = 8 (bench/results/logs/session4-projection-probe-2026-11-28.txt; its 1e-3 product errors at r = 16 there
 # were a race, stores before other threads' loads of the same rows, which the "outer" rescale below closes with a
@@ -104,13 +113,16 @@ FMA_MAX_RANK = 8        # "fma" keeps a [rows, RC, RC] float32 accumulator in re
 # 0.041); 7B float32 0.128 outer against 0.102 dot.
 RESCALE_METHODS = ("auto", "dot", "outer")
 # Which kernels compute a rank group's Grams and rescale: "triton" (above) or "cuda" (csrc/grouped.cu, ranks <=
-# _ext.GROUPED_MAX_RANK, when the r x r step runs in the extension and it has the ops); "cuda" takes both there;
-# "auto" takes the CUDA rescale there, and the CUDA Gram for groups of float32 factors only. Measured on an H200,
+# _ext.grouped_max_rank: 16, or 64 for groups of float32 factors (csrc/grouped_mma.cu above 16), when the r x r step
+# runs in the extension and it has the ops); "cuda" takes both there; "auto" takes the CUDA rescale there, and the
+# CUDA Gram for groups of float32 factors only. Measured on an H200,
 # 7B adapters (bench/results/logs/grouped-cuda-probe-2026-11-28.json, GPU ms Triton -> CUDA): float32 Gram r = 8
 # 0.083 -> 0.039, r = 16 0.232 -> 0.083 (0.072 since its lanes prefetch their next rows,
 # bench/results/logs/session8-grouped-final-probe-2026-12-01.txt); bf16 Gram r = 8 0.055 -> 0.077, r = 16
 # 0.058 -> 0.17 (slower: kept in Triton); rescale float32 r = 8 0.101 -> 0.050, r = 16 0.110 -> 0.103, bf16
-# 0.058 -> 0.039, 0.105 -> 0.089. A plan
+# 0.058 -> 0.039, 0.105 -> 0.089; float32 on the tensor cores (bench/results/logs/session16-mma-presplit-probe-
+# 2026-12-02.json): Gram r = 32 0.978 -> 0.173, r = 64 0.468 -> 0.404, rescale r = 32 0.277 -> 0.191, r = 64 0.612
+# -> 0.582. A plan
 # says what each rank group took (``TritonProjectionPlan.kernels``) and why (``kernels_why``).
 KERNELS = ("auto", "triton", "cuda")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # csrc/grouped.cu's dtype codes
@@ -530,7 +542,10 @@ class _RankGroup:
             self.overrides["k_chunk"] = k_chunk
         self.gram_precision, self.rescale_precision = _dot_precision(self.R, "gram"), _dot_precision(self.R, "rescale")
         self.fp32_gram = _fp32_gram_method(self.R, r, fp32_gram)
-        self.k_chunk = self.overrides.get("k_chunk") or _k_chunk(self.R)   # one tile split for every dtype
+        # one tile split for every dtype (the tensor-core CUDA kernels: longer tiles, MMA_K_CHUNK)
+        from .. import _ext
+        mma = kernels[0] == "cuda" and r > _ext.GROUPED_MAX_RANK
+        self.k_chunk = self.overrides.get("k_chunk") or (MMA_K_CHUNK if mma else _k_chunk(self.R))
         # each pair's factor rounding unit: the product noise floor of the r x r step
         self.eps_f = torch.tensor([reference.factor_eps(*pairs[i]) for i in pair_ids], dtype=torch.float64,
                                   device=device)
@@ -550,7 +565,8 @@ class _RankGroup:
                     slot += 1
         self.n_slots = slot
         self.ranges = torch.tensor(ranges, dtype=torch.int64, device=device)
-        self.launches = [_LaunchGroup(dt, tb, ta, device, self.R, self.overrides) for dt, (tb, ta) in by_dtype.items()]
+        self.launches = [_LaunchGroup(dt, tb, ta, device, self.R, {**self.overrides, "k_chunk": self.k_chunk})
+                         for dt, (tb, ta) in by_dtype.items()]
         for lg in self.launches:
             lg.rescale_method = _rescale_method(r, lg.dtype, rescale)
         # zeros: the "fma" Gram writes only the RC x RC corner of its slots (the CUDA Gram: packed triangles)
@@ -627,12 +643,13 @@ class TritonProjectionPlan:
         self.groups, first = [], 0
         from .. import _ext
         for r, ids in by_rank.items():
-            if kernels == "cuda" and r > _ext.GROUPED_MAX_RANK:
-                raise ValueError(f"TritonProjectionPlan: kernels='cuda' takes ranks up to {_ext.GROUPED_MAX_RANK}, "
-                                 f"got pairs of rank {r}")
-            small = cuda_ok and r <= _ext.GROUPED_MAX_RANK
             fp32 = all(t.dtype == torch.float32 for i in ids for t in self.pairs[i])
-            k = ("cuda" if small and (fp32 or kernels == "cuda") else "triton", "cuda" if small else "triton")
+            in_range = cuda_ok and r <= _ext.grouped_max_rank(fp32)   # (kernels="cuda": cuda_ok, or raised above)
+            if kernels == "cuda" and not in_range:
+                raise ValueError(f"TritonProjectionPlan: kernels='cuda' takes ranks up to {_ext.GROUPED_MAX_RANK} "
+                                 f"({_ext.grouped_max_rank(True)} for float32 factors), got pairs of rank {r}"
+                                 f"{'' if fp32 else ' with 16-bit factors'}")
+            k = ("cuda" if in_range and (fp32 or kernels == "cuda") else "triton", "cuda" if in_range else "triton")
             self.groups.append(_RankGroup(r, ids, self.pairs, first, self.device, k_chunk, fp32_gram, tune, rescale, k))
             first += len(ids)
         # rank -> {"gram": ..., "rescale": ...}, each "cuda" or "triton": the kernels of that rank group
@@ -657,7 +674,7 @@ class TritonProjectionPlan:
         self._side_stream = torch.cuda.Stream(self.device) if graphs_possible else None
 
     def _cuda_kernels_available(self, kernels: str) -> Tuple[bool, str]:
-        """(whether rank groups up to GROUPED_MAX_RANK take the CUDA Gram / rescale, why); raises when
+        """(whether rank groups up to _ext.grouped_max_rank take the CUDA Gram / rescale, why); raises when
         ``kernels="cuda"`` cannot be honoured."""
         from .. import _ext
         if kernels == "triton":
@@ -669,8 +686,12 @@ class TritonProjectionPlan:
         elif not _ext.grouped_available():
             why = f"the extension has no grouped_gram/grouped_rescale ({_ext.how()})"
         else:
-            return True, (f"CUDA rescale for ranks <= {_ext.GROUPED_MAX_RANK}, and CUDA Gram there for float32 "
-                          f"factors{' and 16-bit ones (requested)' if kernels == 'cuda' else ''}; Triton otherwise")
+            fp32_max = _ext.grouped_max_rank(True)
+            above = (f"tensor cores above {_ext.GROUPED_MAX_RANK}" if fp32_max > _ext.GROUPED_MAX_RANK else
+                     f"the loaded extension predates the tensor-core kernels of higher ranks: {_ext.how()}")
+            return True, (f"CUDA Gram and rescale for float32 factors of ranks <= {fp32_max} ({above}), CUDA rescale "
+                          f"{'and Gram (requested) ' if kernels == 'cuda' else ''}for 16-bit ones of ranks <= "
+                          f"{_ext.GROUPED_MAX_RANK}; Triton otherwise")
         if kernels == "cuda":
             raise ValueError(f"TritonProjectionPlan: kernels='cuda' is unavailable: {why}")
         return False, why

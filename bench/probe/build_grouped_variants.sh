@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Standalone builds of csrc/grouped.cu with other launch macros, for bench/probe/grouped_cuda.py (no torch
-# headers needed: runs on a machine with nvcc only; the libraries link the CUDA runtime statically).
-# Usage: bench/probe/build_grouped_variants.sh [OUTDIR]   (default .build/variants)
+# Standalone builds of csrc/grouped.cu (with csrc/grouped_mma.cu, which its entry points call) with other launch
+# macros, for bench/probe/grouped_cuda.py (no torch headers needed: runs on a machine with nvcc only; the libraries
+# link the CUDA runtime statically).
+# Usage: bench/probe/build_grouped_variants.sh [OUTDIR] [SET]   (default .build/variants; SET small (default): the
+# CUDA-core kernels' macros (ranks <= 16), mma: csrc/grouped_mma.cu's (float32, ranks 17 to 64))
 #
 # Tried on an H200 in session 8 and removed again (bench/results/logs/session8-grouped-*-2026-12-01.*): the Gram's
 # triangle split over 2 or 4 warps per tile (0.079 - 0.15 ms against 0.072 with prefetch, r = 16 float32), a
@@ -15,14 +17,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-.build/variants}"
+SET="${2:-small}"
 mkdir -p "$out"
 build() {  # name, macros...
   local name="$1"; shift
-  if ! nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu -o "$out/$name.so" \
+  if ! nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu csrc/grouped_mma.cu -o "$out/$name.so" \
     > "$out/$name.ptxas.txt" 2>&1; then
     cat "$out/$name.ptxas.txt" >&2
     echo "build of variant $name failed" >&2
     return 1
+  fi
+  if [ "${SET:-}" = mma ]; then
+    echo "$name: $(grep -A3 'Compiling entry.*mma_.*Li64' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers\|[0-9]* bytes spill stores' | tr '\n' ' ')"
+    return 0
   fi
   echo "$name: gram f32 r16 $(grep -A3 'Compiling entry.*grouped_gram_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')," \
     "rescale f32 r16 $(grep -A3 'Compiling entry.*grouped_rescale_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')," \
@@ -33,6 +40,13 @@ pair() {  # two builds side by side (2 cores); fails when either does
   build "$3" $4
   wait "$p"
 }
+if [ "${2:-small}" = mma ]; then
+  # (session 16: these and a split-once / ldmatrix version, since removed; csrc/grouped_mma.cu's header has the numbers)
+  pair default "" mregs1 -DBK_MMA_RESCALE_MREGS=1
+  pair split_cvt -DBK_MMA_SPLIT_CVT=1 stages4 -DBK_MMA_STAGES=4
+  ls -la "$out"
+  exit 0
+fi
 pair default "" no_prefetch "-DBK_GRAM_PREFETCH=0 -DBK_RESCALE_PREFETCH_F32_16=0 -DBK_RESCALE_UNROLL_F32_16=2"
 pair rescale_u2 "-DBK_RESCALE_PREFETCH_F32_16=0 -DBK_RESCALE_UNROLL_F32_16=2" rescale_pf_u2 -DBK_RESCALE_UNROLL_F32_16=2
 ls -la "$out"

@@ -7,8 +7,9 @@ build). For each 7B case (r, dtype): GPU time of the Triton Gram / rescale (a CU
 of every variant, on tiles of each --k-chunks size; each variant's Grams against the Triton plan's (max relative
 error) and bitwise equal over two runs; its rescale against the Triton rescale of copies; each kernel's time on
 the B tiles alone and on the A tiles alone. Writes grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and
-one rescale of that variant (r=16 fp32), for ncu.
-Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME]
+one rescale of that variant (float32, rank --once-rank, default 16), for ncu. Ranks 17 to 64 (float32): the
+tensor-core kernels of csrc/grouped_mma.cu, which csrc/grouped.cu's entry points call.
+Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME [--once-rank R]]
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def main():
     ap.add_argument("--ranks", default="8,16")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--k-chunks", default="1024", help="rows per tile of the plans the variants run on")
-    ap.add_argument("--once", default=None, help="run variant ONCE's Gram and rescale once (r=16 fp32), for ncu")
+    ap.add_argument("--once", default=None, help="run variant ONCE's Gram and rescale once (float32), for ncu")
+    ap.add_argument("--once-rank", type=int, default=16, help="the rank of --once")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -91,12 +93,13 @@ def main():
 
     shapes = llama_shapes(**MODELS["llama2-7b"])
     if args.once:
-        ad = make_adapters(shapes, 16, torch.float32)
+        r1 = args.once_rank
+        ad = make_adapters(shapes, r1, torch.float32)
         plan = plan_of(ad)
         status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
         for g in plan.groups:
             g.tw.zero_()
-            g.tw[:, :, :16, :16] = torch.eye(16, device="cuda")
+            g.tw[:, :, :r1, :r1] = torch.eye(r1, device="cuda")
         gram_with(libs[args.once], plan)()
         rescale_with(libs[args.once], plan, status)()
         torch.cuda.synchronize()
@@ -112,10 +115,13 @@ def main():
             gaps = torch.zeros(tri.n_pairs, 2, dtype=torch.float64, device="cuda")
             tri.gram()
             tri.transforms_("nearest", status, gaps)
-            ref_grams = [g.grams.clone() for g in tri.groups]
             case = {"r": r, "dtype": str(dtype).replace("torch.", ""),
                     "triton_gram_ms": graph_ms(tri.gram, bench),
                     "triton_rescale_ms": graph_ms(lambda: tri.rescale(status), bench)}
+            # the reference Grams of the factors as the variants see them: the timed rescale above changed them
+            # (until session 16 they were taken before it, so "gram err" measured that drift, not the kernels)
+            tri.gram()
+            ref_grams = [g.grams.clone() for g in tri.groups]
             # accuracy of the variants: Grams against Triton's; rescale of copies against Triton's rescale
             copies_t = [(A.clone(), B.clone()) for A, B in ad]
             ct = plan_of(copies_t)
