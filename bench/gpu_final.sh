@@ -114,7 +114,8 @@ seed_build
       echo "probe rc=$?"
       timeout 60 ncu --clock-control none -k regex:mma_ --section SpeedOfLight --section Occupancy \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-        python3 bench/probe/grouped_cuda.py --variants .build/variants --once default --once-rank 64 > "$OUT/ncu_mma.txt" 2>&1
+        python3 bench/probe/grouped_cuda.py --variants .build/variants --once default --once-rank 64 --once-k-chunk 2048 \
+        > "$OUT/ncu_mma.txt" 2>&1
       echo "ncu rc=$?"; } > "$OUT/grouped_probe.log" 2>&1 &
     probe_pid=$!
   fi

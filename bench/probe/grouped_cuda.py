@@ -7,9 +7,10 @@ build). For each 7B case (r, dtype): GPU time of the Triton Gram / rescale (a CU
 of every variant, on tiles of each --k-chunks size; each variant's Grams against the Triton plan's (max relative
 error) and bitwise equal over two runs; its rescale against the Triton rescale of copies; each kernel's time on
 the B tiles alone and on the A tiles alone. Writes grouped-cuda-probe.json to --out. ``--once NAME``: one Gram and
-one rescale of that variant (float32, rank --once-rank, default 16), for ncu. Ranks 17 to 64 (float32): the
-tensor-core kernels of csrc/grouped_mma.cu, which csrc/grouped.cu's entry points call.
-Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024] [--once NAME [--once-rank R]]
+one rescale of that variant (float32, rank --once-rank, default 16; tiles of --once-k-chunk rows), for ncu. Ranks
+17 to 64 (float32): the tensor-core kernels of csrc/grouped_mma.cu, which csrc/grouped.cu's entry points call.
+Usage: python bench/probe/grouped_cuda.py --variants DIR [--out DIR] [--k-chunks 512,1024]
+       [--once NAME [--once-rank R] [--once-k-chunk K]]
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def main():
     ap.add_argument("--k-chunks", default="1024", help="rows per tile of the plans the variants run on")
     ap.add_argument("--once", default=None, help="run variant ONCE's Gram and rescale once (float32), for ncu")
     ap.add_argument("--once-rank", type=int, default=16, help="the rank of --once")
+    ap.add_argument("--once-k-chunk", type=int, default=None,
+                    help="rows per tile of --once (default: the Triton plan's, 1024 up to rank 64)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -95,7 +98,7 @@ def main():
     if args.once:
         r1 = args.once_rank
         ad = make_adapters(shapes, r1, torch.float32)
-        plan = plan_of(ad)
+        plan = plan_of(ad, k_chunk=args.once_k_chunk)
         status = torch.zeros(plan.n_pairs, dtype=torch.int32, device="cuda")
         for g in plan.groups:
             g.tw.zero_()
