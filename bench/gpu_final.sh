@@ -13,8 +13,6 @@
 #                                            # of the tensor-core kernels and the plan's choice of kernels)
 #   device run: bash bench/gpu_final.sh mmafinal  # as mmavar (MMA_K_CHUNKS: the probe's tile sizes), then the
 #                                            # projection GPU tests and benchmark (until MMAFINAL_END s, default 520)
-#   device run: bash bench/gpu_final.sh mma  # build, the tensor-core Gram / rescale against Triton
-#                                            # (bench/probe/mma_grouped.py), projection GPU tests
 #   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table), then (while
@@ -236,10 +234,6 @@ seed_build
     echo "== tensor-core Gram / rescale variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
     sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
     grep -E "mma_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy" "$OUT/ncu_mma.txt" | head -20
-  elif [ "$PART" = mma ]; then
-    echo "== tensor-core Gram / rescale against Triton (bench/probe/mma_grouped.py)"
-    timeout 150 python3 bench/probe/mma_grouped.py --out "$OUT"; echo "rc=$?"
-    projection_tests
   elif [ "$PART" = projcheck ]; then
     projection_tests
     echo "== balora check"

@@ -2,10 +2,7 @@
 // steps 1-2 and 4 of balora_kernels/ops/grouped_projection.py (whose Triton kernels are the fallback and the
 // path for larger ranks and 16-bit factors above r = 16); float32 factors of ranks 17 to 64 take the tensor-core
 // kernels of csrc/grouped_mma.cu from this file's entry points (the end of this file). Same device tile table as
-// the Triton kernels, one launch per kernel and dtype:
-//
-//   tiles int64 [n_b + n_a, 6]: (factor address, row stride of A, k_start, k_len, Gram slot, pair); B tiles
-//   (rows [k_start, k_start + k_len) of B [out, r], row stride r) first, then A tiles (columns of A [r, in]).
+// the Triton kernels (csrc/grouped_tiles.cuh), one launch per kernel and dtype.
 //
 // Gram: one warp per tile, one lane per row of B / column of A at a time; each lane adds the row's outer product
 // (lower triangle, float32 FMAs) to registers (its next rows already loading), the warp sums its lanes by a fixed butterfly (reduce-scatter) and
@@ -21,6 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <stdint.h>
+
+#include "grouped_tiles.cuh"
 
 namespace {
 
@@ -57,7 +56,6 @@ namespace {
 #ifndef BK_GRAM_PREFETCH   // each lane loads its next rows before adding the current ones (two register buffers)
 #define BK_GRAM_PREFETCH 1
 #endif
-constexpr int kFields = 6;            // the tile table's row (balora_kernels/ops/grouped_projection.py TILE_FIELDS)
 constexpr int kGramWarps = BK_GRAM_WARPS;   // tiles per Gram block (one per warp)
 template <class T>
 __host__ __device__ constexpr int rescale_threads() { return sizeof(T) == 4 ? BK_RESCALE_THREADS_F32 : BK_RESCALE_THREADS_16; }
@@ -76,19 +74,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-struct Tile {
-  char* base;
-  long long stride, k0;
-  int k_len;
-  long long slot;
-  int pair;
-};
-
-__device__ __forceinline__ Tile load_tile(const long long* tiles, int t) {
-  const long long* f = tiles + (long long)t * kFields;
-  return Tile{reinterpret_cast<char*>(f[0]), f[1], f[2], (int)f[3], f[4], (int)f[5]};
-}
 
 // Read-only loads (the Gram) take the non-coherent path; the in-place rescale reads plain loads.
 template <bool NC, class X>

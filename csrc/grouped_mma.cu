@@ -1,10 +1,7 @@
 // Grouped Gram and grouped in-place rescale of float32 adapters of ranks 17 to 64 on the tensor cores (3xTF32):
 // the CUDA path of steps 1-2 and 4 of balora_kernels/ops/grouped_projection.py there, launched through
 // csrc/grouped.cu's bk_grouped_gram_launch / bk_grouped_rescale_launch (the one entry point of each step, which
-// takes csrc/grouped.cu's CUDA-core kernels for ranks <= 16). Same tile table:
-//
-//   tiles int64 [n_b + n_a, 6]: (factor address, row stride of A, k_start, k_len, Gram slot, pair); B tiles
-//   (rows [k_start, k_start + k_len) of B [out, r], row stride r) first, then A tiles (columns of A [r, in]).
+// takes csrc/grouped.cu's CUDA-core kernels for ranks <= 16). Same tile table (csrc/grouped_tiles.cuh).
 //
 // One block of 256 threads per tile (the plan cuts these factors into tiles of 2048 rows). The tile's rows of B
 // (columns of A) stream through a three-stage cp.async ring of chunks of KC = 4096 / RK rows x RK ranks (RK = 32 or
@@ -41,6 +38,9 @@
 
 #include <type_traits>
 
+#include "cp_async.cuh"
+#include "grouped_tiles.cuh"
+
 namespace {
 
 // Launch shapes and methods (macros so that bench/probe builds can compare alternatives:
@@ -63,9 +63,8 @@ namespace {
 constexpr int kThreads = 256;           // 8 warps
 constexpr int kStages = BK_MMA_STAGES;  // cp.async ring depth
 constexpr int kChunkElems = 4096;       // KC x RK floats per chunk
-constexpr int kFields = 6;              // the tile table's row (csrc/grouped.cu, grouped_projection.TILE_FIELDS)
-
-struct Tile {
+// One tile of the table (csrc/grouped_tiles.cuh) as these kernels read it.
+struct TileRows {
   float* base;            // the tile's first row of B / column of A
   long long stride;       // A: row stride (elements); B: r
   int k_len;
@@ -74,9 +73,11 @@ struct Tile {
   bool is_b;
 };
 
-__device__ __forceinline__ Tile load_tile(const long long* tiles, int t, int n_b, int r) {
+// (Reads the row itself, A's stride only for A tiles: built from load_tile, the kernels' PTX came out different
+// from that of the build tested on the H200.)
+__device__ __forceinline__ TileRows tile_rows(const long long* tiles, int t, int n_b, int r) {
   const long long* f = tiles + (long long)t * kFields;
-  Tile tl;
+  TileRows tl;
   tl.is_b = t < n_b;
   tl.stride = tl.is_b ? r : f[1];
   tl.base = reinterpret_cast<float*>(f[0]) + (tl.is_b ? f[2] * r : f[2]);
@@ -85,19 +86,6 @@ __device__ __forceinline__ Tile load_tile(const long long* tiles, int t, int n_b
   tl.pair = (int)f[5];
   return tl;
 }
-
-// cp.async with zero fill: `valid` false copies nothing and writes zeros (src must still be a valid address).
-__device__ __forceinline__ void cp_async16_zfill(float* smem, const float* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4_zfill(float* smem, const float* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // x = hi + lo to about 2^-22 relative: hi = x rounded to tf32 (to nearest, ties away: so |lo| <= 2^-11 |x|; x - hi
 // is exact in float32), lo = x - hi, which the tensor cores read as tf32 (its 13 low bits ignored). Cutting hi
@@ -156,7 +144,7 @@ struct Chunk {
   }
   // Rows [k0, k0 + KC) of the tile into stage s: 16-byte copies where four consecutive elements are all inside
   // the factor and 16-byte aligned (vec: checked once per tile), element copies otherwise, zeros outside.
-  __device__ static __forceinline__ void load(float* s, const Tile& tl, int r, int k0, bool vec) {
+  __device__ static __forceinline__ void load(float* s, const TileRows& tl, int r, int k0, bool vec) {
     constexpr int kGroups = kChunkElems / 4;
 #pragma unroll
     for (int q = 0; q < kGroups / kThreads; ++q) {
@@ -197,7 +185,7 @@ struct Chunk {
 // Whether the tile's chunks can be copied in 16-byte pieces: B rows of exactly RK floats (r == RK) from a 16-byte
 // aligned start; A rows (stride a multiple of 4) from a 16-byte aligned start (then every 4-column group is).
 template <int RK>
-__device__ __forceinline__ bool vec_tile(const Tile& tl, int r) {
+__device__ __forceinline__ bool vec_tile(const TileRows& tl, int r) {
   const bool aligned = (reinterpret_cast<uintptr_t>(tl.base) % 16) == 0;
   return aligned && (tl.is_b ? r == RK : tl.stride % 4 == 0);
 }
@@ -213,23 +201,23 @@ __host__ __device__ constexpr int RescaleLdm() { return RK + 8; }
 
 // Starts the ring: chunks 0 .. kStages - 2 in flight (one commit group each, empty ones included).
 template <class C>
-__device__ __forceinline__ void ring_start(float* ring, const Tile& tl, int r, bool vec, int n_chunks) {
+__device__ __forceinline__ void ring_start(float* ring, const TileRows& tl, int r, bool vec, int n_chunks) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_chunks) C::load(ring + s * C::kFloats, tl, r, s * C::KC, vec);
-    cp_async_commit_group();
+    cp_async_commit();
   }
 }
 
 // Chunk c is in its stage for every thread; chunk c + kStages - 1 is on its way into the stage chunk c - 1 left.
 template <class C>
-__device__ __forceinline__ const float* ring_next(float* ring, const Tile& tl, int r, bool vec, int n_chunks,
+__device__ __forceinline__ const float* ring_next(float* ring, const TileRows& tl, int r, bool vec, int n_chunks,
                                                   int c) {
-  cp_async_wait_group<kStages - 2>();
+  cp_async_wait<kStages - 2>();
   __syncthreads();   // chunk c visible to all; every thread done with chunk c - 1's stage
   const int nc = c + kStages - 1;
   if (nc < n_chunks) C::load(ring + (nc % kStages) * C::kFloats, tl, r, nc * C::KC, vec);
-  cp_async_commit_group();
+  cp_async_commit();
   return ring + (c % kStages) * C::kFloats;
 }
 
@@ -238,12 +226,12 @@ __device__ __forceinline__ const float* ring_next(float* ring, const Tile& tl, i
 // the block that completes a Gram sums its partials in tile order (threadFenceReduction pattern).
 template <int RK, int KG>
 __device__ __forceinline__ void gram_epilogue(float* ring, const float (&S)[4][4], const float (&X)[4][4],
-                                              const Tile& tl, int m0, int n0, int kg, int r, int R,
+                                              const TileRows& tl, int m0, int n0, int kg, int r, int R,
                                               float* __restrict__ partials, int partial_stride,
                                               const long long* __restrict__ ranges, int* __restrict__ counters,
                                               float* __restrict__ grams, int& last) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  cp_async_wait_group<0>();
+  cp_async_wait<0>();
   __syncthreads();   // every warp done with the ring: it becomes E[kg][S or X][RK][RK]
   float* E = ring;
 #pragma unroll
@@ -298,7 +286,7 @@ __device__ __forceinline__ void gram_epilogue(float* ring, const float (&S)[4][4
 // A warp's 32 x 16 outputs (rows k0 + [0, 32) of the tile, columns n0 + [0, 16)), rounded once, over the factor: rows
 // of B (two floats at a time when rows are exactly RK long and aligned) / columns of A.
 template <int RK>
-__device__ __forceinline__ void rescale_store(const float (&acc)[2][2][4], const Tile& tl, int k0, int n0, int g, int t,
+__device__ __forceinline__ void rescale_store(const float (&acc)[2][2][4], const TileRows& tl, int k0, int n0, int g, int t,
                                               int r, bool vec) {
 #pragma unroll
   for (int a = 0; a < 2; ++a)
@@ -341,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, BK_MMA_GRAM_BLOCKS) mma_gram_kernel(
   static_assert(kStages * C::kFloats >= 2 * KG * RK * RK, "the epilogue reuses the ring");
   extern __shared__ __align__(16) float ring[];
   __shared__ int last;
-  const Tile tl = load_tile(tiles, blockIdx.x, n_b, r);
+  const TileRows tl = tile_rows(tiles, blockIdx.x, n_b, r);
   const bool vec = vec_tile<RK>(tl, r);
   const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -406,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, BK_MMA_RESCALE_BLOCKS) mma_rescale_k
   uint32_t* Mh = reinterpret_cast<uint32_t*>(smem);
   uint32_t* Ml = Mh + RK * LDM;
   float* ring = smem + 2 * RK * LDM;
-  const Tile tl = load_tile(tiles, blockIdx.x, n_b, r);
+  const TileRows tl = tile_rows(tiles, blockIdx.x, n_b, r);
   if (status[tl.pair] & skip_bits) return;   // skipped pairs: nothing read or written (whole block)
   const bool vec = vec_tile<RK>(tl, r);
   const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;

@@ -35,6 +35,8 @@
 
 #include <type_traits>
 
+#include "cp_async.cuh"
+
 namespace {
 
 using namespace nvcuda;
@@ -54,14 +56,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Eight consecutive elements [c0, c0 + 8) of one source row into shared memory (16-byte aligned): one cp.async
 // when the row is valid, the eight are inside ncols and the row allows 16-byte copies (vec); otherwise element
