@@ -90,7 +90,8 @@ struct Ctx {
   double* v3;
   double* stage;      // the staged products' operand tiles (stage_doubles(n); ranks >= kBlockedRank only)
   int path;           // how the last pair's T was found (PATH_*) and, on PATH_FAST_NS, the Newton-Schulz steps
-  int ns_steps;       // of both square roots: read by the host build's tests only
+  int ns_steps;       // of the inverse fourth root (PATH_FAST_NS): read by the host build's tests only
+  int polar_steps;    // of polar_ns: likewise
 };
 
 // The kernel's compile-time choice of how it multiplies r x r matrices (see matmul_store): 1 for small ranks
@@ -118,6 +119,34 @@ BK_DEV double block_sum(Ctx& c, double v) {
   double s = 0.0;
   const int nw = c.nt >> 5;
   for (int w = 0; w < nw; ++w) s += c.red[w];
+  return s;
+#endif
+}
+
+// Two block sums with the barriers of one: (a, b) summed over the block, each in block_sum's order.
+struct Sum2 {
+  double a, b;
+};
+BK_DEV Sum2 block_sum2(Ctx& c, double a, double b) {
+#ifdef BK_HOST_EMULATION
+  return {a, b};
+#else
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, o);
+    b += __shfl_down_sync(0xffffffffu, b, o);
+  }
+  BK_SYNC();
+  const int nw = c.nt >> 5;            // <= 16 (blocks of at most 512 threads): c.red holds 32 values
+  if ((c.tid & 31) == 0) {
+    c.red[c.tid >> 5] = a;
+    c.red[16 + (c.tid >> 5)] = b;
+  }
+  BK_SYNC();
+  Sum2 s{0.0, 0.0};
+  for (int w = 0; w < nw; ++w) {
+    s.a += c.red[w];
+    s.b += c.red[16 + w];
+  }
   return s;
 #endif
 }
@@ -563,24 +592,41 @@ BK_DEV void polar(CT& c, const double* Cm, double* Q, double* Vc, double* U, dou
   }
 }
 
-// P = op(A) B [n x n] and ||P - I||_F^2, summed over the block (the sum is also the barrier after P).
+// P = op(A) B [n x n], ||P - I||_F^2 (a) and tr P (b), summed over the block (the sums are also the barrier after P).
 template <class CT>
-BK_DEV double product_off_identity(CT& c, const double* A, bool tA, const double* B, double* P, int n) {
-  double res = 0.0;
+BK_DEV Sum2 product_off_identity(CT& c, const double* A, bool tA, const double* B, double* P, int n) {
+  double res = 0.0, tr = 0.0;
   matmul_store(c, A, tA, B, false, n, n, n, n, n, [&](int i, int j, double s) {
     P[i * n + j] = s;
     const double e = s - (i == j ? 1.0 : 0.0);
     res += e * e;
+    if (i == j) tr += s;
   });
-  return block_sum(c, res);
+  return block_sum2(c, res, tr);
 }
 
+// The Newton-Schulz iterations' scaling (polar_ns, inv_fourth_root_ns): before each step the iterate is scaled
+// so that its matrix P (Q^T Q, or N) has mean eigenvalue 1, s = n / tr P, clamped to [1, NS_SCALE_CAP]: after any
+// step every eigenvalue of P is at most 1 (both maps send (0, 3), resp. (0, 5), into (0, 1]), so s >= 1 and the
+// largest scaled eigenvalue stays below the cap, inside the region of convergence; the iterations converge to the
+// same matrix functions as unscaled ones, in fewer steps when the spectrum is spread (eigenvalues in [0.5, 1]:
+// the step after maps them to [0.91, 0.93] instead of [0.78, 1]). Scalar models of both iterations
+// (bench/probe/ns_scaling.py) on the spectra of the benchmark's 7B pairs (r = 64, condition numbers ~2) and on
+// spread and clustered spectra with condition numbers up to 1e6: 20-40% fewer steps with the cap anywhere in
+// [1.8, 2.5].
+// BK_NS_SCALE_CAP=1 (a probe switch): unscaled iterations.
+#ifndef BK_NS_SCALE_CAP
+#define BK_NS_SCALE_CAP 2.0
+#endif
+constexpr double NS_SCALE_CAP = BK_NS_SCALE_CAP;
+BK_DEV double ns_scale(double tr, int n) { return fmin(fmax(n / tr, 1.0), NS_SCALE_CAP); }
+
 // Orthogonal polar factor Q [m x m] of a nonsingular Cm [m x m] by Newton-Schulz, Q <- Q (3I - Q^T Q) / 2 from
-// Q = Cm / (a bound on ||Cm||_2): matrix products only, no eigendecomposition. Converges (quadratically at
-// the end) to the same factor as polar() whenever Cm is nonsingular; stops one step after ||Q^T Q - I||_F
-// < 1e-8 (then Q is orthogonal to float64 rounding). Returns false, Q unspecified, when it has not converged
-// in NS_MAX_ITERS steps (Cm singular or condition number beyond ~1e10): the caller then uses polar().
-// Workspaces A, Qn [m x m].
+// Q = Cm / (a bound on ||Cm||_2), each step scaled (ns_scale: Q <- sqrt(s) Q first): matrix products only, no
+// eigendecomposition. Converges (quadratically at the end) to the same factor as polar() whenever Cm is
+// nonsingular; stops one step after ||Q^T Q - I||_F < 1e-8 (then Q is orthogonal to float64 rounding). Returns
+// false, Q unspecified, when it has not converged in NS_MAX_ITERS steps (Cm singular or condition number beyond
+// ~1e10): the caller then uses polar(). Workspaces A, Qn [m x m].
 constexpr int NS_MAX_ITERS = 64;
 template <class CT>
 BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, int m) {
@@ -604,18 +650,20 @@ BK_DEV bool polar_ns(CT& c, const double* Cm, double* Q, double* A, double* Qn, 
   double* cur = Q;
   double* nxt = Qn;
   for (int it = 0; it < NS_MAX_ITERS; ++it) {
-    // A = Q^T Q and ||A - I||_F^2 (each thread's share is summed in its tile order: with another thread-to-output
-    // mapping (register blocking, the tensor-core products, the host build) its last bit, and so at the threshold
-    // the iteration count, may differ; Q converges either way)
-    const double res = product_off_identity(c, cur, true, cur, A, m);
-    if (!(res < 1e30)) return false;                            // NaN / divergence
-    const double* q = cur;                                      // Qn = 1.5 Q - 0.5 Q A
+    // A = Q^T Q, ||A - I||_F^2 and tr A (each thread's share is summed in its tile order: with another
+    // thread-to-output mapping (register blocking, the tensor-core products, the host build) its last bit, and so
+    // at the threshold the iteration count, may differ; Q converges either way)
+    const Sum2 rt = product_off_identity(c, cur, true, cur, A, m);
+    if (!(rt.a < 1e30) || !(rt.b > 0.0)) return false;          // NaN / divergence
+    const double s = ns_scale(rt.b, m), mu = sqrt(s);
+    const double* q = cur;                                      // Qn = sqrt(s) (1.5 Q - 0.5 s Q A)
     double* qn = nxt;
     matmul_store(c, cur, false, A, false, m, m, m, m, m,
-                 [=](int i, int j, double s) { qn[i * m + j] = 1.5 * q[i * m + j] - 0.5 * s; });
+                 [=](int i, int j, double v) { qn[i * m + j] = mu * (1.5 * q[i * m + j] - 0.5 * s * v); });
     BK_SYNC();
     double* t = cur; cur = nxt; nxt = t;
-    if (res < 1e-16) {
+    c.polar_steps += 1;
+    if (rt.a < 1e-16) {
       if (cur != Q) copy_mat(c, Q, cur, m);
       return true;
     }
@@ -727,59 +775,80 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
   return true;
 }
 
-// Square root of a symmetric positive definite A [n x n] with eigenvalues in (0, 1] by the coupled Newton-Schulz
-// iteration (Higham, Functions of Matrices, 6.3): Y0 = A, Z0 = I, P = Z Y, Y <- Y (3I - P) / 2, Z <- (3I - P) Z / 2;
-// Y -> A^1/2 and Z -> A^-1/2 (stable: errors do not grow). Matrix products only, no eigendecomposition: on the
-// GPU each step is three block-wide products instead of the Jacobi sweeps' chain of dependent rotations. An
-// eigenvalue mu of A needs about log(1/mu) / log(2.25) steps to reach the quadratic phase. Stops one step after
-// ||P - I||_F < 1e-8; returns false (outputs unspecified) on divergence or after max_iters steps.
-// buf: five n x n workspaces (A may not be one of them); *Y, *Z point into them on return.
+// Inverse fourth root of a symmetric positive definite A [n x n] with eigenvalues in (0, 1] by the coupled Newton
+// iteration for inverse p-th roots, p = 4 (Guo & Higham, SIAM J. Matrix Anal. Appl. 28, 2006; stable): X0 = I,
+// N0 = A, S = (5I - N) / 4, X <- X S, N <- S^4 N; X -> A^-1/4 and N = X^4 A -> I. Each step scaled (ns_scale:
+// X <- s^1/4 X, N <- s N first, which keeps N = X^4 A). Matrix products only, four per step (X N, N^2 for
+// S^2 = (25I - 10 N + N^2) / 16, S^4 = S^2 S^2, S^4 N; the first step's X S needs none), in one chain where two
+// coupled square roots (Y -> A^1/2, then its square root) took two chains of three products per step: the
+// benchmark's 7B pairs at r = 64 (host build), 39 products -> 16 (5 steps and the last X S). An eigenvalue mu of A grows by at least
+// (5/4)^4 = 2.44 per step until the quadratic phase (1 - e -> 1 - 5 e^2 / 8). Stops after the X update that
+// follows ||N - I||_F < 1e-8 (X^4 A = I to float64 rounding then); returns null (outputs unspecified) on
+// divergence or when that has not happened within max_iters steps, else the buffer holding X.
+// buf: six n x n workspaces, buf[0] holding A on entry (destroyed); res, tr: ||A - I||_F^2 and tr A.
 constexpr int NS_ROOT_MAX_ITERS = 96;
-constexpr int NS_ROOT_QUADRATIC_STEPS = 8;   // the quadratic phase's steps (6 suffice in exact arithmetic) + 2
+constexpr int NS_ROOT_QUADRATIC_STEPS = 8;   // the transition and quadratic phase's steps (at most 4 beyond the
+                                             // linear phase's in scalar models, from any start) + margin
 template <class CT>
-BK_DEV bool sqrt_ns(CT& c, const double* A, double* const* buf, double** Yout, double** Zout, int n,
-                    int max_iters = NS_ROOT_MAX_ITERS) {
-  double *y = buf[0], *z = buf[1], *P = buf[2], *yn = buf[3], *zn = buf[4];
-  for (int idx = c.tid; idx < n * n; idx += c.nt) {
-    y[idx] = A[idx];
-    z[idx] = (idx / n == idx % n) ? 1.0 : 0.0;
-  }
-  BK_SYNC();
-  for (int it = 0; it < max_iters; ++it) {
-    const double res = product_off_identity(c, z, false, y, P, n);   // P = Z Y and ||P - I||_F^2
-    if (!(res < 1e30)) return false;                            // NaN / divergence
-    const double* yc = y;
-    const double* zc = z;
-    double* ynw = yn;
-    double* znw = zn;
-    matmul_store(c, y, false, P, false, n, n, n, n, n,
-                 [=](int i, int j, double s) { ynw[i * n + j] = 1.5 * yc[i * n + j] - 0.5 * s; });
-    matmul_store(c, P, false, z, false, n, n, n, n, n,
-                 [=](int i, int j, double s) { znw[i * n + j] = 1.5 * zc[i * n + j] - 0.5 * s; });
-    BK_SYNC();
-    double* t = y; y = yn; yn = t;
-    t = z; z = zn; zn = t;
-    if (res < 1e-16) {
-      c.ns_steps += it + 1;
-      *Yout = y;
-      *Zout = z;
-      return true;
+BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double tr, int n, int max_iters) {
+  double *N = buf[0], *Nn = buf[1], *S2 = buf[2], *S4 = buf[3], *X = buf[4], *Xn = buf[5];
+  for (int it = 0;; ++it) {
+    if (!(res < 1e30) || !(tr > 0.0)) return nullptr;             // NaN / divergence
+    const double s = ns_scale(tr, n), mu = sqrt(sqrt(s));
+    const double* xc = X;
+    const double* nc = N;
+    double* xn = Xn;
+    double* s2 = S2;
+    // X <- mu X (5I - sN) / 4 = mu (1.25 X - 0.25 s X N); on the first step (X = I, not stored) elementwise,
+    // with S^2 = (25I - 10 sN + s^2 N^2) / 16 from the product N N.
+    if (it > 0)
+      matmul_store(c, X, false, N, false, n, n, n, n, n,
+                   [=](int i, int j, double v) { xn[i * n + j] = mu * (1.25 * xc[i * n + j] - 0.25 * s * v); });
+    if (res < 1e-16) {                                            // converged: this X update ends it
+      if (it == 0)
+        for (int idx = c.tid; idx < n * n; idx += c.nt)
+          xn[idx] = mu * ((idx / n == idx % n ? 1.25 : 0.0) - 0.25 * s * nc[idx]);
+      BK_SYNC();
+      c.ns_steps = it + 1;
+      return Xn;
     }
+    if (it == max_iters) return nullptr;
+    const bool first = it == 0;
+    matmul_store(c, N, false, N, false, n, n, n, n, n, [=](int i, int j, double v) {
+      const double d = (i == j) ? 1.0 : 0.0, x = nc[i * n + j];
+      s2[i * n + j] = (25.0 * d - 10.0 * s * x + s * s * v) * 0.0625;
+      if (first) xn[i * n + j] = mu * (1.25 * d - 0.25 * s * x);
+    });
+    BK_SYNC();
+    matmul(c, S4, S2, false, S2, false, n, n, n, n, n);           // S^4
+    double* nn = Nn;                                              // N <- s S^4 N, its residual and trace
+    double r = 0.0, t = 0.0;
+    matmul_store(c, S4, false, N, false, n, n, n, n, n, [&](int i, int j, double v) {
+      const double y = s * v;
+      nn[i * n + j] = y;
+      const double e = y - (i == j ? 1.0 : 0.0);
+      r += e * e;
+      if (i == j) t += y;
+    });
+    const Sum2 rt = block_sum2(c, r, t);                          // (also the barrier after N)
+    res = rt.a;
+    tr = rt.b;
+    double* tmp = N; N = Nn; Nn = tmp;
+    tmp = X; X = Xn; Xn = tmp;
   }
-  return false;
 }
 
 // Fast path's T and T^-1 without an eigendecomposition, for the nearest mode (whose final T Q does not depend
-// on the basis of T's columns): T = L^-T M^1/4, T^-1 = M^-1/4 L^T, the fourth roots as square roots of square
-// roots (sqrt_ns). On entry: L in b.Y, M (symmetric) in b.AW, kept. The full-rank gate, lambda_min(M) > 1.1 gate
+// on the basis of T's columns): T = L^-T M^1/4, T^-1 = M^-1/4 L^T, the inverse fourth root by inv_fourth_root_ns.
+// On entry: L in b.Y, M (symmetric) in b.AW, kept, G_A L in b.X. The full-rank gate, lambda_min(M) > 1.1 gate
 // with gate computed from an upper bound on lambda_max (at least the gate of the eigenvalue test: a pair it
-// passes, the eigenvalue test passes too), is read off the first root's inverse: Z1 = (M / bound)^-1/2, so
-// lambda_min(M) = bound / lambda_max(Z1)^2 >= bound / ||Z1||_inf^2. A pair above the gate has every eigenvalue
-// of M / bound above 1.1 gate / bound, from which the first root converges within the steps its linear phase
-// needs (log(bound / (1.1 gate)) / log(2.25)) plus NS_ROOT_QUADRATIC_STEPS (at most 6 in exact arithmetic, from
-// any start): more steps than that mean a pair below the gate. Returns false, with nothing but the workspaces
-// written, when the gate is not proven or an iteration does not converge: the caller then runs the
-// eigendecomposition path, which decides the pair exactly as before.
+// passes, the eigenvalue test passes too), is read off the root: lambda_min(M) = lambda_max(M^-1/2)^-2, bounded
+// below through norms of M^-1/2 = (bound^-1/4 X)^2 (a product T needs anyway). A pair above the gate has every
+// eigenvalue of M / bound above 1.1 gate / bound, from which the root converges within the steps its linear phase
+// needs (log(bound / (1.1 gate)) / log(2.25), a margin over 2.44 per step) plus NS_ROOT_QUADRATIC_STEPS: more
+// steps than that mean a pair below the gate. Returns false, with nothing but the workspaces written, when the
+// gate is not proven or the iteration does not converge: the caller then runs the eigendecomposition path, which
+// decides the pair exactly as before.
 template <class CT>
 BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
   double fro = 0.0, rmax = 0.0;
@@ -795,50 +864,61 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   if (!(bound > 0.0) || !isfinite(bound)) return false;
   const double gate = fmax(eps_f * eps_f * bound, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
   if (!(1.1 * gate < bound)) return false;                      // lambda_min <= 1.1 gate: exact path
-  // A1 = M / bound (eigenvalues in (0, 1]); Y1 = A1^1/2 (eigenvalues in (0, 1] too), then Y1^1/2 = A1^1/4.
+  // N0 = M / bound (eigenvalues in (0, 1]), its residual and trace.
   const double inv = 1.0 / bound;
-  for (int idx = c.tid; idx < n * n; idx += c.nt) b.X[idx] = b.AW[idx] * inv;
-  BK_SYNC();
-  c.ns_steps = 0;
-  double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
-  double *y1 = nullptr, *z1 = nullptr;
+  double r = 0.0, t = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const double y = b.AW[idx] * inv;
+    b.M1[idx] = y;
+    const bool diag = idx / n == idx % n;
+    const double e = y - (diag ? 1.0 : 0.0);
+    r += e * e;
+    if (diag) t += y;
+  }
+  const Sum2 rt = block_sum2(c, r, t);                          // (also the barrier after N0)
+  // N and its next value first (the most read: first in shared memory, bk::carve_mats), then S^2, S^4, X
+  double* buf[6] = {b.M1, b.M2, b.M3, b.VW, b.W, b.T};
   const double steps = ceil(log(bound / (1.1 * gate)) / log(2.25)) + NS_ROOT_QUADRATIC_STEPS;
-  if (!sqrt_ns(c, b.X, buf1, &y1, &z1, n, steps < NS_ROOT_MAX_ITERS ? (int)steps : NS_ROOT_MAX_ITERS)) return false;
-  double zmax = 0.0;                                             // ||Z1||_inf >= lambda_max(Z1)
-  for (int i = c.tid; i < n; i += c.nt) {
-    double rs = 0.0;
-    for (int j = 0; j < n; ++j) rs += fabs(z1[i * n + j]);
-    zmax = fmax(zmax, rs);
-  }
-  zmax = block_max(c, zmax);
-  if (!(bound > 1.1 * gate * zmax * zmax)) return false;        // gate not proven (or rounding): exact path
-  for (int idx = c.tid; idx < n * n; idx += c.nt) {              // symmetrized copy of Y1 as the next input
-    const int i = idx / n, j = idx % n;
-    b.X[idx] = 0.5 * (y1[i * n + j] + y1[j * n + i]);
-  }
-  BK_SYNC();
-  double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};
-  double *y2 = nullptr, *z2 = nullptr;
-  if (!sqrt_ns(c, b.X, buf2, &y2, &z2, n)) return false;
-  // M^-1/4 = bound^-1/4 Z2 (symmetrized) into X. T^-1 = M^-1/4 L^T, and, as G_A = L^-T M L^-1,
-  // T = L^-T M^1/4 = G_A L M^-3/4 = G_A (T^-1)^T M^-1/2 with M^-1/2 = (M^-1/4)^2: four products, where a back
-  // substitution L^T T = M^1/4 (one column per thread, a chain of dependent loads) took 290 k cycles per pair at
-  // r = 64 on an H200 (bench/results/logs/session11-eig-fixed64-2026-12-02.json, "NS: T, T^-1"). Its rounding:
-  // the gate bounds the condition numbers of M, G_A and L (below 1 / (1.1 RANK_RTOL) ~ 6e4 each): the cancellation
-  // in G_A (L M^-3/4) costs up to about n cond float64 units, and T T^-1 = G_A L (M^-1/4)^4 L^T = I holds as far
-  // as the second root's Z2^4 matches (M / bound)^-1, its residual amplified by about cond(L) cond(M): both far
-  // below the float32 rounding of the T it writes (a back substitution needed only Y2 Z2 = I). The GPU tests'
-  // product and balance bounds against the reference hold on every 7B shape for r = 1 to 128.
+  const double* x = inv_fourth_root_ns(c, buf, rt.a, rt.b, n, steps < NS_ROOT_MAX_ITERS ? (int)steps : NS_ROOT_MAX_ITERS);
+  if (x == nullptr) return false;
+  // M^-1/4 = bound^-1/4 X (symmetrized) into M1 (X is in W or T: read before they are written below).
+  // T^-1 = M^-1/4 L^T, and, as G_A = L^-T M L^-1, T = L^-T M^1/4 = G_A L M^-3/4 = (G_A L) M^-1/4 M^-1/2 with
+  // M^-1/2 = (M^-1/4)^2: three products, where a back substitution L^T T = M^1/4 (one column per thread, a chain
+  // of dependent loads) took 290 k cycles per pair at r = 64 on an H200
+  // (bench/results/logs/session11-eig-fixed64-2026-12-02.json, "NS: T, T^-1"). Its rounding: the gate bounds the
+  // condition numbers of M, G_A and L (below 1 / (1.1 RANK_RTOL) ~ 6e4 each): the cancellation in G_A L M^-3/4
+  // costs up to about n cond float64 units, and T T^-1 = G_A L (M^-1/4)^4 L^T = I holds as far as X^4 matches
+  // (M / bound)^-1 (inv_fourth_root_ns's N), its residual amplified by about cond(L) cond(M): both far below the
+  // float32 rounding of the T it writes. The GPU tests' product and balance bounds against the reference hold on
+  // every 7B shape for r = 1 to 128.
   const double iq = 1.0 / sqrt(sqrt(bound));
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
-    b.X[idx] = iq * 0.5 * (z2[i * n + j] + z2[j * n + i]);
+    b.M1[idx] = iq * 0.5 * (x[i * n + j] + x[j * n + i]);
   }
   BK_SYNC();
-  matmul(c, b.W, b.X, false, b.Y, true, n, n, n, n, n);          // T^-1 = M^-1/4 L^T
-  mm(c, b.M1, b.X, false, b.X, false, n);                        // M^-1/2
-  mm(c, b.M2, b.W, true, b.M1, false, n);                        // L M^-3/4
-  mm(c, b.T, b.GA, false, b.M2, false, n);                       // T
+  // (one round: both products read M^-1/4 only)
+  double* w = b.W;
+  double* m3 = b.M3;
+  matmul_store(c, b.M1, false, b.Y, true, n, n, n, n, n, [=](int i, int j, double v) { w[i * n + j] = v; });    // T^-1
+  matmul_store(c, b.M1, false, b.M1, false, n, n, n, n, n, [=](int i, int j, double v) { m3[i * n + j] = v; }); // M^-1/2
+  BK_SYNC();
+  // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F, ||M^-1/2||_inf),
+  // at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
+  // eigendecomposition path: the same decisions, slower).
+  double zf = 0.0, zi = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) zf += m3[idx] * m3[idx];
+  for (int i = c.tid; i < n; i += c.nt) {
+    double rs = 0.0;
+    for (int j = 0; j < n; ++j) rs += fabs(m3[i * n + j]);
+    zi = fmax(zi, rs);
+  }
+  zf = block_sum(c, zf);
+  zi = block_max(c, zi);
+  const double z = fmin(sqrt(zf), zi);
+  if (!(1.0 > 1.1 * gate * z * z)) return false;                // gate not proven (or rounding): exact path
+  mm(c, b.M2, b.X, false, b.M1, false, n);                       // G_A L M^-1/4
+  mm(c, b.T, b.M2, false, b.M3, false, n);                       // T
   return true;
 }
 
@@ -856,12 +936,13 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
 template <class CT>
 BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n,
                                  bool basis_free) {
-  // Cholesky, column by column: L into Y (zero above the diagonal), X the trailing working copy.
-  copy_mat(c, b.X, b.GB, n);
-  if (!cholesky(c, b.X, b.Y, n)) return false;
+  // Cholesky, column by column: L into Y (zero above the diagonal), M1 the trailing working copy (the first
+  // matrix in shared memory: bk::carve_mats).
+  copy_mat(c, b.M1, b.GB, n);
+  if (!cholesky(c, b.M1, b.Y, n)) return false;
   // M = L^T G_A L, symmetrized, and its eigendecomposition (ascending).
-  mm(c, b.M2, b.GA, false, b.Y, false, n);
-  mm(c, b.M3, b.Y, true, b.M2, false, n);
+  mm(c, b.X, b.GA, false, b.Y, false, n);       // G_A L (kept for fourth_root_transforms' T)
+  mm(c, b.M3, b.Y, true, b.X, false, n);
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
     b.AW[idx] = 0.5 * (b.M3[i * n + j] + b.M3[j * n + i]);
@@ -1017,6 +1098,8 @@ template <class CT>
 BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA, int R, int mode, double eps_f,
                          float* outT, float* outW, int* status, double* gaps) {
   const int n = c.n;
+  c.ns_steps = 0;
+  c.polar_steps = 0;
   double bad = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
@@ -1154,12 +1237,14 @@ BK_DEV void carve_small(Ctx& c, double* dbl, int n) {
 
 BK_HD long long small_bytes(int n) { return 8LL * small_doubles(n) + 4LL * small_ints(n) + 8; }
 
-// The first `in_fast` matrices come from `fast`, the others from `slow`. Order: the workspaces of the Newton-Schulz
-// square roots (M1, M2, M3, VW, T: every product of the fast path's iterations) and X (their input, then the
-// polar factor's), then AW, Y, W, GB, GA (BK_CARVE_LEGACY=1, a probe switch: the earlier order, AW and VW first).
-// Measured on an H200 (7B adapters, r = 64, bench/results/logs/session9-rxr-probe-2026-12-01.json): 1.46 ms
-// against 1.67 with AW and VW first (two blocks per SM, 2 matrices each); Y before X: no different (0.84 ms
-// either way at one block per SM, session9-rxr-probe2-2026-12-01.json).
+// The first `in_fast` matrices come from `fast`, the others from `slow`. Order: the workspaces of the inverse fourth
+// root (M1, M2, M3, VW, T, W: every product of the fast path's iterations; M1 also the Cholesky factorisation's
+// working copy and the polar iteration's Q^T Q, M2 its next Q), then X (G_A L, then the polar factor), AW, Y, GB, GA
+// (BK_CARVE_LEGACY=1, a probe switch: the order of session 8, AW and VW first). Measured on an H200 (7B adapters,
+// r = 64, bench/results/logs/session9-rxr-probe-2026-12-01.json, the square roots' kernel of then): 1.46 ms against
+// 1.67 with AW and VW first (two blocks per SM, 2 matrices each); Y before X: no different (0.84 ms either way at
+// one block per SM, session9-rxr-probe2-2026-12-01.json). W moved before X in session 17, when it became one of
+// the root's workspaces.
 #ifndef BK_CARVE_LEGACY
 #define BK_CARVE_LEGACY 0
 #endif
@@ -1172,8 +1257,8 @@ BK_DEV Mats carve_mats(double* fast, double* slow, int in_fast, int n) {
   m.AW = ptrs[0]; m.VW = ptrs[1]; m.GB = ptrs[2]; m.GA = ptrs[3]; m.X = ptrs[4]; m.Y = ptrs[5];
   m.T = ptrs[6]; m.W = ptrs[7]; m.M1 = ptrs[8]; m.M2 = ptrs[9]; m.M3 = ptrs[10];
 #else
-  m.M1 = ptrs[0]; m.M2 = ptrs[1]; m.M3 = ptrs[2]; m.VW = ptrs[3]; m.T = ptrs[4]; m.X = ptrs[5];
-  m.AW = ptrs[6]; m.Y = ptrs[7]; m.W = ptrs[8]; m.GB = ptrs[9]; m.GA = ptrs[10];
+  m.M1 = ptrs[0]; m.M2 = ptrs[1]; m.M3 = ptrs[2]; m.VW = ptrs[3]; m.T = ptrs[4]; m.W = ptrs[5];
+  m.X = ptrs[6]; m.AW = ptrs[7]; m.Y = ptrs[8]; m.GB = ptrs[9]; m.GA = ptrs[10];
 #endif
   return m;
 }

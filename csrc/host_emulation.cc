@@ -2,7 +2,8 @@
 // with one "thread", so that CI can check the CUDA kernel's algorithm against the reference without a GPU.
 //   g++ -O2 -shared -fPIC -DBK_HOST_EMULATION csrc/host_emulation.cc -o libbk_host.so
 // tests/test_projection_kernels.py builds it and calls bk_host_balance_transforms through ctypes. paths (or null):
-// per pair, bk::PATH_* | Newton-Schulz steps << 8 (which r x r path found T: see balance_pair).
+// per pair, bk::PATH_* | inverse fourth root steps << 8 | polar Newton-Schulz steps << 16 (which r x r path found T
+// and how: see balance_pair).
 #include <vector>
 
 #include "balance_math.cuh"
@@ -22,10 +23,9 @@ extern "C" void bk_host_balance_transforms(const float* grams, const double* eps
   const long long RR = (long long)R * R;
   for (int p = 0; p < P; ++p) {
     c.path = -1;
-    c.ns_steps = 0;
     bk::balance_pair(c, m, grams + (2 * p) * RR, grams + (2 * p + 1) * RR, R, mode, eps_f[p], tw + (2 * p) * RR,
                      tw + (2 * p + 1) * RR, status + p, gaps + 2 * p);
-    if (paths) paths[p] = c.path | (c.path == bk::PATH_FAST_NS ? c.ns_steps << 8 : 0);
+    if (paths) paths[p] = c.path | (c.path == bk::PATH_FAST_NS ? c.ns_steps << 8 : 0) | c.polar_steps << 16;
   }
 }
 

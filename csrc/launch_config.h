@@ -33,8 +33,8 @@ static_assert(BK_FIXED_N4_THREADS % 32 == 0 && BK_FIXED_N8_THREADS % 32 == 0 && 
               "the r x r kernels run whole warps");
 static_assert(BK_FIXED_N64_THREADS == bk::kStageThreads,
               "the blocked kernels' products (bk::matmul_mma) need 256 threads");
-// Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the Newton-Schulz
-// workspaces first (see bk::carve_mats). With at most one pair per SM (P <= SMs), or r > 64, one block per SM
+// Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the inverse fourth
+// root's workspaces first (see bk::carve_mats). With at most one pair per SM (P <= SMs), or r > 64, one block per SM
 // takes all the shared memory a block may opt in to (227 KB on an H100 / H200: 6 matrices at r = 64, all of them
 // up to r = 48); with more pairs two blocks per SM take kMaxSmemBytes each on an H100 / H200 (2 matrices at
 // r = 64, 4 at r = 48), so that 2 x SMs pairs still run in one wave. (The small workspace, bk::small_bytes,

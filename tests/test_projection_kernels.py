@@ -589,7 +589,8 @@ def host_lib():
 
 def _host_transforms(lib, GB, GA, mode, eps_f, pair_eig=True, paths=None):
     """The host-compiled kernel math on fp32 Grams [P, r, r] and eps_f [P]: (T, T^-1, status, gaps). ``paths``
-    (an int32 tensor [P], optional) receives per pair which r x r path ran (PATH_* | Newton-Schulz steps << 8)."""
+    (an int32 tensor [P], optional) receives per pair which r x r path ran (PATH_* | root steps << 8 | polar
+    Newton-Schulz steps << 16)."""
     P, r, _ = GB.shape
     R = max(16, 1 << (r - 1).bit_length())
     g = torch.zeros(P, 2, R, R)
@@ -666,10 +667,11 @@ PATH_GENERAL, PATH_FAST_EIG, PATH_FAST_NS = 0, 1, 2   # csrc/balance_math.cuh
 @pytest.mark.parametrize("r", [3, 8, 16, 64])
 @pytest.mark.parametrize("spread", [1.0, 0.3, 0.1])
 def test_cuda_math_on_host_newton_schulz_roots(host_lib, r, spread):
-    """Full-rank pairs in the nearest mode take the eigendecomposition-free path (Newton-Schulz fourth roots of
-    M = L^T G_A L) and still give the reference's transforms, also when the product's singular values spread
-    over a decade (M's over two: about as far as the fast path's full-rank gate lets them at r = 64); the svd
-    mode (whose components must be ordered) keeps the Jacobi path."""
+    """Full-rank pairs in the nearest mode take the eigendecomposition-free path (the scaled inverse fourth root
+    of M = L^T G_A L, bk::inv_fourth_root_ns) and still give the reference's transforms, also when the product's
+    singular values spread over a decade (M's over two: about as far as the fast path's full-rank gate lets them
+    at r = 64); the svd mode (whose components must be ordered) keeps the Jacobi path. The step counts guard the
+    scaling (bk::ns_scale): at spread 0.1 the unscaled iterations take 11-12 root and 11-14 polar steps here."""
     g = torch.Generator().manual_seed(r)
     s = torch.logspace(0, math.log10(spread), r, dtype=torch.float64)          # product singular values
     U = torch.linalg.qr(torch.randn(96, r, generator=g, dtype=torch.float64))[0]
@@ -686,8 +688,10 @@ def test_cuda_math_on_host_newton_schulz_roots(host_lib, r, spread):
         ref = reference.balancing_transforms(GB, GA, mode)
         assert int(st[0]) == r << 8, (mode, int(st[0]))       # every component live, no flag
         assert int(paths[0]) & 255 == path, (mode, int(paths[0]))
+        root_steps, polar_steps = (int(paths[0]) >> 8) & 255, int(paths[0]) >> 16
         if path == PATH_FAST_NS:
-            assert 0 < int(paths[0]) >> 8 < 2 * 96, int(paths[0]) >> 8
+            assert 0 < root_steps <= {1.0: 3, 0.3: 8, 0.1: 9}[spread], root_steps
+            assert 0 < polar_steps <= {1.0: 5, 0.3: 8, 0.1: 10}[spread], polar_steps
         assert rel(T[0], ref.T[0]) < 1e-5 and rel(W[0], ref.T_inv[0]) < 1e-5, (mode, rel(T[0], ref.T[0]))
         assert abs(gaps[0, 1].item() - ref.gap_after[0].item()) < 1e-6 + 1e-3 * ref.gap_after[0].item()
 

@@ -22,11 +22,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (the fp32 write of T, T^-1 at the end of a pair is not counted in any phase). In the nearest mode full-rank
-# pairs take the Newton-Schulz fourth roots, which return before the eigendecomposition's marks: their time is
+# pairs take the Newton inverse fourth root (inv_fourth_root_ns), which returns before the eigendecomposition's marks: their time is
 # in the "NS: ..." phases (M = L^T G_A L is in "NS: M, bound"; "M=L^T G_A L" and "jacobi eig(M)" read 0).
 PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after",
-          "(reset)", "NS: M, bound", "NS: sqrt 1 (+ gate)", "NS: sqrt 2", "NS: T, T^-1", "C",
-          "NS steps: P = Z Y, residual sum", "NS steps: Y P, P Z"]
+          "(reset)", "NS: M, bound", "NS: root's last X S (+ gate)", "(unused)", "NS: T, T^-1", "C",
+          "NS steps: X N, N^2", "NS steps: S^4, S^4 N, sums"]
 NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
 # (cols_consecutive, -DBK_MATMUL_STRIDED_COLS=0, was dropped in session 15: the GPU kernels' products left matmul_tiles)
@@ -36,7 +36,8 @@ VARIANTS = [("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
             ("max_mats_1", ["-DBK_BLOCKED_MAX_MATS=1"]),
             ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"]),
             ("no_fixed_64", ["-DBK_FIXED_N64=0"]),          # r = 64 by the run-time-rank kernel
-            ("cuda_core_products", ["-DBK_TENSOR_F64=0"])]  # every product on the CUDA cores (matmul_tiles)
+            ("cuda_core_products", ["-DBK_TENSOR_F64=0"]),  # every product on the CUDA cores (matmul_tiles)
+            ("unscaled", ["-DBK_NS_SCALE_CAP=1.0"])]         # Newton-Schulz iterations without bk::ns_scale
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -49,17 +50,16 @@ MARKS = [
     ("  double* Q = b.M2;\n  double* Tq = b.M1;", 5),
     ("  write_out(c, outT, R, Tq, n);", 6),
     # finer marks of the Newton-Schulz fast path (their phases then hold parts of "T, T^-1" / "C + polar")
-    ("  double* buf1[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 8),
-    ("  double* buf2[5] = {b.M1, b.M2, b.M3, b.VW, b.T};", 9),
-    ("  // M^-1/4 = bound^-1/4 Z2 (symmetrized) into X.", 10),
+    ("  double* buf[6] = {b.M1, b.M2, b.M3, b.VW, b.W, b.T};", 8),
+    ("  // M^-1/4 = bound^-1/4 X (symmetrized) into M1", 9),
     ("  if (mode == 0) {\n    if (!polar_ns(", 12),
-    # inside sqrt_ns's loop: its two halves (the phases "NS: sqrt 1/2" then hold only the rest)
-    ("    const double* yc = y;", 13),
-    ("    double* t = y; y = yn; yn = t;", 14),
+    # inside inv_fourth_root_ns's loop: its two halves (the phase "NS: root's last X S" then holds only the rest)
+    ("    matmul(c, S4, S2, false, S2, false, n, n, n, n, n);           // S^4", 13),
+    ("    double* tmp = N; N = Nn; Nn = tmp;", 14),
 ]
 # marks that end a phase at the end of a block (appended after the anchor)
 MARKS_AFTER = [
-    ("  mm(c, b.T, b.GA, false, b.M2, false, n);                       // T\n  return true;", 11),
+    ("  mm(c, b.T, b.M2, false, b.M3, false, n);                       // T\n  return true;", 11),
 ]
 
 
@@ -82,7 +82,7 @@ def build(out, baseline=None, variants=True, only=None):
         head, tail = anchor.split("  return true;", 1)
         src = src.replace(anchor, head + f"  bk_mark({ph});\n  return true;" + tail)
     # the pair starts: reset the clock at the top of balance_pair
-    anchor = "  const int n = c.n;\n  double bad = 0.0;"
+    anchor = "  const int n = c.n;\n  c.ns_steps = 0;"
     assert src.count(anchor) == 1
     src = src.replace(anchor, "  bk_mark(7);\n" + anchor)
     open(os.path.join(out, "balance_math.cuh"), "w").write(src)
