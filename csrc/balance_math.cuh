@@ -25,12 +25,12 @@
 //   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
 // Fast path (full_rank_transforms): when bounds prove that the reference keeps every component (the usual
 // case), steps 1-4 are replaced by a Cholesky factor of G_B and, with M = L^T G_A L, T = L^-T M^1/4 (times a
-// rotation): in the nearest mode M^-1/4 comes from Newton-Schulz square roots, T^-1 = M^-1/4 L^T and
-// T = G_A (T^-1)^T M^-1/2 (fourth_root_transforms, matrix products only), in the svd mode (or when those do not
-// settle) from one Jacobi eigendecomposition of M;
-// no inversion either way. The polar factor of step 5 is computed by Newton-Schulz iterations too (polar_ns),
-// falling back to eig(C^T C) when they do not converge. All give the same transforms as the general path (to
-// float64 rounding): the nearest mode's T Q does not depend on the basis of T's columns.
+// rotation): in the nearest mode M^-1/4 comes from a scaled Newton iteration for inverse fourth roots
+// (inv_fourth_root_ns), T^-1 = M^-1/4 L^T and T = (G_A L) M^-1/4 M^-1/2 (fourth_root_transforms, matrix products
+// only), in the svd mode (or when that does not settle) from one Jacobi eigendecomposition of M;
+// no inversion either way. The polar factor of step 5 is computed by scaled Newton-Schulz iterations too
+// (polar_ns), falling back to eig(C^T C) when they do not converge. All give the same transforms as the general
+// path (to float64 rounding): the nearest mode's T Q does not depend on the basis of T's columns.
 #pragma once
 
 #ifdef BK_HOST_EMULATION
@@ -609,11 +609,11 @@ BK_DEV Sum2 product_off_identity(CT& c, const double* A, bool tA, const double* 
 // so that its matrix P (Q^T Q, or N) has mean eigenvalue 1, s = n / tr P, clamped to [1, NS_SCALE_CAP]: after any
 // step every eigenvalue of P is at most 1 (both maps send (0, 3), resp. (0, 5), into (0, 1]), so s >= 1 and the
 // largest scaled eigenvalue stays below the cap, inside the region of convergence; the iterations converge to the
-// same matrix functions as unscaled ones, in fewer steps when the spectrum is spread (eigenvalues in [0.5, 1]:
-// the step after maps them to [0.91, 0.93] instead of [0.78, 1]). Scalar models of both iterations
-// (bench/probe/ns_scaling.py) on the spectra of the benchmark's 7B pairs (r = 64, condition numbers ~2) and on
-// spread and clustered spectra with condition numbers up to 1e6: 20-40% fewer steps with the cap anywhere in
-// [1.8, 2.5].
+// same matrix functions as unscaled ones, in fewer steps when the spectrum is spread (eigenvalues of Q^T Q in
+// [0.5, 1]: the polar step after maps them to [0.91, 0.93] instead of [0.78, 1]; the root's to [0.92, 0.94] instead
+// of [0.80, 1]). Scalar models of both iterations (bench/probe/ns_scaling.py, the cap anywhere in [1.8, 2.5]): on
+// the spectra of the benchmark's 7B pairs (r = 64, condition numbers ~2) 16 instead of 20-24 products for the root,
+// on log-uniform spectra with condition numbers 1e2 to 1e6 25-40% fewer steps, on clustered ones 8-17%.
 // BK_NS_SCALE_CAP=1 (a probe switch): unscaled iterations.
 #ifndef BK_NS_SCALE_CAP
 #define BK_NS_SCALE_CAP 2.0
@@ -781,10 +781,11 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
 // X <- s^1/4 X, N <- s N first, which keeps N = X^4 A). Matrix products only, four per step (X N, N^2 for
 // S^2 = (25I - 10 N + N^2) / 16, S^4 = S^2 S^2, S^4 N; the first step's X S needs none), in one chain where two
 // coupled square roots (Y -> A^1/2, then its square root) took two chains of three products per step: the
-// benchmark's 7B pairs at r = 64 (host build), 39 products -> 16 (5 steps and the last X S). An eigenvalue mu of A grows by at least
-// (5/4)^4 = 2.44 per step until the quadratic phase (1 - e -> 1 - 5 e^2 / 8). Stops after the X update that
-// follows ||N - I||_F < 1e-8 (X^4 A = I to float64 rounding then); returns null (outputs unspecified) on
-// divergence or when that has not happened within max_iters steps, else the buffer holding X.
+// benchmark's 7B pairs at r = 64 (host build), 39 products -> 16 (4 steps and the last X S). A small eigenvalue
+// mu of A grows by at least (5/4)^4 = 2.44 per step (s >= 1) until the quadratic phase (1 - e -> 1 - 5 e^2 / 8).
+// Stops after the X update that follows ||N - I||_F < 1e-8 (X^4 A = I to float64 rounding then); returns null
+// (outputs unspecified) on divergence or when that has not happened within max_iters steps, else the buffer
+// holding X.
 // buf: six n x n workspaces, buf[0] holding A on entry (destroyed); res, tr: ||A - I||_F^2 and tr A.
 constexpr int NS_ROOT_MAX_ITERS = 96;
 constexpr int NS_ROOT_QUADRATIC_STEPS = 8;   // the transition and quadratic phase's steps (at most 4 beyond the
@@ -801,10 +802,12 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
     double* s2 = S2;
     // X <- mu X (5I - sN) / 4 = mu (1.25 X - 0.25 s X N); on the first step (X = I, not stored) elementwise,
     // with S^2 = (25I - 10 sN + s^2 N^2) / 16 from the product N N.
+    const bool converged = res < 1e-16;                           // then this X update ends it
+    if (!converged && it == max_iters) return nullptr;
     if (it > 0)
       matmul_store(c, X, false, N, false, n, n, n, n, n,
                    [=](int i, int j, double v) { xn[i * n + j] = mu * (1.25 * xc[i * n + j] - 0.25 * s * v); });
-    if (res < 1e-16) {                                            // converged: this X update ends it
+    if (converged) {
       if (it == 0)
         for (int idx = c.tid; idx < n * n; idx += c.nt)
           xn[idx] = mu * ((idx / n == idx % n ? 1.25 : 0.0) - 0.25 * s * nc[idx]);
@@ -812,7 +815,6 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
       c.ns_steps = it + 1;
       return Xn;
     }
-    if (it == max_iters) return nullptr;
     const bool first = it == 0;
     matmul_store(c, N, false, N, false, n, n, n, n, n, [=](int i, int j, double v) {
       const double d = (i == j) ? 1.0 : 0.0, x = nc[i * n + j];
@@ -846,9 +848,9 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
 // below through norms of M^-1/2 = (bound^-1/4 X)^2 (a product T needs anyway). A pair above the gate has every
 // eigenvalue of M / bound above 1.1 gate / bound, from which the root converges within the steps its linear phase
 // needs (log(bound / (1.1 gate)) / log(2.25), a margin over 2.44 per step) plus NS_ROOT_QUADRATIC_STEPS: more
-// steps than that mean a pair below the gate. Returns false, with nothing but the workspaces written, when the
-// gate is not proven or the iteration does not converge: the caller then runs the eigendecomposition path, which
-// decides the pair exactly as before.
+// steps than that mean a pair below the gate. Returns false, with nothing but the workspaces, W and T written
+// (both fallbacks write those before reading them), when the gate is not proven or the iteration does not
+// converge: the caller then runs the eigendecomposition path, which decides the pair exactly as before.
 template <class CT>
 BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
   double fro = 0.0, rmax = 0.0;
@@ -879,7 +881,8 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   // N and its next value first (the most read: first in shared memory, bk::carve_mats), then S^2, S^4, X
   double* buf[6] = {b.M1, b.M2, b.M3, b.VW, b.W, b.T};
   const double steps = ceil(log(bound / (1.1 * gate)) / log(2.25)) + NS_ROOT_QUADRATIC_STEPS;
-  const double* x = inv_fourth_root_ns(c, buf, rt.a, rt.b, n, steps < NS_ROOT_MAX_ITERS ? (int)steps : NS_ROOT_MAX_ITERS);
+  const double* x = inv_fourth_root_ns(c, buf, rt.a, rt.b, n,
+                                       steps < NS_ROOT_MAX_ITERS ? (int)steps : NS_ROOT_MAX_ITERS);
   if (x == nullptr) return false;
   // M^-1/4 = bound^-1/4 X (symmetrized) into M1 (X is in W or T: read before they are written below).
   // T^-1 = M^-1/4 L^T, and, as G_A = L^-T M L^-1, T = L^-T M^1/4 = G_A L M^-3/4 = (G_A L) M^-1/4 M^-1/2 with
@@ -900,11 +903,11 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   // (one round: both products read M^-1/4 only)
   double* w = b.W;
   double* m3 = b.M3;
-  matmul_store(c, b.M1, false, b.Y, true, n, n, n, n, n, [=](int i, int j, double v) { w[i * n + j] = v; });    // T^-1
-  matmul_store(c, b.M1, false, b.M1, false, n, n, n, n, n, [=](int i, int j, double v) { m3[i * n + j] = v; }); // M^-1/2
+  matmul_store(c, b.M1, false, b.Y, true, n, n, n, n, n, [=](int i, int j, double v) { w[i * n + j] = v; });   // T^-1
+  matmul_store(c, b.M1, false, b.M1, false, n, n, n, n, n, [=](int i, int j, double v) { m3[i * n + j] = v; });  // ^2
   BK_SYNC();
-  // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F, ||M^-1/2||_inf),
-  // at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
+  // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F,
+  // ||M^-1/2||_inf), at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
   // eigendecomposition path: the same decisions, slower).
   double zf = 0.0, zi = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) zf += m3[idx] * m3[idx];

@@ -31,6 +31,10 @@ static_assert(BK_FIXED_N4_THREADS % 32 == 0 && BK_FIXED_N8_THREADS % 32 == 0 && 
                   BK_FIXED_N32_THREADS % 32 == 0 && BK_FIXED_N4_THREADS > 0 && BK_FIXED_N8_THREADS > 0 &&
                   BK_FIXED_N16_THREADS > 0 && BK_FIXED_N32_THREADS > 0,
               "the r x r kernels run whole warps");
+// bk::block_sum2 keeps 16 partial sums per value: blocks of at most 512 threads.
+static_assert(BK_FIXED_N4_THREADS <= 512 && BK_FIXED_N8_THREADS <= 512 && BK_FIXED_N16_THREADS <= 512 &&
+                  BK_FIXED_N32_THREADS <= 512 && BK_FIXED_N64_THREADS <= 512,
+              "the r x r kernels' block reductions take at most 512 threads");
 static_assert(BK_FIXED_N64_THREADS == bk::kStageThreads,
               "the blocked kernels' products (bk::matmul_mma) need 256 threads");
 // Ranks >= kBlockedRank keep as many of their 11 matrices in shared memory as the launch allows, the inverse fourth

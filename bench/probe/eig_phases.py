@@ -22,10 +22,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (the fp32 write of T, T^-1 at the end of a pair is not counted in any phase). In the nearest mode full-rank
-# pairs take the Newton inverse fourth root (inv_fourth_root_ns), which returns before the eigendecomposition's marks: their time is
-# in the "NS: ..." phases (M = L^T G_A L is in "NS: M, bound"; "M=L^T G_A L" and "jacobi eig(M)" read 0).
+# pairs take the Newton inverse fourth root (inv_fourth_root_ns), which returns before the eigendecomposition's
+# marks: their time is in the "NS: ..." phases (M = L^T G_A L is in "NS: M, bound"; "M=L^T G_A L" and "jacobi
+# eig(M)" read 0). (In session 17's first log the labels "NS: root's last X S (+ gate)" and "NS: T, T^-1" stood for
+# what are now "NS: root's last X S" and "NS: gate, T, T^-1".)
 PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after",
-          "(reset)", "NS: M, bound", "NS: root's last X S (+ gate)", "(unused)", "NS: T, T^-1", "C",
+          "(reset)", "NS: M, bound", "NS: root's last X S", "(unused)", "NS: gate, T, T^-1", "C",
           "NS steps: X N, N^2", "NS steps: S^4, S^4 N, sums"]
 NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).

@@ -6,7 +6,9 @@ Every matrix in these iterations is a polynomial in one symmetric matrix, so eac
   polar Newton-Schulz (bk::polar_ns, p = sigma^2 of Q):   p -> p (3 - p)^2 / 4        (3 products per step as a
                                                             coupled square root, 2 as the polar iteration)
   inverse fourth root (bk::inv_fourth_root_ns, p of N):    p -> ((5 - p) / 4)^4 p       (4 products per step)
-with the same stopping rule as the kernel (||P - I||_F < 1e-8, then one more update). Spectra: the benchmark's
+with the same stopping rule as the kernel (||P - I||_F < 1e-8, then one more update). The polar column runs the
+cubic map on the same spectra (a proxy: polar_ns works on C = T^T G_B + T^-1 G_A, whose singular values differ
+from M's). Spectra: the benchmark's
 Llama-2-7B pairs at r = 16, 64, 128 (M = L^T G_A L of the random factors, scaled by the kernel's bound), and
 log-uniform / clustered spectra of condition numbers 1e2 to 1e6.
 
@@ -81,7 +83,7 @@ def main():
             for cap in caps:
                 two = 3 * (steps(lam, cubic, cap) + steps(lam.sqrt(), cubic, cap))
                 k = steps(lam, quartic_root, cap)   # full steps k - 1, then the last X S
-                one = 4 * (k - 1) if k > 1 else 1
+                one = 4 * (k - 1) if k > 1 else 0   # (converged at once: the first X S is elementwise)
                 row.append(f"{two:4.0f} |{one:4.0f} p{steps(lam, cubic, cap):3.0f}")
             print(f"  {name:18s} " + " ".join(f"{x:>17s}" for x in row))
 
