@@ -840,6 +840,21 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
   }
 }
 
+// min(||A||_F, ||A||_inf) of A [n x n] (block-wide; every thread gets it): for a symmetric A an upper bound on
+// its largest eigenvalue in absolute value, at most sqrt(n) times above it.
+BK_DEV double sym_norm_bound(Ctx& c, const double* A, int n) {
+  double fro = 0.0, rmax = 0.0;
+  for (int idx = c.tid; idx < n * n; idx += c.nt) fro += A[idx] * A[idx];
+  for (int i = c.tid; i < n; i += c.nt) {
+    double rs = 0.0;
+    for (int j = 0; j < n; ++j) rs += fabs(A[i * n + j]);
+    rmax = fmax(rmax, rs);
+  }
+  fro = block_sum(c, fro);
+  rmax = block_max(c, rmax);
+  return fmin(sqrt(fro), rmax);
+}
+
 // Fast path's T and T^-1 without an eigendecomposition, for the nearest mode (whose final T Q does not depend
 // on the basis of T's columns): T = L^-T M^1/4, T^-1 = M^-1/4 L^T, the inverse fourth root by inv_fourth_root_ns.
 // On entry: L in b.Y, M (symmetric) in b.AW, kept, G_A L in b.X. The full-rank gate, lambda_min(M) > 1.1 gate
@@ -853,16 +868,7 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
 // converge: the caller then runs the eigendecomposition path, which decides the pair exactly as before.
 template <class CT>
 BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fro_b, double fro_a, int n) {
-  double fro = 0.0, rmax = 0.0;
-  for (int idx = c.tid; idx < n * n; idx += c.nt) fro += b.AW[idx] * b.AW[idx];
-  for (int i = c.tid; i < n; i += c.nt) {
-    double rs = 0.0;
-    for (int j = 0; j < n; ++j) rs += fabs(b.AW[i * n + j]);
-    rmax = fmax(rmax, rs);
-  }
-  fro = block_sum(c, fro);
-  rmax = block_max(c, rmax);
-  const double bound = fmin(sqrt(fro), rmax);                   // >= lambda_max (M is symmetric)
+  const double bound = sym_norm_bound(c, b.AW, n);              // >= lambda_max (M is symmetric)
   if (!(bound > 0.0) || !isfinite(bound)) return false;
   const double gate = fmax(eps_f * eps_f * bound, fmax(RANK_RTOL, n * GRAM_EPS) * fro_b * fro_a);
   if (!(1.1 * gate < bound)) return false;                      // lambda_min <= 1.1 gate: exact path
@@ -909,16 +915,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F,
   // ||M^-1/2||_inf), at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
   // eigendecomposition path: the same decisions, slower).
-  double zf = 0.0, zi = 0.0;
-  for (int idx = c.tid; idx < n * n; idx += c.nt) zf += m3[idx] * m3[idx];
-  for (int i = c.tid; i < n; i += c.nt) {
-    double rs = 0.0;
-    for (int j = 0; j < n; ++j) rs += fabs(m3[i * n + j]);
-    zi = fmax(zi, rs);
-  }
-  zf = block_sum(c, zf);
-  zi = block_max(c, zi);
-  const double z = fmin(sqrt(zf), zi);
+  const double z = sym_norm_bound(c, m3, n);
   if (!(1.0 > 1.1 * gate * z * z)) return false;                // gate not proven (or rounding): exact path
   mm(c, b.M2, b.X, false, b.M1, false, n);                       // G_A L M^-1/4
   mm(c, b.T, b.M2, false, b.M3, false, n);                       // T
