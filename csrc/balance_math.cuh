@@ -22,7 +22,8 @@
 //      rest block its polar factor. Never a rotation across live and rest components.
 //      polar(C) = U V^T from eig(C^T C), dead directions completed from eig(I - U U^T), then two
 //      Newton-Schulz steps Q <- Q (3I - Q^T Q) / 2 so that Q is orthogonal to rounding.
-//   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams.
+//   6. T <- T Q, T^-1 <- Q^T T^-1; balance gaps before / after from the Grams (after: from T before the rotation Q,
+//      which leaves the gap unchanged).
 // Fast path (full_rank_transforms): when bounds prove that the reference keeps every component (the usual
 // case), steps 1-4 are replaced by a Cholesky factor of G_B and, with M = L^T G_A L, T = L^-T M^1/4 (times a
 // rotation): in the nearest mode M^-1/4 comes from a scaled Newton iteration for inverse fourth roots
@@ -51,12 +52,14 @@ using std::ldexp;
 inline float bk_fdiv(float a, float b) { return a / b; }
 inline float bk_rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double bk_rsqrt(double x) { return 1.0 / std::sqrt(x); }
+#define BK_LDG(p) (*(p))
 #else
 #define BK_DEV __device__ __forceinline__
 #define BK_HD __host__ __device__ inline
 __device__ __forceinline__ float bk_fdiv(float a, float b) { return __fdividef(a, b); }
 __device__ __forceinline__ float bk_rsqrtf(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double bk_rsqrt(double x) { return rsqrt(x); }
+#define BK_LDG(p) __ldg(p)       // a load through the read-only path (data that does not change during the kernel)
 #define BK_SYNC() __syncthreads()
 #endif
 
@@ -231,8 +234,8 @@ struct FlatIter {
 #define BK_MATMUL_STRIDED_COLS 1
 #endif
 template <int TB, class Store>
-BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
-                         int lda, int ldb, Store store) {
+BK_DEV Store matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                          int lda, int ldb, Store store) {
   const int tm = (m + TB - 1) / TB, tp = (p + TB - 1) / TB;
   const int col_step = BK_MATMUL_STRIDED_COLS ? tp : 1;
   for (int t = c.tid; t < tm * tp; t += c.nt) {
@@ -257,6 +260,7 @@ BK_DEV void matmul_tiles(const Ctx& c, const double* A, bool tA, const double* B
       for (int b = 0; b < TB; ++b)
         if (i0 + a < m && j0 + b * col_step < p) store(i0 + a, j0 + b * col_step, acc[a][b]);
   }
+  return store;
 }
 
 // ---- float64 tensor-core products (sm_80 and later; the blocked kernels, ranks >= kBlockedRank) ----
@@ -286,6 +290,16 @@ BK_HD int stage_doubles(int n) { return n >= kBlockedRank ? kStageTile * kStageL
 #define BK_TENSOR_F64 0
 #endif
 
+// The blocked products' mma shape: m16n8k<BK_DMMA_K> (4, 8 or 16: the float64 shapes sm_90 added), or 0 for two
+// m8n8k4 (sm_80's shape, what they ran until session 18; the only one below sm_90).
+#ifndef BK_DMMA_K
+#define BK_DMMA_K 4
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#undef BK_DMMA_K
+#define BK_DMMA_K 0
+#endif
+
 #if BK_TENSOR_F64
 __device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
   asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
@@ -293,31 +307,61 @@ __device__ __forceinline__ void dmma_884(double (&d)[2], double a, double b) {
       : "d"(a), "d"(b));
 }
 
-template <class Store>
-__device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m, int q,
-                                        int p, int lda, int ldb, Store store) {
+// d += a b for a 16 x 8 tile over K = 4, 8 or 16 (mma.m16n8k<K>.f64, sm_90): lo / hi hold rows g / g + 8 of the
+// tile (columns 2 t, 2 t + 1; g = lane / 4, t = lane % 4); a[2 q + h] = A[g + 8 h][4 q + t], b[q] = B[4 q + t][g].
+template <int K>
+__device__ __forceinline__ void dmma_16x8(double (&lo)[2], double (&hi)[2], const double (&a)[K / 2],
+                                          const double (&b)[K / 4]) {
+  if constexpr (K == 4) {
+    asm("mma.sync.aligned.m16n8k4.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
+        : "+d"(lo[0]), "+d"(lo[1]), "+d"(hi[0]), "+d"(hi[1])
+        : "d"(a[0]), "d"(a[1]), "d"(b[0]));
+  } else if constexpr (K == 8) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+d"(lo[0]), "+d"(lo[1]), "+d"(hi[0]), "+d"(hi[1])
+        : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]));
+  } else {
+    static_assert(K == 16, "m16n8k4, k8 or k16");
+    asm("mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5, %6, %7, %8, %9, %10, %11}, "
+        "{%12, %13, %14, %15}, {%0, %1, %2, %3};"
+        : "+d"(lo[0]), "+d"(lo[1]), "+d"(hi[0]), "+d"(hi[1])
+        : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(a[4]), "d"(a[5]), "d"(a[6]), "d"(a[7]), "d"(b[0]),
+          "d"(b[1]), "d"(b[2]), "d"(b[3]));
+  }
+}
+
+// C = op(A) op(B), each output handed to store(i, j, value); returns the store (a functor's sums: see
+// ResidualStore). The transposes are template arguments (matmul_mma_t's dispatch). Not inlined: one instance per
+// call site, its store inside. Measured on an H200 (7B pairs, bench/results/logs/session18-eig-phases-*.json; r =
+// 64, 224 pairs): the r x r kernel 0.462 ms; 0.576 with one shared instance per transpose pair handing its
+// accumulators to inlined stores (through local memory), 0.542 with a second set of instances specialised for r =
+// 64's sizes beside these (more code: slower, though fewer instructions per product).
+template <bool TA, bool TB, class Store>
+__device__ __noinline__ Store matmul_mma(const Ctx& c, const double* A, const double* B, int m, int q, int p, int lda,
+                                         int ldb, Store store) {
   static_assert(kStageTile == 64 && kStageK == 16 && kStageThreads == 256, "the index math below assumes these");
   double* As = c.stage;
   double* Bs = c.stage + kStageTile * kStageLdA;
   const int lane = c.tid & 31, warp = c.tid >> 5;
   const int wr = (warp >> 1) * 16, wc = (warp & 1) * 32, g = lane >> 2, t4 = lane & 3;
-  // The chunk element (row or column, k) a thread moves in each of its 4 steps: along the operand's contiguous
-  // dimension, so that a warp reads consecutive addresses.
   for (int bi = 0; bi < m; bi += kStageTile) {
     for (int bj = 0; bj < p; bj += kStageTile) {
       double acc[2][4][2];
       for (int t = 0; t < 2; ++t)
         for (int u = 0; u < 4; ++u) acc[t][u][0] = acc[t][u][1] = 0.0;
       double ra[4], rb[4];
+      // The chunk element (row or column, k) a thread moves in each of its 4 steps: along the operand's contiguous
+      // dimension, so that a warp reads consecutive addresses.
       auto fetch = [&](int k0) {
         for (int s = 0; s < 4; ++s) {
           const int idx = c.tid + s * kStageThreads;
-          const int ia = tA ? (idx & 63) : (idx >> 4), ka = tA ? (idx >> 6) : (idx & 15);
+          const int ia = TA ? (idx & 63) : (idx >> 4), ka = TA ? (idx >> 6) : (idx & 15);
           const int gi = bi + ia, gka = k0 + ka;
-          ra[s] = (gi < m && gka < q) ? (tA ? A[gka * lda + gi] : A[gi * lda + gka]) : 0.0;
-          const int jb = tB ? (idx >> 4) : (idx & 63), kb = tB ? (idx & 15) : (idx >> 6);
+          ra[s] = (gi < m && gka < q) ? (TA ? A[gka * lda + gi] : A[gi * lda + gka]) : 0.0;
+          const int jb = TB ? (idx >> 4) : (idx & 63), kb = TB ? (idx & 15) : (idx >> 6);
           const int gj = bj + jb, gkb = k0 + kb;
-          rb[s] = (gj < p && gkb < q) ? (tB ? B[gj * ldb + gkb] : B[gkb * ldb + gj]) : 0.0;
+          rb[s] = (gj < p && gkb < q) ? (TB ? B[gj * ldb + gkb] : B[gkb * ldb + gj]) : 0.0;
         }
       };
       fetch(0);
@@ -325,11 +369,12 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
         BK_SYNC();                                  // the stage's previous readers are done
         for (int s = 0; s < 4; ++s) {
           const int idx = c.tid + s * kStageThreads;
-          As[(tA ? (idx & 63) : (idx >> 4)) * kStageLdA + (tA ? (idx >> 6) : (idx & 15))] = ra[s];
-          Bs[(tB ? (idx & 15) : (idx >> 6)) * kStageLdB + (tB ? (idx >> 4) : (idx & 63))] = rb[s];
+          As[(TA ? (idx & 63) : (idx >> 4)) * kStageLdA + (TA ? (idx >> 6) : (idx & 15))] = ra[s];
+          Bs[(TB ? (idx & 15) : (idx >> 6)) * kStageLdB + (TB ? (idx >> 4) : (idx & 63))] = rb[s];
         }
         BK_SYNC();
         if (k0 + kStageK < q) fetch(k0 + kStageK);  // in flight during this chunk's products
+#if BK_DMMA_K == 0
         for (int kk = 0; kk < kStageK; kk += 4) {
           double a[2], b[4];
           for (int t = 0; t < 2; ++t) a[t] = As[(wr + 8 * t + g) * kStageLdA + kk + t4];
@@ -337,6 +382,17 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
           for (int t = 0; t < 2; ++t)
             for (int u = 0; u < 4; ++u) dmma_884(acc[t][u], a[t], b[u]);
         }
+#else
+        constexpr int KS = BK_DMMA_K;
+        for (int kk = 0; kk < kStageK; kk += KS) {
+          double a[KS / 2], b[4][KS / 4];
+          for (int q4 = 0; q4 < KS / 4; ++q4)
+            for (int h = 0; h < 2; ++h) a[2 * q4 + h] = As[(wr + 8 * h + g) * kStageLdA + kk + 4 * q4 + t4];
+          for (int u = 0; u < 4; ++u)
+            for (int q4 = 0; q4 < KS / 4; ++q4) b[u][q4] = Bs[(kk + 4 * q4 + t4) * kStageLdB + wc + 8 * u + g];
+          for (int u = 0; u < 4; ++u) dmma_16x8<KS>(acc[0][u], acc[1][u], a, b[u]);
+        }
+#endif
       }
       for (int t = 0; t < 2; ++t)
         for (int u = 0; u < 4; ++u)
@@ -346,6 +402,7 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
           }
     }
   }
+  return store;
 }
 
 // The small ranks' products (CT::tb_max 1: ranks < kBlockedRank, whose matrices are all in shared memory unless the
@@ -353,8 +410,8 @@ __device__ __noinline__ void matmul_mma(const Ctx& c, const double* A, bool tA, 
 // tile per warp at a time, the fragments loaded straight from the operands (no staging, no barrier), k ascending
 // in steps of four as in matmul_mma.
 template <class Store>
-__device__ __forceinline__ void matmul_mma_direct(const Ctx& c, const double* A, bool tA, const double* B, bool tB,
-                                                  int m, int q, int p, int lda, int ldb, Store store) {
+__device__ __forceinline__ Store matmul_mma_direct(const Ctx& c, const double* A, bool tA, const double* B, bool tB,
+                                                   int m, int q, int p, int lda, int ldb, Store store) {
   const int lane = c.tid & 31, g = lane >> 2, t4 = lane & 3;
   const int tm = (m + 7) >> 3, tp = (p + 7) >> 3;
   for (int t = c.tid >> 5; t < tm * tp; t += c.nt >> 5) {
@@ -371,6 +428,20 @@ __device__ __forceinline__ void matmul_mma_direct(const Ctx& c, const double* A,
       if (i < m && col < p) store(i, col, acc[e]);
     }
   }
+  return store;
+}
+
+// matmul_mma with the transposes as template arguments (literals at every call site: once matmul_store is inlined
+// only the one branch remains).
+template <class Store>
+__device__ __forceinline__ Store matmul_mma_t(const Ctx& c, const double* A, bool tA, const double* B, bool tB, int m,
+                                              int q, int p, int lda, int ldb, Store store) {
+  if (tA) {
+    if (tB) return matmul_mma<true, true>(c, A, B, m, q, p, lda, ldb, store);
+    return matmul_mma<true, false>(c, A, B, m, q, p, lda, ldb, store);
+  }
+  if (tB) return matmul_mma<false, true>(c, A, B, m, q, p, lda, ldb, store);
+  return matmul_mma<false, false>(c, A, B, m, q, p, lda, ldb, store);
 }
 #endif
 
@@ -380,22 +451,22 @@ __device__ __forceinline__ void matmul_mma_direct(const Ctx& c, const double* A,
 // blocked kernels when that still gives every thread a tile, else 2 x 2, else one; the small ranks' kernels one
 // output per thread (blocked code's registers made the compiler spill across the kernel there).
 template <class CT, class Store>
-BK_DEV void matmul_store(const CT& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
-                         int lda, int ldb, Store store) {
+BK_DEV Store matmul_store(const CT& c, const double* A, bool tA, const double* B, bool tB, int m, int q, int p,
+                          int lda, int ldb, Store store) {
 #if BK_TENSOR_F64
   if constexpr (CT::tb_max >= 4) {
-    matmul_mma(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+    return matmul_mma_t(c, A, tA, B, tB, m, q, p, lda, ldb, store);
   } else {
-    matmul_mma_direct(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+    return matmul_mma_direct(c, A, tA, B, tB, m, q, p, lda, ldb, store);
   }
 #else
   if constexpr (CT::tb_max >= 4) {
-    if (m * p >= 16 * c.nt) { matmul_tiles<4>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
+    if (m * p >= 16 * c.nt) return matmul_tiles<4>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
   }
   if constexpr (CT::tb_max >= 2) {
-    if (m * p >= 4 * c.nt) { matmul_tiles<2>(c, A, tA, B, tB, m, q, p, lda, ldb, store); return; }
+    if (m * p >= 4 * c.nt) return matmul_tiles<2>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
   }
-  matmul_tiles<1>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
+  return matmul_tiles<1>(c, A, tA, B, tB, m, q, p, lda, ldb, store);
 #endif
 }
 
@@ -592,17 +663,28 @@ BK_DEV void polar(CT& c, const double* Cm, double* Q, double* Vc, double* U, dou
   }
 }
 
+// The store of a product P = scale op(A) op(B) [n x n] that also sums, over the outputs its thread stores,
+// ||P - I||_F^2 (res) and tr P (tr): matmul_store returns it with the sums. (A lambda capturing the two sums by
+// reference kept them in local memory across the non-inlined tensor-core product.)
+struct ResidualStore {
+  double* P;
+  int n;
+  double scale;
+  double res, tr;
+  BK_DEV void operator()(int i, int j, double v) {
+    const double y = scale * v;
+    P[i * n + j] = y;
+    const double e = y - (i == j ? 1.0 : 0.0);
+    res += e * e;
+    if (i == j) tr += y;
+  }
+};
+
 // P = op(A) B [n x n], ||P - I||_F^2 (a) and tr P (b), summed over the block (the sums are also the barrier after P).
 template <class CT>
 BK_DEV Sum2 product_off_identity(CT& c, const double* A, bool tA, const double* B, double* P, int n) {
-  double res = 0.0, tr = 0.0;
-  matmul_store(c, A, tA, B, false, n, n, n, n, n, [&](int i, int j, double s) {
-    P[i * n + j] = s;
-    const double e = s - (i == j ? 1.0 : 0.0);
-    res += e * e;
-    if (i == j) tr += s;
-  });
-  return block_sum2(c, res, tr);
+  const ResidualStore st = matmul_store(c, A, tA, B, false, n, n, n, n, n, ResidualStore{P, n, 1.0, 0.0, 0.0});
+  return block_sum2(c, st.res, st.tr);
 }
 
 // The Newton-Schulz iterations' scaling (polar_ns, inv_fourth_root_ns): before each step the iterate is scaled
@@ -711,6 +793,14 @@ BK_DEV void invert(Ctx& c, const double* T, double* W, double* M, int n) {
   }
 }
 
+// rel_gap from block-wide sums of a^2, b^2 and (a - b)^2.
+BK_DEV double rel_gap_of_sums(double sa, double sb, double sd, double* fro_a, double* fro_b) {
+  if (fro_a) *fro_a = sqrt(sa);
+  if (fro_b) *fro_b = sqrt(sb);
+  const double den = sqrt(fmax(sa, sb));
+  return den > 0.0 ? sqrt(sd) / den : 0.0;
+}
+
 // ||A - B||_F / max(||A||_F, ||B||_F) (0 when both are zero); ||A||_F, ||B||_F into fro_a, fro_b when given.
 BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n, double* fro_a = nullptr,
                       double* fro_b = nullptr) {
@@ -720,11 +810,8 @@ BK_DEV double rel_gap(Ctx& c, const double* A, const double* B, int n, double* f
     sb += B[idx] * B[idx];
     sd += (A[idx] - B[idx]) * (A[idx] - B[idx]);
   }
-  sa = block_sum(c, sa); sb = block_sum(c, sb); sd = block_sum(c, sd);
-  if (fro_a) *fro_a = sqrt(sa);
-  if (fro_b) *fro_b = sqrt(sb);
-  const double den = sqrt(fmax(sa, sb));
-  return den > 0.0 ? sqrt(sd) / den : 0.0;
+  const Sum2 s1 = block_sum2(c, sa, sb);
+  return rel_gap_of_sums(s1.a, s1.b, block_sum(c, sd), fro_a, fro_b);
 }
 
 // X = P * sqrt(live eigenvalues) (columns scaled), eigenvalues ascending in val.
@@ -758,16 +845,24 @@ BK_DEV bool cholesky(Ctx& c, double* X, double* L, int n) {
     const double d = X[j * n + j];               // every thread reads the same value: a uniform decision
     if (!(d > 0.0)) return false;
     const double inv = bk_rsqrt(d), invd = inv * inv;
-    for (int i = c.tid; i < n; i += c.nt) L[i * n + j] = i >= j ? X[i * n + j] * inv : 0.0;
+    // Column j of X into c.v0 (one barrier more per column): the update below reads it along l, which in X (rows n
+    // doubles apart) put a warp's 32 reads in one shared-memory bank.
+    for (int i = c.tid; i < n; i += c.nt) {
+      const double x = X[i * n + j];
+      c.v0[i] = x;
+      L[i * n + j] = i >= j ? x * inv : 0.0;
+    }
+    BK_SYNC();
     // Trailing lower triangle: X[i][l] -= X[i][j] X[l][j] / d, each element by the same thread and expression as
     // the loop over idx / m, idx % m it replaces (same bits), without its two divisions per element. H200
     // (bench/probe/eig_phases.py, the previous probe's matrix placements): Cholesky 147 k -> 138 k cycles per pair
     // at r = 64 (112 pairs), 974 k -> 887 k at r = 128, 15.6 k -> 16.4 k at r = 16; the kernel within 1.5%.
     const int m = n - 1 - j;
     if (m > 0) {
+      const double* col = c.v0;
       for (FlatIter it(c, m); it.row < m; it.next()) {
         const int i = j + 1 + it.row, l = j + 1 + it.col;
-        if (l <= i) X[i * n + l] -= X[i * n + j] * X[l * n + j] * invd;
+        if (l <= i) X[i * n + l] -= col[i] * col[l] * invd;
       }
     }
     BK_SYNC();
@@ -823,16 +918,9 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
     });
     BK_SYNC();
     matmul(c, S4, S2, false, S2, false, n, n, n, n, n);           // S^4
-    double* nn = Nn;                                              // N <- s S^4 N, its residual and trace
-    double r = 0.0, t = 0.0;
-    matmul_store(c, S4, false, N, false, n, n, n, n, n, [&](int i, int j, double v) {
-      const double y = s * v;
-      nn[i * n + j] = y;
-      const double e = y - (i == j ? 1.0 : 0.0);
-      r += e * e;
-      if (i == j) t += y;
-    });
-    const Sum2 rt = block_sum2(c, r, t);                          // (also the barrier after N)
+    // N <- s S^4 N, its residual and trace
+    const ResidualStore st = matmul_store(c, S4, false, N, false, n, n, n, n, n, ResidualStore{Nn, n, s, 0.0, 0.0});
+    const Sum2 rt = block_sum2(c, st.res, st.tr);                 // (also the barrier after N)
     res = rt.a;
     tr = rt.b;
     double* tmp = N; N = Nn; Nn = tmp;
@@ -840,14 +928,27 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
   }
 }
 
-// min(||A||_F, ||A||_inf) of A [n x n] (block-wide; every thread gets it): for a symmetric A an upper bound on
-// its largest eigenvalue in absolute value, at most sqrt(n) times above it.
+// dst = scale (src + src^T) / 2 [n x n], then a barrier. dst and src do not overlap (restrict: the loads of later
+// elements need not wait for the stores before them).
+BK_DEV void sym_part(Ctx& c, double* __restrict__ dst, const double* __restrict__ src, double scale, int n) {
+#pragma unroll 4
+  for (int idx = c.tid; idx < n * n; idx += c.nt) {
+    const int i = idx / n, j = idx % n;
+    dst[idx] = scale * 0.5 * (src[i * n + j] + src[j * n + i]);
+  }
+  BK_SYNC();
+}
+
+// min(||A||_F, ||A||_1) of A [n x n] (block-wide; every thread gets it): for a symmetric A an upper bound on its
+// largest eigenvalue in absolute value, at most sqrt(n) times above it. (Column sums, ||A||_1 = ||A||_inf for a
+// symmetric A: a warp's threads read consecutive addresses, where the row sums' read rows n doubles apart; the
+// callers' matrices are symmetric to the bit, so the sums are the same.)
 BK_DEV double sym_norm_bound(Ctx& c, const double* A, int n) {
   double fro = 0.0, rmax = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) fro += A[idx] * A[idx];
   for (int i = c.tid; i < n; i += c.nt) {
     double rs = 0.0;
-    for (int j = 0; j < n; ++j) rs += fabs(A[i * n + j]);
+    for (int j = 0; j < n; ++j) rs += fabs(A[j * n + i]);
     rmax = fmax(rmax, rs);
   }
   fro = block_sum(c, fro);
@@ -900,12 +1001,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   // (M / bound)^-1 (inv_fourth_root_ns's N), its residual amplified by about cond(L) cond(M): both far below the
   // float32 rounding of the T it writes. The GPU tests' product and balance bounds against the reference hold on
   // every 7B shape for r = 1 to 128.
-  const double iq = 1.0 / sqrt(sqrt(bound));
-  for (int idx = c.tid; idx < n * n; idx += c.nt) {
-    const int i = idx / n, j = idx % n;
-    b.M1[idx] = iq * 0.5 * (x[i * n + j] + x[j * n + i]);
-  }
-  BK_SYNC();
+  sym_part(c, b.M1, x, 1.0 / sqrt(sqrt(bound)), n);
   // (one round: both products read M^-1/4 only)
   double* w = b.W;
   double* m3 = b.M3;
@@ -943,11 +1039,7 @@ BK_DEV bool full_rank_transforms(CT& c, const Mats& b, double eps_f, double fro_
   // M = L^T G_A L, symmetrized, and its eigendecomposition (ascending).
   mm(c, b.X, b.GA, false, b.Y, false, n);       // G_A L (kept for fourth_root_transforms' T)
   mm(c, b.M3, b.Y, true, b.X, false, n);
-  for (int idx = c.tid; idx < n * n; idx += c.nt) {
-    const int i = idx / n, j = idx % n;
-    b.AW[idx] = 0.5 * (b.M3[i * n + j] + b.M3[j * n + i]);
-  }
-  BK_SYNC();
+  sym_part(c, b.AW, b.M3, 1.0, n);
   if (basis_free && fourth_root_transforms(c, b, eps_f, fro_b, fro_a, n)) {
     c.path = PATH_FAST_NS;
     return true;
@@ -1100,24 +1192,33 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   const int n = c.n;
   c.ns_steps = 0;
   c.polar_steps = 0;
-  double bad = 0.0;
+  // The symmetrized Grams, with rel_gap(G_B, G_A)'s sums taken as they are written (rel_gap read them back from
+  // global memory: the same sums, the same bits). The Grams are read through the read-only path (they do not change
+  // during the kernel), so that the loads need not wait for the stores before them.
+  double bad = 0.0, sb = 0.0, sa = 0.0, sd = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
-    const double b1 = gB[i * R + j], b2 = gB[j * R + i], a1 = gA[i * R + j], a2 = gA[j * R + i];
+    const double b1 = BK_LDG(gB + i * R + j), b2 = BK_LDG(gB + j * R + i);
+    const double a1 = BK_LDG(gA + i * R + j), a2 = BK_LDG(gA + j * R + i);
     if (!(isfinite(b1) && isfinite(a1))) bad = 1.0;
-    b.GB[idx] = 0.5 * (b1 + b2);
-    b.GA[idx] = 0.5 * (a1 + a2);
+    const double gb = 0.5 * (b1 + b2), ga = 0.5 * (a1 + a2);
+    b.GB[idx] = gb;
+    b.GA[idx] = ga;
+    sb += gb * gb;
+    sa += ga * ga;
+    sd += (gb - ga) * (gb - ga);
   }
-  BK_SYNC();
-  if (block_sum(c, bad) > 0.0) {
+  const Sum2 s1 = block_sum2(c, bad, sd);                      // (also the barrier after G_B, G_A)
+  if (s1.a > 0.0) {
     write_identity(c, outT, R, n);
     write_identity(c, outW, R, n);
     if (c.tid == 0) { *status = STATUS_NONFINITE; gaps[0] = nan(""); gaps[1] = nan(""); }
     BK_SYNC();
     return;
   }
+  const Sum2 s2 = block_sum2(c, sb, sa);
   double fro_b = 0.0, fro_a = 0.0;
-  const double gap_before = rel_gap(c, b.GB, b.GA, n, &fro_b, &fro_a);
+  const double gap_before = rel_gap_of_sums(s2.a, s2.b, s1.b, &fro_b, &fro_a);
 
   // 1-4. T, T^-1 of the pair's live components (k of them) and of the rest.
   int k = n;
@@ -1136,12 +1237,27 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   // 5. C = T^T G_B + T^-1 G_A. Q = blockdiag(Q_live, Q_rest) placed in the chosen slots: Q_live =
   //    polar(C_live) (nearest) or sign(diag C_live) (svd); Q_rest = polar(C_rest). Never rotate across live
   //    and rest.
-  // (one round: the second product adds onto the first's outputs, which the same thread wrote: both products
-  // have one shape, so matmul_store hands each output to the same thread)
+  // P_B = T^T G_B into AW, P_A = T^-1 G_A into VW (both free from here until polar() below), C = P_B + P_A into
+  // M2 (one round: the second product adds onto the first's outputs, which the same thread wrote: both products
+  // have one shape, so matmul_store hands each output to the same thread).
   double* m2 = b.M2;
-  matmul_store(c, b.T, true, b.GB, false, n, n, n, n, n, [=](int i, int j, double s) { m2[i * n + j] = s; });
-  matmul_store(c, b.W, false, b.GA, false, n, n, n, n, n, [=](int i, int j, double s) { m2[i * n + j] += s; });
+  double* pb = b.AW;
+  double* pa = b.VW;
+  matmul_store(c, b.T, true, b.GB, false, n, n, n, n, n, [=](int i, int j, double s) { pb[i * n + j] = s; });
+  matmul_store(c, b.W, false, b.GA, false, n, n, n, n, n, [=](int i, int j, double s) {
+    pa[i * n + j] = s;
+    m2[i * n + j] = pb[i * n + j] + s;
+  });
   BK_SYNC();                                                  // M2 = C
+  // 6. Gap after, from the balanced Grams before the rotation Q of this step: T^T G_B T = P_B T and T^-1 G_A T^-T
+  // = P_A T^-T (into GB and GA, read no more; one round), whose gap Q does not change (the final ones are
+  // Q^T (.) Q, Q orthogonal: Frobenius norms are invariant). Two products where the rotated Grams took four.
+  double* bal_b = b.GB;
+  double* bal_a = b.GA;
+  matmul_store(c, pb, false, b.T, false, n, n, n, n, n, [=](int i, int j, double s) { bal_b[i * n + j] = s; });
+  matmul_store(c, pa, false, b.W, true, n, n, n, n, n, [=](int i, int j, double s) { bal_a[i * n + j] = s; });
+  BK_SYNC();
+  const double gap_after = rel_gap(c, bal_b, bal_a, n);
   const int mr = n - k;
   double* C_live = b.M3;                       // compact k x k, then the compact mr x mr rest block
   double* C_rest = b.M3 + k * k;               // (k^2 + mr^2 <= n^2)
@@ -1182,18 +1298,7 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   matmul_store(c, Q, true, b.W, false, n, n, n, n, n, [=](int i, int j, double s) { Wq[i * n + j] = s; });   // Q^T T^-1
   BK_SYNC();
 
-  // 6. gap after, from the Grams (two rounds of two products); a last guard against non-finite transforms.
-  double* m3 = b.M3;
-  double* x = b.X;
-  matmul_store(c, Tq, true, b.GB, false, n, n, n, n, n, [=](int i, int j, double s) { m3[i * n + j] = s; });
-  matmul_store(c, Wq, false, b.GA, false, n, n, n, n, n, [=](int i, int j, double s) { x[i * n + j] = s; });
-  BK_SYNC();
-  double* bal_b = b.M2;
-  double* bal_a = b.T;
-  matmul_store(c, m3, false, Tq, false, n, n, n, n, n, [=](int i, int j, double s) { bal_b[i * n + j] = s; });  // T^T G_B T
-  matmul_store(c, x, false, Wq, true, n, n, n, n, n, [=](int i, int j, double s) { bal_a[i * n + j] = s; });  // T^-1 G_A T^-T
-  BK_SYNC();
-  const double gap_after = rel_gap(c, bal_b, bal_a, n);
+  // A last guard against non-finite transforms.
   double nonfinite = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt)
     if (!(isfinite(Tq[idx]) && isfinite(Wq[idx]))) nonfinite = 1.0;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc, and the host-side
-# emulation of the kernel math with the host compiler. Fails on any compile error. Nothing is run.
+# Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc (the r x r kernels' for sm_80
+# too), and the host-side emulation of the kernel math with the host compiler. Fails on any compile error. Nothing
+# is run.
 # The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
 # headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present; lora_linear.cpp
 # (pure ATen, and with -DBK_WITH_CUDA_THIN as the extension builds it) against torch's headers wherever torch
@@ -13,6 +14,12 @@ trap 'rm -rf "$out"' EXIT
 for f in csrc/*.cu; do
   echo "nvcc -arch=sm_90 -c $f"
   "$NVCC" -arch=sm_90 -O3 -std=c++17 -Werror all-warnings -c "$f" -o "$out/$(basename "$f").o"
+done
+# The r x r kernels choose their float64 mma shape by architecture (m8n8k4 below sm_90, which the extension also
+# builds for): those two files for sm_80 too.
+for f in csrc/balance.cu csrc/balance_fixed.cu; do
+  echo "nvcc -arch=sm_80 -c $f"
+  "$NVCC" -arch=sm_80 -O3 -std=c++17 -Werror all-warnings -c "$f" -o "$out/$(basename "$f").sm80.o"
 done
 CXX="${CXX:-g++}"
 echo "$CXX -DBK_HOST_EMULATION csrc/host_emulation.cc"

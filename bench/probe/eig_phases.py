@@ -26,8 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # marks: their time is in the "NS: ..." phases (M = L^T G_A L is in "NS: M, bound"; "M=L^T G_A L" and "jacobi
 # eig(M)" read 0). (In session 17's first log the labels "NS: root's last X S (+ gate)" and "NS: T, T^-1" stood for
 # what are now "NS: root's last X S" and "NS: gate, T, T^-1".)
-PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q, gap_after",
-          "(reset)", "NS: M, bound", "NS: root's last X S", "(unused)", "NS: gate, T, T^-1", "C",
+# (Since session 18 the gap after is computed right after C, from T before the rotation: its products are in "C,
+# gap_after", and "T Q" holds T Q, Q^T T^-1 and the guard; before, those phases were "C" and "T Q, gap_after".)
+PHASES = ["load+gap_before", "cholesky", "M=L^T G_A L", "jacobi eig(M)", "T, T^-1", "C + polar", "T Q",
+          "(reset)", "NS: M, bound", "NS: root's last X S", "(unused)", "NS: gate, T, T^-1", "C, gap_after",
           "NS steps: X N, N^2", "NS steps: S^4, S^4 N, sums"]
 NSLOT = 16
 # Launch-shape variants of the working tree's kernel, timed beside it: (name, nvcc flags).
@@ -39,7 +41,10 @@ VARIANTS = [("never_one_per_sm", ["-DBK_BLOCKED_ONE_PER_SM=0"]),
             ("max_mats_3", ["-DBK_BLOCKED_MAX_MATS=3"]),
             ("no_fixed_64", ["-DBK_FIXED_N64=0"]),          # r = 64 by the run-time-rank kernel
             ("cuda_core_products", ["-DBK_TENSOR_F64=0"]),  # every product on the CUDA cores (matmul_tiles)
-            ("unscaled", ["-DBK_NS_SCALE_CAP=1.0"])]         # Newton-Schulz iterations without bk::ns_scale
+            ("unscaled", ["-DBK_NS_SCALE_CAP=1.0"]),         # Newton-Schulz iterations without bk::ns_scale
+            ("dmma_m8n8k4", ["-DBK_DMMA_K=0"]),             # the blocked products by m8n8k4 (before session 18)
+            ("dmma_k8", ["-DBK_DMMA_K=8"]),                 # by m16n8k8
+            ("dmma_k16", ["-DBK_DMMA_K=16"])]               # by m16n8k16
 JOBS = int(os.environ.get("JOBS", "2"))
 
 # (anchor in balance_math.cuh, phase that ends at the anchor): a mark is inserted before each anchor.
@@ -182,10 +187,14 @@ def run(libdir, ranks=(8, 16, 64), pairs=(224,)):
                 torch.cuda.synchronize()
                 case[f"{name}_ms"] = ev[0].elapsed_time(ev[1]) / reps
                 case[f"{name}_status_full_rank"] = int(((st & 7) == 0).sum())
+                case[f"{name}_gap_after_max"] = float(gaps[:, 1].max())
                 if name == "plain":
-                    ref_tw = tw.clone()
+                    ref_tw, ref_gaps = tw.clone(), gaps.clone()
                 else:
                     case[f"{name}_bitwise_equal_plain"] = bool(torch.equal(tw, ref_tw))
+                    # the gaps (before, after) against the working tree's: largest difference relative to the gap
+                    rel = (gaps - ref_gaps).abs() / ref_gaps.abs().clamp_min(1e-300)
+                    case[f"{name}_gaps_max_rel_diff"] = [float(rel[:, 0].max()), float(rel[:, 1].max())]
                 if name == "prof":
                     buf = (ctypes.c_ulonglong * (NSLOT * 8192))()
                     assert lib.bk_prof_read(buf, NSLOT * 8192) == 0
