@@ -53,6 +53,7 @@ inline float bk_fdiv(float a, float b) { return a / b; }
 inline float bk_rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double bk_rsqrt(double x) { return 1.0 / std::sqrt(x); }
 #define BK_LDG(p) (*(p))
+#define BK_UNROLL4
 #else
 #define BK_DEV __device__ __forceinline__
 #define BK_HD __host__ __device__ inline
@@ -60,6 +61,7 @@ __device__ __forceinline__ float bk_fdiv(float a, float b) { return __fdividef(a
 __device__ __forceinline__ float bk_rsqrtf(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double bk_rsqrt(double x) { return rsqrt(x); }
 #define BK_LDG(p) __ldg(p)       // a load through the read-only path (data that does not change during the kernel)
+#define BK_UNROLL4 _Pragma("unroll 4")
 #define BK_SYNC() __syncthreads()
 #endif
 
@@ -931,7 +933,7 @@ BK_DEV double* inv_fourth_root_ns(CT& c, double* const* buf, double res, double 
 // dst = scale (src + src^T) / 2 [n x n], then a barrier. dst and src do not overlap (restrict: the loads of later
 // elements need not wait for the stores before them).
 BK_DEV void sym_part(Ctx& c, double* __restrict__ dst, const double* __restrict__ src, double scale, int n) {
-#pragma unroll 4
+  BK_UNROLL4
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
     const int i = idx / n, j = idx % n;
     dst[idx] = scale * 0.5 * (src[i * n + j] + src[j * n + i]);
