@@ -268,7 +268,8 @@ BK_DEV Store matmul_tiles(const Ctx& c, const double* A, bool tA, const double* 
 // ---- float64 tensor-core products (sm_80 and later; the blocked kernels, ranks >= kBlockedRank) ----
 // C = op(A) op(B) by 64 x 64 output tiles: the block stages 16-wide k chunks of both operands in shared memory
 // (c.stage, wherever the operands live: most of a rank-64 pair's matrices are in global memory) and each of the
-// 8 warps multiplies its 16 x 32 part with mma.m8n8k4.f64 (the next chunk's loads in flight meanwhile). The
+// 8 warps multiplies its 16 x 32 part with mma.m16n8k4.f64 on sm_90, mma.m8n8k4.f64 below (BK_DMMA_K; the next
+// chunk's loads in flight meanwhile). The
 // padded leading dimensions make the fragment loads conflict-free: lanes 0-15 (and 16-31) of an A fragment read
 // rows g = 0..3 at k = kk + t, t = 0..3 (offsets 20 g + t: 16 distinct bank pairs), of a B fragment k rows
 // kk + t at columns g (68 t + g). Every output is the float64 sum over k in ascending order, four k per mma
@@ -335,10 +336,11 @@ __device__ __forceinline__ void dmma_16x8(double (&lo)[2], double (&hi)[2], cons
 
 // C = op(A) op(B), each output handed to store(i, j, value); returns the store (a functor's sums: see
 // ResidualStore). The transposes are template arguments (matmul_mma_t's dispatch). Not inlined: one instance per
-// call site, its store inside. Measured on an H200 (7B pairs, bench/results/logs/session18-eig-phases-*.json; r =
-// 64, 224 pairs): the r x r kernel 0.462 ms; 0.576 with one shared instance per transpose pair handing its
-// accumulators to inlined stores (through local memory), 0.542 with a second set of instances specialised for r =
-// 64's sizes beside these (more code: slower, though fewer instructions per product).
+// call site, its store inside. Measured on an H200 (7B pairs, r = 64, 224 pairs; the r x r kernel beside the other
+// build in the same device call): 0.462 ms against 0.576 with one shared instance per transpose pair handing its
+// accumulators to inlined stores through local memory (bench/results/logs/session18-eig-phases-shared-tile-*.json),
+// 0.473 against 0.542 with a second set of instances specialised for r = 64's sizes beside these (more code:
+// slower, though fewer instructions per product; session18-eig-phases-first-*.json).
 template <bool TA, bool TB, class Store>
 __device__ __noinline__ Store matmul_mma(const Ctx& c, const double* A, const double* B, int m, int q, int p, int lda,
                                          int ldb, Store store) {
@@ -1011,7 +1013,7 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   matmul_store(c, b.M1, false, b.M1, false, n, n, n, n, n, [=](int i, int j, double v) { m3[i * n + j] = v; });  // ^2
   BK_SYNC();
   // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F,
-  // ||M^-1/2||_inf), at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
+  // ||M^-1/2||_1) (= ||.||_inf: symmetric), at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
   // eigendecomposition path: the same decisions, slower).
   const double z = sym_norm_bound(c, m3, n);
   if (!(1.0 > 1.1 * gate * z * z)) return false;                // gate not proven (or rounding): exact path
@@ -1195,7 +1197,7 @@ BK_DEV void balance_pair(CT& c, const Mats& b, const float* gB, const float* gA,
   c.ns_steps = 0;
   c.polar_steps = 0;
   // The symmetrized Grams, with rel_gap(G_B, G_A)'s sums taken as they are written (rel_gap read them back from
-  // global memory: the same sums, the same bits). The Grams are read through the read-only path (they do not change
+  // the matrices: the same sums, the same bits). The Grams are read through the read-only path (they do not change
   // during the kernel), so that the loads need not wait for the stores before them.
   double bad = 0.0, sb = 0.0, sa = 0.0, sd = 0.0;
   for (int idx = c.tid; idx < n * n; idx += c.nt) {
