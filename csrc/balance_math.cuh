@@ -1013,8 +1013,8 @@ BK_DEV bool fourth_root_transforms(CT& c, const Mats& b, double eps_f, double fr
   matmul_store(c, b.M1, false, b.M1, false, n, n, n, n, n, [=](int i, int j, double v) { m3[i * n + j] = v; });  // ^2
   BK_SYNC();
   // The gate: lambda_min(M) = 1 / lambda_max(M^-1/2)^2 and lambda_max(M^-1/2) <= min(||M^-1/2||_F,
-  // ||M^-1/2||_1) (= ||.||_inf: symmetric), at most sqrt(n) times above it (so pairs with lambda_min(M) within n times the gate may take the
-  // eigendecomposition path: the same decisions, slower).
+  // ||M^-1/2||_1) (= ||.||_inf: symmetric), at most sqrt(n) times above it (so pairs with lambda_min(M) within n
+  // times the gate may take the eigendecomposition path: the same decisions, slower).
   const double z = sym_norm_bound(c, m3, n);
   if (!(1.0 > 1.1 * gate * z * z)) return false;                // gate not proven (or rounding): exact path
   mm(c, b.M2, b.X, false, b.M1, false, n);                       // G_A L M^-1/4
