@@ -83,6 +83,19 @@ def grouped_max_rank(fp32: bool) -> int:
     return _fp32_max_rank["r"]
 
 
+def grouped_wgmma() -> bool:
+    """Whether the loaded extension's Gram (ranks 33 to 64) and rescale (ranks 17 to 64) of float32 factors run
+    csrc/grouped_mma.cu's wgmma kernels on the current GPU: an sm_90a image (:data:`CUDA_ARCH_FLAGS`) on a compute
+    capability 9.0 GPU (H100, H200). Elsewhere they run the same file's mma.sync kernels (False; also without the
+    extension, or for one built before the wgmma kernels)."""
+    if not grouped_available():
+        return False
+    try:
+        return bool(torch.ops.balora.grouped_mma_wgmma(torch.cuda.current_device()))
+    except (AttributeError, RuntimeError):   # an extension without the op
+        return False
+
+
 def _current_cuda_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -121,11 +134,12 @@ def _have_grouped_ops() -> bool:
     return _op_ok("grouped_gram", GROUPED_GRAM_ARGUMENTS) and _op_ok("grouped_rescale", GROUPED_RESCALE_ARGUMENTS)
 
 
-# The kernels are compiled for sm_80 and sm_90, with sm_90 PTX that the driver compiles for newer GPUs
-# (setup.py and _try_load's flags): GPUs older than compute capability 8.0 have no image to run.
+# The kernels are compiled for sm_80 and sm_90a (compute capability 9.0: H100 / H200, where csrc/grouped_mma.cu's
+# wgmma kernels run; BK_SM90A tells its host code that this image exists), with sm_90 PTX that the driver compiles
+# for newer GPUs (setup.py and _try_load's flags): GPUs older than compute capability 8.0 have no image to run.
 MIN_CAPABILITY = (8, 0)
-CUDA_ARCH_FLAGS = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80",
-                   "-gencode=arch=compute_90,code=compute_90"]
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
+                   "-gencode=arch=compute_90,code=compute_90", "-DBK_SM90A"]
 
 
 # Host-compiler flags of the build: BK_WITH_CUDA_THIN lets csrc/lora_linear.cpp call csrc/lora_thin.cu's kernels

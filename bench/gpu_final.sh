@@ -8,7 +8,8 @@
 #   device run: bash bench/gpu_final.sh projcheck # build, projection GPU tests, balora check (host-side csrc changes)
 #   device run: bash bench/gpu_final.sh mmavar  # variants of the tensor-core Gram / rescale beside the build (carry
 #                                            # .build/variants from bench/probe/build_grouped_variants.sh .build/variants
-#                                            # mma) and ncu of the default one, then the projection GPU tests
+#                                            # mma, or wg) and ncu (kernels MMA_NCU_K, default regex:mma_) of variant
+#                                            # MMA_ONCE (default: default), then the projection GPU tests
 #                                            # selected by MMA_TESTS (a pytest -k expression; default the ones
 #                                            # of the tensor-core kernels and the plan's choice of kernels)
 #   device run: bash bench/gpu_final.sh mmafinal  # as mmavar (MMA_K_CHUNKS: the probe's tile sizes), then the
@@ -110,9 +111,9 @@ seed_build
     { timeout 240 python3 bench/probe/grouped_cuda.py --variants .build/variants --ranks 32,64 --dtypes float32 \
         --k-chunks "${MMA_K_CHUNKS:-1024,2048}" --out "$OUT"
       echo "probe rc=$?"
-      timeout 60 ncu --clock-control none -k regex:mma_ --section SpeedOfLight --section Occupancy \
+      timeout 60 ncu --clock-control none -k ${MMA_NCU_K:-regex:mma_} --section SpeedOfLight --section Occupancy \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-        python3 bench/probe/grouped_cuda.py --variants .build/variants --once default --once-rank 64 --once-k-chunk 2048 \
+        python3 bench/probe/grouped_cuda.py --variants .build/variants --once ${MMA_ONCE:-default} --once-rank 64 --once-k-chunk 2048 \
         > "$OUT/ncu_mma.txt" 2>&1
       echo "ncu rc=$?"; } > "$OUT/grouped_probe.log" 2>&1 &
     probe_pid=$!

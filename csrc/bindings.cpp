@@ -18,6 +18,7 @@ const char* bk_error_string(int err);
 int bk_grouped_max_rank(int dtype);
 int bk_grouped_partial_size(int r);
 int bk_grouped_mma_rank_block(int r);
+int bk_grouped_mma_wgmma();
 int bk_grouped_gram_launch(const long long* tiles, int n_b, int n_a, int r, int R, int dtype, float* partials,
                            int partial_stride, const long long* ranges, int* counters, float* grams,
                            cudaStream_t stream);
@@ -149,6 +150,13 @@ void grouped_rescale(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t 
   TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for ", n_b + n_a, " tiles, r=", r, ": ", bk_error_string(err)));
 }
 
+// Whether float32 ranks 17 to 64 take csrc/grouped_mma.cu's wgmma kernels on GPU `device` (an sm_90a image in this
+// build and a compute capability 9.0 GPU) rather than its mma.sync ones.
+bool grouped_mma_wgmma(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return bk_grouped_mma_wgmma() != 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(balora, m) {
@@ -156,6 +164,7 @@ TORCH_LIBRARY(balora, m) {
   m.def("grouped_gram(Tensor tiles, int n_b, int n_a, int r, int dtype, Tensor(a!) partials, Tensor ranges, "
         "Tensor(b!) counters, Tensor(c!) grams) -> ()");
   m.def("grouped_rescale(Tensor tiles, int n_b, int n_a, int r, int dtype, Tensor tw, Tensor status, int skip_bits) -> ()");
+  m.def("grouped_mma_wgmma(int device) -> bool", &grouped_mma_wgmma);   // (no tensors: one kernel for every key)
 }
 
 TORCH_LIBRARY_IMPL(balora, CUDA, m) {

@@ -21,15 +21,22 @@
 // tiles of skipped pairs are not read or written. In place: a chunk's outputs are stored after all of it was read,
 // and the chunks in flight are other rows.
 //
+// On Hopper (an sm_90a image, BK_SM90A) rank block 64 takes the wgmma kernels at the end of this file instead:
+// wg_gram_kernel and wg_rescale_kernel, the same tiles, ring, split and sums, one warpgroup per tile.
+//
 // Measured on an H200 (7B adapters, float32; bench/results/logs/session16-mma-*-2026-12-02.*, GPU ms against the
 // Triton kernels): Gram r = 64 0.404 against 0.468, r = 32 0.173 against 0.978; rescale r = 64 0.582 against 0.612,
 // r = 32 0.191 against 0.277. Both at r = 64 are latency-bound, not at the memory floor (0.155 / 0.31 ms): ncu (on
 // 1024-row tiles) gives 31% / 46% of DRAM bandwidth, 42-47% of issue slots, 25% occupancy (two blocks of 8 warps
-// per SM: registers and shared memory), the tensor pipe 28-33% busy. Tried and not kept: splitting each chunk once into hi / lo planes
+// per SM: registers and shared memory), the tensor pipe 28-33% busy. The wgmma kernels at r = 64 (session 19,
+// bench/results/logs/session19-wg-*-2026-12-02.*): Gram 0.403 -> 0.335 ms, rescale 0.586 -> 0.438 (ncu: 43% / 60%
+// of DRAM bandwidth); at r = 32 the wgmma rescale was no faster (0.199 against 0.191), so rank block 32 stays here.
+// Tried and not kept: splitting each chunk once into hi / lo planes
 // read by ldmatrix (fewer instructions per mma, one more barrier per chunk and more shared memory: Gram 0.404 ->
 // 0.524 ms, rescale 0.582 -> 0.620 at r = 64), hi and lo both by cvt.rna.tf32.f32 (BK_MMA_SPLIT_CVT: Gram 0.448 ->
-// 0.560 at 1024-row tiles), four stages (BK_MMA_STAGES: rescale 0.581 -> 0.673 there, fragments in registers), three blocks per SM (spills;
-// BK_MMA_*_BLOCKS), the transform's fragments in registers (BK_MMA_RESCALE_MREGS: rescale 0.582 -> 0.598).
+// 0.560 at 1024-row tiles), four stages (BK_MMA_STAGES: rescale 0.581 -> 0.673 there, fragments in registers),
+// three blocks per SM (spills; BK_MMA_*_BLOCKS), the transform's fragments in registers (BK_MMA_RESCALE_MREGS:
+// rescale 0.582 -> 0.598).
 //
 // Needs only the CUDA runtime (no torch headers).
 #include <cuda_runtime.h>
@@ -144,11 +151,12 @@ struct Chunk {
   }
   // Rows [k0, k0 + KC) of the tile into stage s: 16-byte copies where four consecutive elements are all inside
   // the factor and 16-byte aligned (vec: checked once per tile), element copies otherwise, zeros outside.
+  template <int NT = kThreads>   // the block's threads
   __device__ static __forceinline__ void load(float* s, const TileRows& tl, int r, int k0, bool vec) {
     constexpr int kGroups = kChunkElems / 4;
 #pragma unroll
-    for (int q = 0; q < kGroups / kThreads; ++q) {
-      const int f = threadIdx.x + q * kThreads;
+    for (int q = 0; q < kGroups / NT; ++q) {
+      const int f = threadIdx.x + q * NT;
       if (tl.is_b) {                              // row k, ranks [c, c + 4)
         const int k = f / (RK / 4), c = (f % (RK / 4)) * 4;
         const bool row_ok = k0 + k < tl.k_len;
@@ -199,31 +207,78 @@ using RescaleChunk = Chunk<RK, 4, 8>;
 template <int RK>
 __host__ __device__ constexpr int RescaleLdm() { return RK + 8; }
 
-// Starts the ring: chunks 0 .. kStages - 2 in flight (one commit group each, empty ones included).
-template <class C>
+// Starts the ring (ST stages): chunks 0 .. ST - 2 in flight (one commit group each, empty ones included).
+template <class C, int NT = kThreads, int ST = kStages>
 __device__ __forceinline__ void ring_start(float* ring, const TileRows& tl, int r, bool vec, int n_chunks) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_chunks) C::load(ring + s * C::kFloats, tl, r, s * C::KC, vec);
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < n_chunks) C::template load<NT>(ring + s * C::kFloats, tl, r, s * C::KC, vec);
     cp_async_commit();
   }
 }
 
-// Chunk c is in its stage for every thread; chunk c + kStages - 1 is on its way into the stage chunk c - 1 left.
-template <class C>
+// Chunk c is in its stage for every thread; chunk c + ST - 1 is on its way into the stage chunk c - 1 left.
+template <class C, int NT = kThreads, int ST = kStages>
 __device__ __forceinline__ const float* ring_next(float* ring, const TileRows& tl, int r, bool vec, int n_chunks,
                                                   int c) {
-  cp_async_wait<kStages - 2>();
+  cp_async_wait<ST - 2>();
   __syncthreads();   // chunk c visible to all; every thread done with chunk c - 1's stage
-  const int nc = c + kStages - 1;
-  if (nc < n_chunks) C::load(ring + (nc % kStages) * C::kFloats, tl, r, nc * C::KC, vec);
+  const int nc = c + ST - 1;
+  if (nc < n_chunks) C::template load<NT>(ring + (nc % ST) * C::kFloats, tl, r, nc * C::KC, vec);
   cp_async_commit();
-  return ring + (c % kStages) * C::kFloats;
+  return ring + (c % ST) * C::kFloats;
+}
+
+// The tile's partial from E[KG][S or X][RK][RK] (the block's sums, in shared memory, visible to all threads):
+// summed over the k groups in order, G = 0.5 (S + S^T) + (X + X^T) into the tile's slot; the block that completes a
+// Gram sums its partials in tile order (threadFenceReduction pattern).
+template <int RK, int KG, int NT>
+__device__ __forceinline__ void gram_reduce(const float* E, const TileRows& tl, int r, int R,
+                                            float* __restrict__ partials, int partial_stride,
+                                            const long long* __restrict__ ranges, int* __restrict__ counters,
+                                            float* __restrict__ grams, int& last) {
+  float* part = partials + tl.slot * partial_stride;
+  auto sum_kg = [&](int which, int idx) {
+    float v = E[which * RK * RK + idx];
+#pragma unroll
+    for (int q = 1; q < KG; ++q) v += E[(q * 2 + which) * RK * RK + idx];
+    return v;
+  };
+  for (int e = threadIdx.x; e < RK * RK; e += NT) {
+    const int i = e / RK, j = e % RK, et = j * RK + i;
+    part[e] = 0.5f * (sum_kg(0, e) + sum_kg(0, et)) + (sum_kg(1, e) + sum_kg(1, et));
+  }
+  __threadfence();
+  __syncthreads();
+  const int gi = 2 * tl.pair + (tl.is_b ? 0 : 1);
+  const long long first = ranges[2 * gi];
+  const int count = (int)ranges[2 * gi + 1];
+  if (threadIdx.x == 0) last = atomicAdd(counters + gi, 1) == count - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float* G = grams + (long long)gi * R * R;
+  for (int e = threadIdx.x; e < R * R; e += NT) {
+    const int i = e / R, j = e % R;
+    float v = 0.0f;   // zero outside the r x r block: X is zero beyond r
+    if (i < RK && j < RK) {
+      const float* p = partials + first * partial_stride + i * RK + j;
+      for (int q0 = 0; q0 < count; q0 += 8) {   // eight loads in flight, then their sum in tile order
+        float w[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) w[q] = q0 + q < count ? __ldcg(p + (long long)(q0 + q) * partial_stride) : 0.0f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+          if (q0 + q < count) v += w[q];
+      }
+    }
+    G[e] = v;
+  }
+  if (threadIdx.x == 0) counters[gi] = 0;   // ready for the next launch (and CUDA-graph replay)
 }
 
 // The Gram's end: the warps' S and X (warp tile at m0, n0, k group kg) through shared memory (the ring, no longer
-// needed), summed over the k groups in warp order; the tile's partial G = 0.5 (S + S^T) + (X + X^T) into its slot;
-// the block that completes a Gram sums its partials in tile order (threadFenceReduction pattern).
+// needed), then gram_reduce.
 template <int RK, int KG>
 __device__ __forceinline__ void gram_epilogue(float* ring, const float (&S)[4][4], const float (&X)[4][4],
                                               const TileRows& tl, int m0, int n0, int kg, int r, int R,
@@ -243,75 +298,52 @@ __device__ __forceinline__ void gram_epilogue(float* ring, const float (&S)[4][4
       E[(kg * 2 + 1) * RK * RK + i * RK + col] = X[j][e];
     }
   __syncthreads();
-  float* part = partials + tl.slot * partial_stride;
-  auto sum_kg = [&](int which, int idx) {
-    float v = E[which * RK * RK + idx];
-#pragma unroll
-    for (int q = 1; q < KG; ++q) v += E[(q * 2 + which) * RK * RK + idx];
-    return v;
-  };
-  for (int e = threadIdx.x; e < RK * RK; e += kThreads) {
-    const int i = e / RK, j = e % RK, et = j * RK + i;
-    part[e] = 0.5f * (sum_kg(0, e) + sum_kg(0, et)) + (sum_kg(1, e) + sum_kg(1, et));
-  }
-  __threadfence();
-  __syncthreads();
-  const int gi = 2 * tl.pair + (tl.is_b ? 0 : 1);
-  const long long first = ranges[2 * gi];
-  const int count = (int)ranges[2 * gi + 1];
-  if (threadIdx.x == 0) last = atomicAdd(counters + gi, 1) == count - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  float* G = grams + (long long)gi * R * R;
-  for (int e = threadIdx.x; e < R * R; e += kThreads) {
-    const int i = e / R, j = e % R;
-    float v = 0.0f;   // zero outside the r x r block: X is zero beyond r
-    if (i < RK && j < RK) {
-      const float* p = partials + first * partial_stride + i * RK + j;
-      for (int q0 = 0; q0 < count; q0 += 8) {   // eight loads in flight, then their sum in tile order
-        float w[8];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) w[q] = q0 + q < count ? __ldcg(p + (long long)(q0 + q) * partial_stride) : 0.0f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q)
-          if (q0 + q < count) v += w[q];
-      }
-    }
-    G[e] = v;
-  }
-  if (threadIdx.x == 0) counters[gi] = 0;   // ready for the next launch (and CUDA-graph replay)
+  gram_reduce<RK, KG, kThreads>(E, tl, r, R, partials, partial_stride, ranges, counters, grams, last);
 }
 
-// A warp's 32 x 16 outputs (rows k0 + [0, 32) of the tile, columns n0 + [0, 16)), rounded once, over the factor: rows
-// of B (two floats at a time when rows are exactly RK long and aligned) / columns of A.
-template <int RK>
-__device__ __forceinline__ void rescale_store(const float (&acc)[2][2][4], const TileRows& tl, int k0, int n0, int g, int t,
-                                              int r, bool vec) {
+// The transform of the tile's pair, M = T (B tiles: out = X M) or W^T (A tiles: out^T = X W^T), zero beyond r,
+// split into hi and lo at index(i, j) of Mh and Ml for M[i][j] (k = i, output column j).
+template <int RK, int NT, class Index>
+__device__ __forceinline__ void split_transform(const float* __restrict__ tw, const TileRows& tl, int r, int R,
+                                                uint32_t* Mh, uint32_t* Ml, Index index) {
+  const float* src = tw + ((long long)2 * tl.pair + (tl.is_b ? 0 : 1)) * R * R;
+  for (int e = threadIdx.x; e < RK * RK; e += NT) {
+    const int i = e / RK, j = e % RK;
+    const float m = (i < r && j < r) ? (tl.is_b ? src[i * R + j] : src[j * R + i]) : 0.0f;
+    const int o = index(i, j);
+    split_tf32(m, Mh[o], Ml[o]);
+  }
+}
+
+// Outputs (k, j) and (k, j + 1) (j even; tile row k of B / column of A, rank j), rounded once, over the factor: two
+// floats at a time for rows of B exactly RK long and aligned (vec); nothing at ranks from r on.
+__device__ __forceinline__ void store_pair(const TileRows& tl, int k, int j, float v0, float v1, int r, bool vec) {
+  if (tl.is_b) {
+    float* p = tl.base + (long long)k * tl.stride + j;
+    if (vec) {
+      *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    } else {
+      if (j < r) p[0] = v0;
+      if (j + 1 < r) p[1] = v1;
+    }
+  } else {
+    float* p = tl.base + (long long)j * tl.stride + k;
+    if (j < r) p[0] = v0;
+    if (j + 1 < r) p[tl.stride] = v1;
+  }
+}
+
+// A warp's 32 x 16 outputs (rows k0 + [0, 32) of the tile, columns n0 + [0, 16)).
+__device__ __forceinline__ void rescale_store(const float (&acc)[2][2][4], const TileRows& tl, int k0, int n0, int g,
+                                              int t, int r, bool vec) {
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int k = k0 + 16 * a + g + 8 * h;   // tile row of B / column of A
+      const int k = k0 + 16 * a + g + 8 * h;
       if (k >= tl.k_len) continue;
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int j = n0 + 8 * b + 2 * t;
-        const float v0 = acc[a][b][2 * h], v1 = acc[a][b][2 * h + 1];
-        if (tl.is_b) {
-          float* p = tl.base + (long long)k * tl.stride + j;
-          if (vec) {
-            *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
-          } else {
-            if (j < r) p[0] = v0;
-            if (j + 1 < r) p[1] = v1;
-          }
-        } else {
-          float* p = tl.base + (long long)j * tl.stride + k;
-          if (j < r) p[0] = v0;
-          if (j + 1 < r) p[tl.stride] = v1;
-        }
-      }
+      for (int b = 0; b < 2; ++b) store_pair(tl, k, n0 + 8 * b + 2 * t, acc[a][b][2 * h], acc[a][b][2 * h + 1], r, vec);
     }
 }
 
@@ -399,12 +431,7 @@ __global__ void __launch_bounds__(kThreads, BK_MMA_RESCALE_BLOCKS) mma_rescale_k
   const bool vec = vec_tile<RK>(tl, r);
   const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;
   ring_start<C>(ring, tl, r, vec, n_chunks);
-  const float* src = tw + ((long long)2 * tl.pair + (tl.is_b ? 0 : 1)) * R * R;
-  for (int e = threadIdx.x; e < RK * RK; e += kThreads) {
-    const int i = e / RK, j = e % RK;
-    const float m = (i < r && j < r) ? (tl.is_b ? src[i * R + j] : src[j * R + i]) : 0.0f;
-    split_tf32(m, Mh[i * LDM + j], Ml[i * LDM + j]);
-  }
+  split_transform<RK, kThreads>(tw, tl, r, R, Mh, Ml, [](int i, int j) { return i * LDM + j; });
   __syncthreads();   // M split and stored
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int m0 = (warp / WN) * 32, n0 = (warp % WN) * 16;
@@ -466,11 +493,283 @@ __global__ void __launch_bounds__(kThreads, BK_MMA_RESCALE_BLOCKS) mma_rescale_k
           }
         }
       }
-      rescale_store<RK>(acc, tl, c * C::KC + m0, n0, g, t, r, vec);
+      rescale_store(acc, tl, c * C::KC + m0, n0, g, t, r, vec);
     }
   };
   if (tl.is_b) chunks(std::true_type{});
   else chunks(std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hopper (sm_90a images: BK_SM90A builds, compute capability 9.0): the Gram and the rescale of rank block 64 with
+// wgmma, one warpgroup (128 threads) per tile, the same chunks, ring, split and sums as above (same tile table,
+// same partials). Operands from shared memory in wgmma's K-major layout without swizzle (wg_b_index), the rescale's
+// A (the factor's rows) from registers (the mma.m16n8k8 fragment, warp w of the warpgroup holding rows 16 w +
+// [0, 16)); accumulators as mma.m16n8k8's, eight columns per four registers. Each X value is loaded and split once
+// per block (mma_*_kernel's warps each load and split again every X value their column tiles use).
+// Measured on an H100 and not kept (bench/results/logs/session19-wg-variants-h100-*, from this file's state then;
+// r = 64, ms): the Gram's A from registers (0.388 against 0.380 from shared memory, both with two blocks per SM and
+// three ring stages; three blocks with two stages, kept: 0.355), its planes double-buffered so that a chunk is
+// split while the last one's products run (0.446: ptxas serialises the wgmmas, C7514), the rescale's hi hi summed
+// over two steps on the tensor cores (0.504 against 0.501), four ring stages (Gram 0.394, rescale 0.502).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BK_WG_ARCH 1
+#else
+#define BK_WG_ARCH 0
+#endif
+#ifndef BK_WG_BLOCKS        // blocks per SM the wgmma rescale's register budget is set for (__launch_bounds__)
+#define BK_WG_BLOCKS 2
+#endif
+#ifndef BK_WG_GRAM_BLOCKS   // the same for the wgmma Gram (three: 168 registers, two ring stages to fit)
+#define BK_WG_GRAM_BLOCKS 3
+#endif
+#ifndef BK_WG_GRAM_STAGES   // the wgmma Gram's ring depth
+#define BK_WG_GRAM_STAGES 2
+#endif
+constexpr int kWgThreads = 128;
+constexpr int kWgGramStages = BK_WG_GRAM_STAGES;
+
+#if BK_WG_ARCH   // (the helpers exist where the kernels below have bodies)
+// B operand (K x N, one k8 step of N columns after another) in wgmma's K-major layout without swizzle: core
+// matrices of 8 columns n x 4 k (16 bytes per column, 128 bytes), the two k halves of a step 128 bytes apart (the
+// descriptor's leading byte offset), groups of 8 columns 256 bytes apart (its stride byte offset), steps N * 32
+// bytes apart. Element index (4-byte units).
+template <int N>
+__host__ __device__ constexpr int wg_b_index(int k, int n) {
+  return (k >> 3) * (8 * N) + (n >> 3) * 64 + ((k >> 2) & 1) * 32 + (n & 7) * 4 + (k & 3);
+}
+// The descriptor of an operand at p in that layout (shared memory, 16-byte aligned); step q: + q * N * 2 (its
+// address >> 4).
+__device__ __forceinline__ uint64_t wg_desc(const void* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return (uint64_t)((a >> 4) & 0x3FFF) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Reads of d after a wait stay after it (the asm ties d to the program order of volatile asm).
+template <int K>
+__device__ __forceinline__ void wg_reg_fence(float (&d)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) asm volatile("" : "+f"(d[i]));
+}
+// Shared-memory stores of this thread visible to wgmma (the async proxy) once a barrier follows.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// wgmma m64n64k8 (tf32 in, float32 accumulate) up to its accumulators %0 .. %31, and their constraints (32 floats
+// d, read and written).
+#define BK_WG_MMA_D32                                                                                   \
+  "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, " \
+  "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+#define BK_WG_ACC32(d)                                                                                    \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),     \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),      \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),     \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+// d (+)= a b: wgmma m64n64k8, tf32 in, float32 accumulate, A from registers; SCALE_D 0: d = a b.
+template <int SCALE_D>
+__device__ __forceinline__ void wgmma_tf32_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      BK_WG_MMA_D32
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : BK_WG_ACC32(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(SCALE_D));
+}
+// The same with A from shared memory too (K-major descriptor a).
+template <int SCALE_D>
+__device__ __forceinline__ void wgmma_tf32_ss(float (&d)[32], uint64_t a, uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      BK_WG_MMA_D32
+      "%32, %33, p, 1, 1;\n}\n"
+      : BK_WG_ACC32(d)
+      : "l"(a), "l"(b), "n"(SCALE_D));
+}
+#endif  // BK_WG_ARCH
+
+// Gram, rank block 64. Per chunk (64 rows): its hi and lo split once into wgmma's layout (planes Ph, Pl; the last
+// chunk's products waited for first), then per k8 step tS (+)= hi^T hi and X += hi^T lo with both operands from
+// shared memory: A = hi^T is the hi plane read as M (ranks) x K (rows), the same K-major layout and descriptor as B =
+// hi. tS (this chunk's sum on the tensor cores) is added to S on the CUDA cores in chunk order, as mma_gram_kernel.
+__global__ void __launch_bounds__(kWgThreads, BK_WG_GRAM_BLOCKS) wg_gram_kernel(
+    const long long* __restrict__ tiles, int n_b, int r, int R, float* __restrict__ partials, int partial_stride,
+    const long long* __restrict__ ranges, int* __restrict__ counters, float* __restrict__ grams) {
+#if BK_WG_ARCH
+  constexpr int RK = 64, NA = RK / 2, ST = kWgGramStages;
+  using C = GramChunk<RK>;
+  constexpr int Q = C::KC / 8, PF = C::KC * RK;   // steps per chunk, floats per plane
+  static_assert(ST * C::kFloats >= 2 * RK * RK, "the epilogue reuses the ring");
+  extern __shared__ __align__(16) float smem[];
+  uint32_t* Ph = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* Pl = Ph + PF;
+  float* ring = smem + 2 * PF;
+  __shared__ int last;
+  const TileRows tl = tile_rows(tiles, blockIdx.x, n_b, r);
+  const bool vec = vec_tile<RK>(tl, r);
+  const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float S[NA], X[NA], tS[NA];
+#pragma unroll
+  for (int e = 0; e < NA; ++e) S[e] = X[e] = tS[e] = 0.0f;
+  ring_start<C, kWgThreads, ST>(ring, tl, r, vec, n_chunks);
+  const uint64_t dh = wg_desc(Ph), dl = wg_desc(Pl);
+  auto chunks = [&](auto is_b) {   // the factor's side as a compile-time constant
+    constexpr bool B = decltype(is_b)::value;
+    for (int c = 0; c < n_chunks; ++c) {
+      if (c > 0) {   // the previous chunk's products done (the planes free again): its hi^T hi into S
+        wg_wait<0>();
+        wg_reg_fence(tS);
+#pragma unroll
+        for (int e = 0; e < NA; ++e) S[e] += tS[e];
+      }
+      const float* s = ring_next<C, kWgThreads, ST>(ring, tl, r, vec, n_chunks, c);   // (every warp past its wait)
+      // Split: four rows k of one rank n per group, hi and lo stored as 16 bytes each.
+#pragma unroll
+      for (int p = 0; p < PF / 4 / kWgThreads; ++p) {
+        const int f = threadIdx.x + p * kWgThreads;
+        const int n = f % RK, k = (f / RK) * 4;
+        float4 x;
+        if (B) {
+          x = make_float4(C::template at<true>(s, k, n), C::template at<true>(s, k + 1, n),
+                          C::template at<true>(s, k + 2, n), C::template at<true>(s, k + 3, n));
+        } else {
+          x = *reinterpret_cast<const float4*>(s + n * C::LDA + k);
+        }
+        uint4 h, l;
+        split_tf32(x.x, h.x, l.x);
+        split_tf32(x.y, h.y, l.y);
+        split_tf32(x.z, h.z, l.z);
+        split_tf32(x.w, h.w, l.w);
+        const int o = wg_b_index<RK>(k, n);
+        *reinterpret_cast<uint4*>(Ph + o) = h;
+        *reinterpret_cast<uint4*>(Pl + o) = l;
+      }
+      fence_proxy_async();
+      __syncthreads();
+      wg_fence();
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const uint64_t step = (uint64_t)(q * RK * 2);
+        if (q == 0) wgmma_tf32_ss<0>(tS, dh + step, dh + step);
+        else wgmma_tf32_ss<1>(tS, dh + step, dh + step);
+        wgmma_tf32_ss<1>(X, dh + step, dl + step);
+      }
+      wg_commit();
+    }
+  };
+  if (tl.is_b) chunks(std::true_type{});
+  else chunks(std::false_type{});
+  wg_wait<0>();
+  wg_reg_fence(tS);
+  wg_reg_fence(X);
+  if (n_chunks > 0) {
+#pragma unroll
+    for (int e = 0; e < NA; ++e) S[e] += tS[e];
+  }
+  cp_async_wait<0>();
+  __syncthreads();   // every warp done with the ring: it becomes E[S or X][RK][RK]
+  float* E = ring;
+#pragma unroll
+  for (int e = 0; e < NA; ++e) {
+    const int i = 16 * warp + g + ((e & 2) ? 8 : 0), col = 8 * (e >> 2) + 2 * t + (e & 1);
+    E[i * RK + col] = S[e];
+    E[RK * RK + i * RK + col] = X[e];
+  }
+  __syncthreads();
+  gram_reduce<RK, 1, kWgThreads>(E, tl, r, R, partials, partial_stride, ranges, counters, grams, last);
+#else
+  __trap();   // launched only where an sm_90a image runs (wgmma_device)
+#endif
+}
+
+// Rescale, rank block 64 (at 32 the mma.sync kernel is as fast: bench/results/logs/session19-wg-first-*). M (T or
+// W^T) split once per tile into wgmma's layout (Mh, Ml); per 64-row block of a chunk and k8 step: d = hi Mh (this
+// step's sum on the tensor cores, added to the output on the CUDA cores, as mma_rescale_kernel) and lo (+)= lo Mh +
+// hi Ml (the small terms, summed on the tensor cores over the block's steps). Two d buffers: step q's products run
+// while step q - 1's d is added.
+__global__ void __launch_bounds__(kWgThreads, BK_WG_BLOCKS) wg_rescale_kernel(
+    const long long* __restrict__ tiles, int n_b, int r, int R, const float* __restrict__ tw,
+    const int* __restrict__ status, int skip_bits) {
+#if BK_WG_ARCH
+  constexpr int RK = 64, NA = RK / 2, Q = RK / 8;
+  using C = RescaleChunk<RK>;
+  static_assert(C::KC % 64 == 0, "64-row blocks");
+  extern __shared__ __align__(16) float smem[];
+  uint32_t* Mh = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* Ml = Mh + RK * RK;
+  float* ring = smem + 2 * RK * RK;
+  const TileRows tl = tile_rows(tiles, blockIdx.x, n_b, r);
+  if (status[tl.pair] & skip_bits) return;   // skipped pairs: nothing read or written (whole block)
+  const bool vec = vec_tile<RK>(tl, r);
+  const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;
+  ring_start<C, kWgThreads>(ring, tl, r, vec, n_chunks);
+  split_transform<RK, kWgThreads>(tw, tl, r, R, Mh, Ml, [](int i, int j) { return wg_b_index<RK>(i, j); });
+  fence_proxy_async();   // (the first ring_next's barrier follows)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint64_t dh = wg_desc(Mh), dl = wg_desc(Ml);
+  float lo[NA], d0[NA], d1[NA];
+#pragma unroll
+  for (int e = 0; e < NA; ++e) lo[e] = d0[e] = d1[e] = 0.0f;
+  auto chunks = [&](auto is_b) {   // the factor's side as a compile-time constant
+    constexpr bool B = decltype(is_b)::value;
+    for (int c = 0; c < n_chunks; ++c) {
+      const float* s = ring_next<C, kWgThreads>(ring, tl, r, vec, n_chunks, c);
+#pragma unroll
+      for (int h = 0; h < C::KC / 64; ++h) {
+        const int m = h * 64 + 16 * warp + g;   // this thread's rows m, m + 8 of the chunk
+        float acc[NA];
+#pragma unroll
+        for (int e = 0; e < NA; ++e) acc[e] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          uint32_t ah[4], al[4];
+          split_tf32(C::template at<B>(s, m, 8 * q + t), ah[0], al[0]);
+          split_tf32(C::template at<B>(s, m + 8, 8 * q + t), ah[1], al[1]);
+          split_tf32(C::template at<B>(s, m, 8 * q + t + 4), ah[2], al[2]);
+          split_tf32(C::template at<B>(s, m + 8, 8 * q + t + 4), ah[3], al[3]);
+          const uint64_t step = (uint64_t)(q * RK * 2);
+          wg_fence();
+          if (q & 1) wgmma_tf32_rs<0>(d1, ah, dh + step);
+          else wgmma_tf32_rs<0>(d0, ah, dh + step);
+          if (q == 0) wgmma_tf32_rs<0>(lo, al, dh + step);
+          else wgmma_tf32_rs<1>(lo, al, dh + step);
+          wgmma_tf32_rs<1>(lo, ah, dl + step);
+          wg_commit();
+          if (q > 0) {   // step q - 1 done: its d added
+            wg_wait<1>();
+            float(&dp)[NA] = (q & 1) ? d0 : d1;
+            wg_reg_fence(dp);
+#pragma unroll
+            for (int e = 0; e < NA; ++e) acc[e] += dp[e];
+          }
+        }
+        wg_wait<0>();
+        float(&dq)[NA] = ((Q - 1) & 1) ? d1 : d0;
+        wg_reg_fence(dq);
+        wg_reg_fence(lo);
+#pragma unroll
+        for (int e = 0; e < NA; ++e) acc[e] = (acc[e] + dq[e]) + lo[e];
+        const int k0 = c * C::KC + h * 64 + 16 * warp;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int k = k0 + g + 8 * hh;
+          if (k >= tl.k_len) continue;
+#pragma unroll
+          for (int j = 0; j < RK / 8; ++j)
+            store_pair(tl, k, 8 * j + 2 * t, acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1], r, vec);
+        }
+      }
+    }
+  };
+  if (tl.is_b) chunks(std::true_type{});
+  else chunks(std::false_type{});
+#else
+  __trap();   // launched only where an sm_90a image runs (wgmma_device)
+#endif
 }
 
 template <int RK>
@@ -495,9 +794,49 @@ int rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, c
   return (int)cudaGetLastError();
 }
 
+int wg_gram_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, float* partials, int partial_stride,
+                   const long long* ranges, int* counters, float* grams, cudaStream_t stream) {
+  using C = GramChunk<64>;
+  constexpr size_t smem = (2 * C::KC * 64 + kWgGramStages * C::kFloats) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(wg_gram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return (int)err;
+  wg_gram_kernel<<<n_tiles, kWgThreads, smem, stream>>>(tiles, n_b, r, R, partials, partial_stride, ranges, counters,
+                                                        grams);
+  return (int)cudaGetLastError();
+}
+
+int wg_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, const float* tw, const int* status,
+                      int skip_bits, cudaStream_t stream) {
+  constexpr size_t smem = (2 * 64 * 64 + kStages * RescaleChunk<64>::kFloats) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(wg_rescale_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return (int)err;
+  wg_rescale_kernel<<<n_tiles, kWgThreads, smem, stream>>>(tiles, n_b, r, R, tw, status, skip_bits);
+  return (int)cudaGetLastError();
+}
+
+// Whether the wgmma kernels run here: this build has an sm_90a image (BK_SM90A, defined with that -gencode;
+// BK_MMA_WGMMA=0 turns them off) and the current device is of compute capability 9.0, where that image loads.
+#ifndef BK_MMA_WGMMA
+#define BK_MMA_WGMMA 1
+#endif
+bool wgmma_device() {
+#if defined(BK_SM90A) && BK_MMA_WGMMA
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 extern "C" {
+
+// 1 where bk_grouped_mma_*_launch take the wgmma kernels (rank block 64: ranks 33 to 64), 0 elsewhere.
+int bk_grouped_mma_wgmma() { return wgmma_device() ? 1 : 0; }
 
 // Float32 factors of ranks 17 to 64 (csrc/grouped.cu's entry points call these; they check the arguments): the
 // Gram's partials are RK x RK squares (partial_stride >= RK^2), R >= RK.
@@ -508,12 +847,15 @@ int bk_grouped_mma_gram_launch(const long long* tiles, int n_b, int n_tiles, int
                                cudaStream_t stream) {
   if (r <= 32) return gram_launch<32>(tiles, n_b, n_tiles, r, R, partials, partial_stride, ranges, counters, grams,
                                       stream);
+  if (wgmma_device())
+    return wg_gram_launch(tiles, n_b, n_tiles, r, R, partials, partial_stride, ranges, counters, grams, stream);
   return gram_launch<64>(tiles, n_b, n_tiles, r, R, partials, partial_stride, ranges, counters, grams, stream);
 }
 
 int bk_grouped_mma_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, const float* tw,
                                   const int* status, int skip_bits, cudaStream_t stream) {
   if (r <= 32) return rescale_launch<32>(tiles, n_b, n_tiles, r, R, tw, status, skip_bits, stream);
+  if (wgmma_device()) return wg_rescale_launch(tiles, n_b, n_tiles, r, R, tw, status, skip_bits, stream);
   return rescale_launch<64>(tiles, n_b, n_tiles, r, R, tw, status, skip_bits, stream);
 }
 

@@ -456,7 +456,7 @@ def test_failed_graph_capture_falls_back_with_a_warning(monkeypatch):
 
 
 def test_extension_refused_on_gpus_older_than_its_kernels(monkeypatch):
-    """The kernels are built for sm_80 / sm_90 (+ sm_90 PTX for newer GPUs): on a compute capability 7.x GPU
+    """The kernels are built for sm_80 / sm_90a (+ sm_90 PTX for newer GPUs): on a compute capability 7.x GPU
     the extension is not loaded (no kernel image would run there), and the reason names the GPU; newer ones
     (Ampere to Blackwell) are accepted."""
     from balora_kernels import _ext
@@ -471,6 +471,7 @@ def test_extension_refused_on_gpus_older_than_its_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _ext.unsupported_gpu() is None
     assert "-gencode=arch=compute_90,code=compute_90" in _ext.CUDA_ARCH_FLAGS   # PTX: JIT-compiled on newer GPUs
+    assert "-gencode=arch=compute_90a,code=sm_90a" in _ext.CUDA_ARCH_FLAGS and "-DBK_SM90A" in _ext.CUDA_ARCH_FLAGS
 
 
 def test_extension_from_before_the_tensor_core_kernels_keeps_float32_ranks_above_16_on_triton(monkeypatch):
@@ -1035,10 +1036,15 @@ def _mma_cases(seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k_chunk", [None, 999])
 def test_gpu_mma_gram(k_chunk):
-    """csrc/grouped_mma.cu's Gram (float32, ranks 17 to 64, the default there with the extension): every Gram within
-    2x the plain float32 Gram's error against float64 (norm and per entry), zero padding, bitwise equal over two
-    launches, the per-Gram counters left zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tile
-    starts and lengths (chunks past the tile's end)."""
+    """csrc/grouped_mma.cu's Gram (float32, ranks 17 to 64, the default there with the extension; its wgmma kernels
+    on a compute capability 9.0 GPU, backend_info says so): every Gram within 2x the plain float32 Gram's error
+    against float64 (norm and per entry), zero padding, bitwise equal over two launches, the per-Gram counters left
+    zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tile starts and lengths (chunks past the
+    tile's end)."""
+    from balora_kernels import _ext, backend_info
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert _ext.grouped_wgmma() == hopper   # the wgmma kernels there, mma.sync elsewhere
+    assert ("wgmma" if hopper else "mma.sync") in backend_info()["projection"]["gram_rescale"]
     pairs = _mma_cases(seed=82)
     plan = _cuda_plan(pairs, k_chunk=k_chunk)
     assert all(k == CUDA for k in plan.kernels.values()), plan.kernels

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc (the r x r kernels' for sm_80
-# too), and the host-side emulation of the kernel math with the host compiler. Fails on any compile error. Nothing
+# too, the wgmma kernels' file for sm_90a), and the host-side emulation of the kernel math with the host compiler. Fails on any compile error. Nothing
 # is run.
 # The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
 # headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present; lora_linear.cpp
@@ -15,6 +15,10 @@ for f in csrc/*.cu; do
   echo "nvcc -arch=sm_90 -c $f"
   "$NVCC" -arch=sm_90 -O3 -std=c++17 -Werror all-warnings -c "$f" -o "$out/$(basename "$f").o"
 done
+# The extension's Hopper image (sm_90a, BK_SM90A as in balora_kernels/_ext.py's flags): csrc/grouped_mma.cu's
+# wgmma kernels exist only there.
+echo "nvcc -arch=sm_90a -DBK_SM90A -c csrc/grouped_mma.cu"
+"$NVCC" -arch=sm_90a -DBK_SM90A -O3 -std=c++17 -Werror all-warnings -c csrc/grouped_mma.cu -o "$out/grouped_mma.sm90a.o"
 # The r x r kernels choose their float64 mma shape by architecture (m8n8k4 below sm_90, which the extension also
 # builds for): those two files for sm_80 too.
 for f in csrc/balance.cu csrc/balance_fixed.cu; do

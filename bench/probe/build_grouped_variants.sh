@@ -3,7 +3,8 @@
 # macros, for bench/probe/grouped_cuda.py (no torch headers needed: runs on a machine with nvcc only; the libraries
 # link the CUDA runtime statically).
 # Usage: bench/probe/build_grouped_variants.sh [OUTDIR] [SET]   (default .build/variants; SET small (default): the
-# CUDA-core kernels' macros (ranks <= 16), mma: csrc/grouped_mma.cu's (float32, ranks 17 to 64))
+# CUDA-core kernels' macros (ranks <= 16), mma: csrc/grouped_mma.cu's (float32, ranks 17 to 64), wg: its wgmma
+# kernels against its mma.sync ones, both for sm_90a)
 #
 # Tried on an H200 in session 8 and removed again (bench/results/logs/session8-grouped-*-2026-12-01.*): the Gram's
 # triangle split over 2 or 4 warps per tile (0.079 - 0.15 ms against 0.072 with prefetch, r = 16 float32), a
@@ -21,13 +22,13 @@ SET="${2:-small}"
 mkdir -p "$out"
 build() {  # name, macros...
   local name="$1"; shift
-  if ! nvcc -shared -Xcompiler -fPIC -arch=sm_90 -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu csrc/grouped_mma.cu -o "$out/$name.so" \
+  if ! nvcc -shared -Xcompiler -fPIC ${ARCH:--arch=sm_90} -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu csrc/grouped_mma.cu -o "$out/$name.so" \
     > "$out/$name.ptxas.txt" 2>&1; then
     cat "$out/$name.ptxas.txt" >&2
     echo "build of variant $name failed" >&2
     return 1
   fi
-  if [ "${SET:-}" = mma ]; then
+  if [ "${SET:-}" = mma ] || [ "${SET:-}" = wg ]; then
     echo "$name: $(grep -A3 'Compiling entry.*mma_.*Li64' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers\|[0-9]* bytes spill stores' | tr '\n' ' ')"
     return 0
   fi
@@ -40,6 +41,17 @@ pair() {  # two builds side by side (2 cores); fails when either does
   build "$3" $4
   wait "$p"
 }
+if [ "$SET" = wg ]; then
+  # The Hopper image as the extension builds it (sm_90a, BK_SM90A): the wgmma kernels (default) against the
+  # mma.sync ones of the same build (sync)
+  ARCH="-arch=sm_90a -DBK_SM90A"
+  # (session 19, on an H100: gram2, two blocks per SM with three ring stages, 0.380 ms against 0.355 for the default
+  # three with two at r = 64; other variants then tried are in csrc/grouped_mma.cu's header)
+  pair wgmma "" sync -DBK_MMA_WGMMA=0
+  build gram2 -DBK_WG_GRAM_BLOCKS=2 -DBK_WG_GRAM_STAGES=3
+  ls -la "$out"
+  exit 0
+fi
 if [ "${2:-small}" = mma ]; then
   # (session 16: these and a split-once / ldmatrix version, since removed; csrc/grouped_mma.cu's header has the numbers)
   pair default "" mregs1 -DBK_MMA_RESCALE_MREGS=1

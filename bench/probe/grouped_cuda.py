@@ -107,7 +107,11 @@ def main():
         rescale_with(libs[args.once], plan, status)()
         torch.cuda.synchronize()
         return
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": sorted(libs), "cases": []}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": sorted(libs), "cases": [],
+           # which variants launch csrc/grouped_mma.cu's wgmma kernels on this GPU
+           "wgmma": {n: int(lib.bk_grouped_mma_wgmma()) for n, lib in libs.items()
+                     if hasattr(lib, "bk_grouped_mma_wgmma")}}
+    print("wgmma kernels:", res["wgmma"], flush=True)
     k_chunks = [int(x) for x in args.k_chunks.split(",")]
     for r in [int(x) for x in args.ranks.split(",")]:
         for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
