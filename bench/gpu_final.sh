@@ -6,6 +6,8 @@
 #   device run: bash bench/gpu_final.sh 2    # projection benchmark, balora check / bench, the rest of the suite
 #   device run: bash bench/gpu_final.sh proj # build, projection GPU tests + benchmark (projection-only changes)
 #   device run: bash bench/gpu_final.sh projcheck # build, projection GPU tests, balora check (host-side csrc changes)
+#   device run: bash bench/gpu_final.sh final # LoRA-linear GPU tests, projection benchmark, balora check (no build
+#                                             # when .bkcache/prev is carried from a call run with SAVE_SO=1)
 #   device run: bash bench/gpu_final.sh mmavar  # variants of the tensor-core Gram / rescale beside the build (carry
 #                                            # .build/variants from bench/probe/build_grouped_variants.sh .build/variants
 #                                            # mma, or wg) and ncu (kernels MMA_NCU_K, default regex:mma_) of variant
@@ -89,6 +91,11 @@ projection_tests() {
   echo "== GPU tests (projection)"
   timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
 }
+lora_tests() {   # time limit (s) of the kernels' tests
+  echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+}
 projection_bench_check() {
   echo "== projection benchmark"
   timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
@@ -113,8 +120,8 @@ seed_build
       echo "probe rc=$?"
       timeout 60 ncu --clock-control none -k ${MMA_NCU_K:-regex:mma_} --section SpeedOfLight --section Occupancy \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-        python3 bench/probe/grouped_cuda.py --variants .build/variants --once ${MMA_ONCE:-default} --once-rank 64 --once-k-chunk 2048 \
-        > "$OUT/ncu_mma.txt" 2>&1
+        python3 bench/probe/grouped_cuda.py --variants .build/variants --once ${MMA_ONCE:-default} --once-rank 64 \
+        --once-k-chunk 2048 > "$OUT/ncu_mma.txt" 2>&1
       echo "ncu rc=$?"; } > "$OUT/grouped_probe.log" 2>&1 &
     probe_pid=$!
   fi
@@ -144,9 +151,7 @@ seed_build
     /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
   fi
   if [ "$PART" = lora ]; then
-    echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+    lora_tests 200
     echo "== TMA GEMM probe (ran beside the build)"
     [ -n "${probe_pid:-}" ] && wait "$probe_pid"; tail -8 "$OUT/lora_gemm_tma.log"
     echo "== GPU kernels and host time per implementation"
@@ -235,6 +240,9 @@ seed_build
     echo "== tensor-core Gram / rescale variants (bench/probe/grouped_cuda.py, beside the build) and ncu"
     sed -n '/GPU ms/,$p' "$OUT/grouped_probe.log"
     grep -E "mma_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy" "$OUT/ncu_mma.txt" | head -20
+  elif [ "$PART" = final ]; then
+    lora_tests 240
+    projection_bench_check
   elif [ "$PART" = projcheck ]; then
     projection_tests
     echo "== balora check"
@@ -244,9 +252,7 @@ seed_build
     echo "== projection benchmark"
     timeout 240 python3 bench/bench_projection.py --quick --out "$OUT"; echo "rc=$?"
   elif [ "$PART" = 1 ]; then
-    echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
+    lora_tests 150
     echo "== LoRA linear benchmark (writes the tuning table)"
     timeout 200 python3 bench/bench_lora_linear.py --out "$OUT" --write-tuning; echo "rc=$?"
     cp balora_kernels/ops/lora_linear_tuning.json "$OUT/" 2>/dev/null

@@ -150,8 +150,8 @@ void grouped_rescale(const at::Tensor& tiles, int64_t n_b, int64_t n_a, int64_t 
   TORCH_CHECK(err == 0, bk::msg(op, ": launch failed for ", n_b + n_a, " tiles, r=", r, ": ", bk_error_string(err)));
 }
 
-// Whether float32 ranks 17 to 64 take csrc/grouped_mma.cu's wgmma kernels on GPU `device` (an sm_90a image in this
-// build and a compute capability 9.0 GPU) rather than its mma.sync ones.
+// Whether float32 ranks 33 to 64 take csrc/grouped_mma.cu's wgmma kernels on GPU `device` (an sm_90a image in this
+// build, loaded there: a compute capability 9.0 GPU) rather than its mma.sync ones (ranks 17 to 32 always do).
 bool grouped_mma_wgmma(int64_t device) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   return bk_grouped_mma_wgmma() != 0;

@@ -22,7 +22,8 @@
 // and the chunks in flight are other rows.
 //
 // On Hopper (an sm_90a image, BK_SM90A) rank block 64 takes the wgmma kernels at the end of this file instead:
-// wg_gram_kernel and wg_rescale_kernel, the same tiles, ring, split and sums, one warpgroup per tile.
+// wg_gram_kernel and wg_rescale_kernel: the same tiles, split and sums in the same order, one warpgroup per tile
+// (the Gram's ring has two stages, and the rescale sums its small terms over a 64-row block's eight k8 steps).
 //
 // Measured on an H200 (7B adapters, float32; bench/results/logs/session16-mma-*-2026-12-02.*, GPU ms against the
 // Triton kernels): Gram r = 64 0.404 against 0.468, r = 32 0.173 against 0.978; rescale r = 64 0.582 against 0.612,
@@ -43,6 +44,7 @@
 
 #include <stdint.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "cp_async.cuh"
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, BK_MMA_RESCALE_BLOCKS) mma_rescale_k
 #ifndef BK_WG_BLOCKS        // blocks per SM the wgmma rescale's register budget is set for (__launch_bounds__)
 #define BK_WG_BLOCKS 2
 #endif
-#ifndef BK_WG_GRAM_BLOCKS   // the same for the wgmma Gram (three: 168 registers, two ring stages to fit)
+#ifndef BK_WG_GRAM_BLOCKS   // the same for the wgmma Gram (three: 168 registers, 8 bytes spilled; two ring stages)
 #define BK_WG_GRAM_BLOCKS 3
 #endif
 #ifndef BK_WG_GRAM_STAGES   // the wgmma Gram's ring depth
@@ -686,7 +688,8 @@ __global__ void __launch_bounds__(kWgThreads, BK_WG_GRAM_BLOCKS) wg_gram_kernel(
 #endif
 }
 
-// Rescale, rank block 64 (at 32 the mma.sync kernel is as fast: bench/results/logs/session19-wg-first-*). M (T or
+// Rescale, rank block 64 (at 32 the mma.sync kernel is faster, 0.191 against 0.199 ms:
+// bench/results/logs/session19-wg-first-*). M (T or
 // W^T) split once per tile into wgmma's layout (Mh, Ml); per 64-row block of a chunk and k8 step: d = hi Mh (this
 // step's sum on the tensor cores, added to the output on the CUDA cores, as mma_rescale_kernel) and lo (+)= lo Mh +
 // hi Ml (the small terms, summed on the tensor cores over the block's steps). Two d buffers: step q's products run
@@ -815,17 +818,36 @@ int wg_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R
 }
 
 // Whether the wgmma kernels run here: this build has an sm_90a image (BK_SM90A, defined with that -gencode;
-// BK_MMA_WGMMA=0 turns them off) and the current device is of compute capability 9.0, where that image loads.
+// BK_MMA_WGMMA=0 turns them off), the current device is of compute capability 9.0, where that image loads, and the
+// driver did load it: not the compute_90 PTX compiled just in time (CUDA_FORCE_PTX_JIT=1, say), whose wg_ kernels
+// are the __trap() bodies (a few registers, against 168 and 235). Decided once per device (cudaFuncGetAttributes
+// is a host query, fine inside a CUDA-graph capture).
 #ifndef BK_MMA_WGMMA
 #define BK_MMA_WGMMA 1
 #endif
+constexpr int kWgMinRegs = 64;   // fewer: the trap bodies
 bool wgmma_device() {
 #if defined(BK_SM90A) && BK_MMA_WGMMA
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
+  static std::atomic<int> decided[64];   // per device: 0 not yet, 1 wgmma, 2 not
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const bool cache = dev >= 0 && dev < 64;
+  if (cache && decided[dev].load() != 0) return decided[dev].load() == 1;
+  int major = 0, minor = 0;
+  cudaFuncAttributes gram{}, rescale{};
+  const bool queried = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                       (major != 9 || minor != 0 ||
+                        (cudaFuncGetAttributes(&gram, wg_gram_kernel) == cudaSuccess &&
+                         cudaFuncGetAttributes(&rescale, wg_rescale_kernel) == cudaSuccess));
+  if (!queried) (void)cudaGetLastError();   // (not left for the next launch's check)
+  const bool yes = queried && major == 9 && minor == 0 && gram.numRegs >= kWgMinRegs &&
+                   rescale.numRegs >= kWgMinRegs;
+  if (cache) decided[dev].store(yes ? 1 : 2);
+  return yes;
 #else
   return false;
 #endif

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build check for csrc/ (CI, no GPU): compile every CUDA source for sm_90 with nvcc (the r x r kernels' for sm_80
-# too, the wgmma kernels' file for sm_90a), and the host-side emulation of the kernel math with the host compiler. Fails on any compile error. Nothing
-# is run.
+# too, the wgmma kernels' file for sm_90a), and the host-side emulation of the kernel math with the host compiler.
+# Fails on any compile error. Nothing is run.
 # The .cu files need only the CUDA toolkit; bindings.cpp (torch side) is syntax-checked against torch's
 # headers when torch and the CUDA toolkit's library headers (cusparse.h, ...) are present; lora_linear.cpp
 # (pure ATen, and with -DBK_WITH_CUDA_THIN as the extension builds it) against torch's headers wherever torch

@@ -22,14 +22,14 @@ SET="${2:-small}"
 mkdir -p "$out"
 build() {  # name, macros...
   local name="$1"; shift
-  if ! nvcc -shared -Xcompiler -fPIC ${ARCH:--arch=sm_90} -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu csrc/grouped_mma.cu -o "$out/$name.so" \
-    > "$out/$name.ptxas.txt" 2>&1; then
+  if ! nvcc -shared -Xcompiler -fPIC ${ARCH:--arch=sm_90} -O3 -std=c++17 -Xptxas -v "$@" csrc/grouped.cu \
+      csrc/grouped_mma.cu -o "$out/$name.so" > "$out/$name.ptxas.txt" 2>&1; then
     cat "$out/$name.ptxas.txt" >&2
     echo "build of variant $name failed" >&2
     return 1
   fi
   if [ "${SET:-}" = mma ] || [ "${SET:-}" = wg ]; then
-    echo "$name: $(grep -A3 'Compiling entry.*mma_.*Li64' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers\|[0-9]* bytes spill stores' | tr '\n' ' ')"
+    echo "$name: $(grep -A3 'Compiling entry.*\(mma_.*Li64\|wg_\)' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers\|[0-9]* bytes spill stores' | tr '\n' ' ')"
     return 0
   fi
   echo "$name: gram f32 r16 $(grep -A3 'Compiling entry.*grouped_gram_kernelIfLi16' "$out/$name.ptxas.txt" | grep -o 'Used [0-9]* registers')," \
