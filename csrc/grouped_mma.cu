@@ -825,9 +825,9 @@ int wg_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R
 #ifndef BK_MMA_WGMMA
 #define BK_MMA_WGMMA 1
 #endif
-constexpr int kWgMinRegs = 64;   // fewer: the trap bodies
 bool wgmma_device() {
 #if defined(BK_SM90A) && BK_MMA_WGMMA
+  constexpr int kWgMinRegs = 64;         // fewer: the trap bodies
   static std::atomic<int> decided[64];   // per device: 0 not yet, 1 wgmma, 2 not
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
