@@ -22,8 +22,8 @@
 // and the chunks in flight are other rows.
 //
 // On Hopper (an sm_90a image, BK_SM90A) rank block 64 takes the wgmma kernels at the end of this file instead:
-// wg_gram_kernel and wg_rescale_kernel: the same tiles, split and sums in the same order, one warpgroup per tile
-// (the Gram's ring has two stages, and the rescale sums its small terms over a 64-row block's eight k8 steps).
+// wg_gram_kernel and wg_rescale_kernel: the same tiles and split, one warpgroup per tile (the Gram's ring has two
+// stages, its sums the same order; the rescale sums its small terms over a 64-row block's eight k8 steps).
 //
 // Measured on an H200 (7B adapters, float32; bench/results/logs/session16-mma-*-2026-12-02.*, GPU ms against the
 // Triton kernels): Gram r = 64 0.404 against 0.468, r = 32 0.173 against 0.978; rescale r = 64 0.582 against 0.612,
@@ -820,8 +820,9 @@ int wg_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R
 // Whether the wgmma kernels run here: this build has an sm_90a image (BK_SM90A, defined with that -gencode;
 // BK_MMA_WGMMA=0 turns them off), the current device is of compute capability 9.0, where that image loads, and the
 // driver did load it: not the compute_90 PTX compiled just in time (CUDA_FORCE_PTX_JIT=1, say), whose wg_ kernels
-// are the __trap() bodies (a few registers, against 168 and 235). Decided once per device (cudaFuncGetAttributes
-// is a host query, fine inside a CUDA-graph capture).
+// are the __trap() bodies (4 registers, against 168 and 235). Decided once per device (a failed query is not
+// remembered: asked again at the next launch). cudaFuncGetAttributes enqueues no work; where the driver loads
+// modules lazily it may load this one, as the launch after it would.
 #ifndef BK_MMA_WGMMA
 #define BK_MMA_WGMMA 1
 #endif
@@ -835,7 +836,8 @@ bool wgmma_device() {
     return false;
   }
   const bool cache = dev >= 0 && dev < 64;
-  if (cache && decided[dev].load() != 0) return decided[dev].load() == 1;
+  const int known = cache ? decided[dev].load() : 0;
+  if (known != 0) return known == 1;
   int major = 0, minor = 0;
   cudaFuncAttributes gram{}, rescale{};
   const bool queried = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
@@ -843,9 +845,11 @@ bool wgmma_device() {
                        (major != 9 || minor != 0 ||
                         (cudaFuncGetAttributes(&gram, wg_gram_kernel) == cudaSuccess &&
                          cudaFuncGetAttributes(&rescale, wg_rescale_kernel) == cudaSuccess));
-  if (!queried) (void)cudaGetLastError();   // (not left for the next launch's check)
-  const bool yes = queried && major == 9 && minor == 0 && gram.numRegs >= kWgMinRegs &&
-                   rescale.numRegs >= kWgMinRegs;
+  if (!queried) {
+    (void)cudaGetLastError();   // (not left for the next launch's check)
+    return false;
+  }
+  const bool yes = major == 9 && minor == 0 && gram.numRegs >= kWgMinRegs && rescale.numRegs >= kWgMinRegs;
   if (cache) decided[dev].store(yes ? 1 : 2);
   return yes;
 #else
