@@ -281,8 +281,8 @@ def _projection_backend_info() -> dict:
         tc = "wgmma" if _ext.grouped_wgmma() else "mma.sync"
         info["gram_rescale"] = (f"cuda Gram and rescale for float32 factors of ranks <= {_ext.grouped_max_rank(True)} "
                                 f"(tensor cores above {_ext.GROUPED_MAX_RANK}, {tc} for ranks 33 to 64), cuda rescale "
-                                f"for 16-bit ones of "
-                                f"ranks <= {_ext.GROUPED_MAX_RANK}, triton otherwise" if _ext.grouped_available()
+                                f"for 16-bit ones of ranks <= {_ext.GROUPED_MAX_RANK}, triton otherwise"
+                                if _ext.grouped_available()
                                 else f"triton (the extension has no grouped_gram/grouped_rescale: {_ext.how()})")
     else:
         info.update(cuda="triton+torch-eigh", why=f"CUDA extension unavailable: {_ext.error()}")
