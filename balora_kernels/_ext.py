@@ -87,7 +87,8 @@ def grouped_wgmma() -> bool:
     """Whether the loaded extension's Gram and rescale of float32 factors of ranks 33 to 64 run csrc/grouped_mma.cu's
     wgmma kernels on the current GPU: an sm_90a image (:data:`CUDA_ARCH_FLAGS`) on a compute capability 9.0 GPU
     (H100, H200), loaded there (not the compute_90 PTX compiled just in time). Elsewhere they run the same file's
-    mma.sync kernels (False; also without the extension, or for one built before the wgmma kernels)."""
+    mma.sync kernels (False; also without the extension, for one built before the wgmma kernels, or with the
+    environment variable ``BALORA_KERNELS_WGMMA=0``, which the extension reads once per process)."""
     if not grouped_available():
         return False
     try:

@@ -3,41 +3,45 @@
 // csrc/grouped.cu's bk_grouped_gram_launch / bk_grouped_rescale_launch (the one entry point of each step, which
 // takes csrc/grouped.cu's CUDA-core kernels for ranks <= 16). Same tile table (csrc/grouped_tiles.cuh).
 //
-// One block of 256 threads per tile (the plan cuts these factors into tiles of 2048 rows). The tile's rows of B
-// (columns of A) stream through a three-stage cp.async ring of chunks of KC = 4096 / RK rows x RK ranks (RK = 32 or
-// 64, zero beyond r and past the tile), held as X [KC, RK] (B) or X^T [RK, KC] (A), whichever is the factor's own
-// layout, rows padded so that every fragment load of mma.m16n8k8 is free of bank conflicts. Each float32 value x is
-// split into hi and lo (split_tf32): three of the four products hi hi, hi lo, lo hi, lo lo carry x y to about 2^-22
-// relative (the fourth, below that, is dropped), as Triton's tf32x3. The tensor cores' float32 sums are kept short
+// One block per tile (the plan cuts these factors into tiles of 2048 rows). The tile's rows of B (columns of A)
+// stream through a cp.async ring of chunks of KC = 4096 / RK rows x RK ranks (RK = 32 or 64, zero beyond r and past
+// the tile), held as X [KC, RK] (B) or X^T [RK, KC] (A), whichever is the factor's own layout, rows padded so that
+// every fragment load of mma.m16n8k8 is free of bank conflicts. Each float32 value x is split into hi and lo
+// (split_tf32): three of the four products hi hi, hi lo, lo hi, lo lo carry x y to about 2^-22 relative (the
+// fourth, below that, is dropped), as Triton's tf32x3. The tensor cores' float32 sums are kept short
 // (mma_tf32_zero).
 //
-// Gram: G = X^T X = S + C + C^T with S = hi^T hi and C = hi^T lo (C^T = lo^T hi): two products per step, S summed
-// per chunk on the tensor cores and across chunks on the CUDA cores. The tile's partial, symmetrised (0.5 (S_ij +
-// S_ji) + (C_ij + C_ji), the same expression for (i, j) and (j, i)), goes to its slot; the block that completes a
-// Gram (an integer counter per Gram, no float atomics) sums that Gram's partials in tile order into grams [P, 2, R,
-// R]: a fixed order everywhere, bitwise reproducible.
+// Gram: G = X^T X = hi^T hi + (hi^T lo + lo^T hi), each tile's upper triangle held in the accumulators of four warps
+// (mma_gram_kernel, the tile's rows split between them) and symmetrised; the tile's partial goes to its slot; the
+// block that completes a Gram (an integer counter per Gram, no float atomics) sums that Gram's partials in tile
+// order into grams [P, 2, R, R]: a fixed order everywhere, bitwise reproducible.
 // Rescale: B <- B T (out = X T), A <- T^-1 A (out^T = X W^T): hi hi + hi lo + lo hi of X and the transform (split
 // once per tile, in shared memory), each k8 step's sum on the tensor cores added on the CUDA cores, one rounding;
 // tiles of skipped pairs are not read or written. In place: a chunk's outputs are stored after all of it was read,
 // and the chunks in flight are other rows.
 //
 // On Hopper (an sm_90a image, BK_SM90A) rank block 64 takes the wgmma kernels at the end of this file instead:
-// wg_gram_kernel and wg_rescale_kernel: the same tiles and split, one warpgroup per tile (the Gram's ring has two
-// stages, its sums the same order; the rescale sums its small terms over a 64-row block's eight k8 steps).
+// wg_gram_kernel and wg_rescale_kernel: the same tiles and split, one warpgroup per tile (the Gram as S + C + C^T
+// with S = hi^T hi, C = hi^T lo, its ring two stages deep; the rescale sums its small terms over a 64-row block's
+// eight k8 steps).
 //
 // Measured on an H200 (7B adapters, float32; bench/results/logs/session16-mma-*-2026-12-02.*, GPU ms against the
-// Triton kernels): Gram r = 64 0.404 against 0.468, r = 32 0.173 against 0.978; rescale r = 64 0.582 against 0.612,
-// r = 32 0.191 against 0.277. Both at r = 64 are latency-bound, not at the memory floor (0.155 / 0.31 ms): ncu (on
-// 1024-row tiles) gives 31% / 46% of DRAM bandwidth, 42-47% of issue slots, 25% occupancy (two blocks of 8 warps
-// per SM: registers and shared memory), the tensor pipe 28-33% busy. The wgmma kernels at r = 64 (session 19,
-// bench/results/logs/session19-wg-*-2026-12-02.*): Gram 0.403 -> 0.335 ms, rescale 0.586 -> 0.438 (ncu: 43% / 60%
-// of DRAM bandwidth); at r = 32 the wgmma rescale was no faster (0.199 against 0.191), so rank block 32 stays here.
-// Tried and not kept: splitting each chunk once into hi / lo planes
-// read by ldmatrix (fewer instructions per mma, one more barrier per chunk and more shared memory: Gram 0.404 ->
-// 0.524 ms, rescale 0.582 -> 0.620 at r = 64), hi and lo both by cvt.rna.tf32.f32 (BK_MMA_SPLIT_CVT: Gram 0.448 ->
-// 0.560 at 1024-row tiles), four stages (BK_MMA_STAGES: rescale 0.581 -> 0.673 there, fragments in registers),
-// three blocks per SM (spills; BK_MMA_*_BLOCKS), the transform's fragments in registers (BK_MMA_RESCALE_MREGS:
-// rescale 0.582 -> 0.598).
+// Triton kernels): Gram r = 64 0.404 against 0.468, r = 32 0.173 against 0.978 (session 16's mma.sync Gram, since
+// replaced: see mma_gram_kernel); rescale r = 64 0.582 against 0.612, r = 32 0.191 against 0.277. The wgmma
+// kernels at r = 64 (session 19, bench/results/logs/session19-wg-*-2026-12-02.*): Gram 0.403 -> 0.335 ms, rescale
+// 0.586 -> 0.438 (ncu: 43% / 60% of DRAM bandwidth); at r = 32 the wgmma rescale was no faster (0.199 against
+// 0.191), so rank block 32 stays here. The wgmma Gram is bound by shared memory, not by DRAM or latency (session
+// 21, bench/results/logs/session21-*: ncu L1/TEX throughput 77-80%; by our count mostly the operands' reads, if
+// each wgmma reads its B operand once per warp of the warpgroup): refilling a stage as soon as its chunk is split
+// (two chunks in flight per block: 0.345 against 0.338 ms), a warp-specialised version (a producer warpgroup
+// loading and splitting into two pairs of planes, a consumer warpgroup running the products, named barriers: 0.337,
+// the same bits), tiles launched longest first (0.342) did not help; the code is in
+// session21-gram-experiments-not-kept.patch.
+// Tried and not kept (sessions 16-19): splitting each chunk once into hi / lo planes read by ldmatrix (fewer
+// instructions per mma, one more barrier per chunk and more shared memory: Gram 0.404 -> 0.524 ms, rescale 0.582 ->
+// 0.620 at r = 64), hi and lo both by cvt.rna.tf32.f32 (BK_MMA_SPLIT_CVT: Gram 0.448 -> 0.560 at 1024-row tiles),
+// four stages (BK_MMA_STAGES: rescale 0.581 -> 0.673 there, fragments in registers), three blocks per SM (spills;
+// BK_MMA_RESCALE_BLOCKS), the transform's fragments in registers (BK_MMA_RESCALE_MREGS: rescale 0.582 -> 0.598).
 //
 // Needs only the CUDA runtime (no torch headers).
 #include <cuda_runtime.h>
@@ -45,7 +49,9 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include "cp_async.cuh"
 #include "grouped_tiles.cuh"
@@ -60,10 +66,7 @@ namespace {
 #ifndef BK_MMA_RESCALE_MREGS   // 1: each warp's fragments of the transform in registers for the whole tile
 #define BK_MMA_RESCALE_MREGS 0
 #endif
-#ifndef BK_MMA_GRAM_BLOCKS     // blocks per SM the Gram's register budget is set for (__launch_bounds__)
-#define BK_MMA_GRAM_BLOCKS 2
-#endif
-#ifndef BK_MMA_RESCALE_BLOCKS  // the same for the rescale
+#ifndef BK_MMA_RESCALE_BLOCKS  // blocks per SM the rescale's register budget is set for (__launch_bounds__)
 #define BK_MMA_RESCALE_BLOCKS 2
 #endif
 #ifndef BK_MMA_SPLIT_CVT       // 1: hi and lo by cvt.rna.tf32.f32; 0: hi rounded by integer ops, lo as is
@@ -279,30 +282,6 @@ __device__ __forceinline__ void gram_reduce(const float* E, const TileRows& tl, 
   if (threadIdx.x == 0) counters[gi] = 0;   // ready for the next launch (and CUDA-graph replay)
 }
 
-// The Gram's end: the warps' S and X (warp tile at m0, n0, k group kg) through shared memory (the ring, no longer
-// needed), then gram_reduce.
-template <int RK, int KG>
-__device__ __forceinline__ void gram_epilogue(float* ring, const float (&S)[4][4], const float (&X)[4][4],
-                                              const TileRows& tl, int m0, int n0, int kg, int r, int R,
-                                              float* __restrict__ partials, int partial_stride,
-                                              const long long* __restrict__ ranges, int* __restrict__ counters,
-                                              float* __restrict__ grams, int& last) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  cp_async_wait<0>();
-  __syncthreads();   // every warp done with the ring: it becomes E[kg][S or X][RK][RK]
-  float* E = ring;
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = m0 + g + (e >= 2 ? 8 : 0), col = n0 + 8 * j + 2 * t + (e & 1);
-      E[(kg * 2 + 0) * RK * RK + i * RK + col] = S[j][e];
-      E[(kg * 2 + 1) * RK * RK + i * RK + col] = X[j][e];
-    }
-  __syncthreads();
-  gram_reduce<RK, KG, kThreads>(E, tl, r, R, partials, partial_stride, ranges, counters, grams, last);
-}
-
 // The transform of the tile's pair, M = T (B tiles: out = X M) or W^T (A tiles: out^T = X W^T), zero beyond r,
 // split into hi and lo at index(i, j) of Mh and Ml for M[i][j] (k = i, output column j).
 template <int RK, int NT, class Index>
@@ -350,65 +329,230 @@ __device__ __forceinline__ void rescale_store(const float (&acc)[2][2][4], const
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Gram. Warp tiles of 16 x 32 entries (4 mma tiles) of the RK x RK Gram: NWT = RK^2 / 512 of them (8 at RK = 64,
-// 2 at RK = 32); the KG = 8 / NWT warps of one warp tile take contiguous quarters / halves / all of each chunk's
-// k8 steps, their sums added at the end in warp order.
+// Gram (mma.sync; the only Gram kernel below sm_90, and rank block 32 on Hopper). The upper triangle of the RK x RK
+// Gram as the m16n8 tiles (i, j) with j >= 2 i (20 at RK = 64, 6 at 32; they cover every (a, b) with a <= b), held
+// in the warps' accumulators for the whole tile. At RK = 64 the tiles are shared between two warps (HALVES: m tiles
+// 0 and 3 against 1 and 2, ten tiles each) and the block's four warps are two row groups x two halves; at 32 each
+// warp holds all six and the four warps are four row groups. Each warp takes its row group's rows of every chunk;
+// per k8 step a thread loads the values its tiles use once (X(k + t + 4 h, g + 8 u): the A fragment of m tile i
+// and the B fragment of n tile j are the same registers, u = 2 i, 2 i + 1 and u = j), splits them, and runs S (+)=
+// hi^T hi (a zero accumulator, added on the CUDA cores: short tensor-core sums) and Y += hi^T lo + lo^T hi per
+// tile: each value goes through shared memory once per warp that uses it, not once per product. The row groups'
+// sums are added in row-group order; G(a, b) = G(b, a) = S(a, b) + Y(a, b) for a <= b, in gram_reduce's layout (S
+// and Y / 2, both symmetric: its symmetrisation gives S + Y exactly).
+// Measured on an H200 (7B adapters, float32, tiles of 2048 rows; bench/results/logs/session21-final-gram-probe-*,
+// beside session 16's kernel, which had warp tiles of 16 x 32 entries, eight warps, each loading and splitting again
+// every value its tile columns use): r = 32 0.173 -> 0.144 ms; r = 64, where the wgmma kernel does not run (below
+// sm_90, or BALORA_KERNELS_WGMMA=0), 0.403 -> 0.412 (ncu: 34% of DRAM bandwidth, 43% of issue slots; the wgmma
+// kernel 0.336). Two blocks per SM with five / four stages were slower (r = 64 0.438, r = 32 0.166), three stages
+// at r = 32 no faster (0.148; session21-gram-registers-probe-*).
+#ifndef BK_MMA_GRAM_STAGES64   // ring stages, rank block 64
+#define BK_MMA_GRAM_STAGES64 4
+#endif
+#ifndef BK_MMA_GRAM_STAGES32   // the same for rank block 32 (chunks of 128 rows)
+#define BK_MMA_GRAM_STAGES32 2
+#endif
+#ifndef BK_MMA_GRAM_BLOCKS64   // blocks per SM the register budget is set for (__launch_bounds__), rank block 64
+#define BK_MMA_GRAM_BLOCKS64 3
+#endif
+#ifndef BK_MMA_GRAM_BLOCKS32   // the same for rank block 32
+#define BK_MMA_GRAM_BLOCKS32 4
+#endif
+constexpr int kGramThreads = 128;
 template <int RK>
-__global__ void __launch_bounds__(kThreads, BK_MMA_GRAM_BLOCKS) mma_gram_kernel(
+struct GramTiles {
+  static constexpr int NW = kGramThreads / 32, MT = RK / 16, NJ = RK / 8;
+  static constexpr int HALVES = RK == 64 ? 2 : 1, RG = NW / HALVES;   // tile halves, row groups
+  // The half that holds m tile i, and the tiles of a half.
+  __host__ __device__ static constexpr int owner(int i) {
+    return HALVES == 1 ? 0 : ((i == 0 || i == MT - 1) ? 0 : 1);
+  }
+  __host__ __device__ static constexpr int tiles_of(int h) {
+    int n = 0;
+    for (int i = 0; i < MT; ++i)
+      if (owner(i) == h) n += NJ - 2 * i;
+    return n;
+  }
+  // Index of tile (i, j) among its half's tiles (i ascending, then j).
+  __host__ __device__ static constexpr int index(int i, int j) {
+    int n = 0;
+    for (int i2 = 0; i2 < i; ++i2)
+      if (owner(i2) == owner(i)) n += NJ - 2 * i2;
+    return n + j - 2 * i;
+  }
+  // Whether half h's tiles use the values u (column / row block g + 8 u): those of its m tiles i (u = 2 i, 2 i + 1)
+  // and of their n tiles j >= 2 i.
+  __host__ __device__ static constexpr bool uses(int h, int u) {
+    for (int i = 0; i < MT; ++i)
+      if (owner(i) == h && u >= 2 * i) return true;
+    return false;
+  }
+  static constexpr int NTMAX = tiles_of(0) > tiles_of(HALVES - 1) ? tiles_of(0) : tiles_of(HALVES - 1);
+  static constexpr int kSums = 2 * NTMAX * 4 * 32;   // one warp's S and Y, lane-interleaved
+  static constexpr int kEpiFloats = (NW - HALVES) * kSums + 2 * RK * RK;   // later row groups' sums, E
+  static constexpr int ST = RK == 64 ? BK_MMA_GRAM_STAGES64 : BK_MMA_GRAM_STAGES32;
+  static constexpr size_t smem() {
+    return (size_t)(ST * GramChunk<RK>::kFloats > kEpiFloats ? ST * GramChunk<RK>::kFloats : kEpiFloats) *
+           sizeof(float);
+  }
+};
+
+// f(std::integral_constant<int, 0>{}) ... f(std::integral_constant<int, N - 1>{}): loop indices that are constant
+// expressions (the tile index of GramTiles::index must be folded for S and Y to stay in registers).
+template <class F, int... I>
+__device__ __forceinline__ void static_for_impl(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+template <int RK, int H, bool B>
+__device__ __forceinline__ void gram_chunk_tiles(const float* s, int k0, int g, int t,
+                                                 float (&S)[GramTiles<RK>::NTMAX][4],
+                                                 float (&Y)[GramTiles<RK>::NTMAX][4]) {
+  using C = GramChunk<RK>;
+  using G = GramTiles<RK>;
+  constexpr int STEPS = C::KC / 8 / G::RG;   // k8 steps per warp per chunk
+#pragma unroll 1
+  for (int st = 0; st < STEPS; ++st) {
+    const int k = k0 + st * 8 + t;
+    uint32_t vh[G::NJ][2], vl[G::NJ][2];
+    static_for<G::NJ>([&](auto U) {
+      constexpr int u = decltype(U)::value;
+      if constexpr (G::uses(H, u)) {
+        split_tf32(C::template at<B>(s, k, g + 8 * u), vh[u][0], vl[u][0]);
+        split_tf32(C::template at<B>(s, k + 4, g + 8 * u), vh[u][1], vl[u][1]);
+      }
+    });
+    static_for<G::MT>([&](auto I) {
+      constexpr int i = decltype(I)::value;
+      if constexpr (G::owner(i) == H) {
+        const uint32_t ah[4] = {vh[2 * i][0], vh[2 * i + 1][0], vh[2 * i][1], vh[2 * i + 1][1]};
+        const uint32_t al[4] = {vl[2 * i][0], vl[2 * i + 1][0], vl[2 * i][1], vl[2 * i + 1][1]};
+        static_for<G::NJ>([&](auto J) {
+          constexpr int j = decltype(J)::value;
+          if constexpr (j >= 2 * i) {
+            constexpr int q = G::index(i, j);
+            const uint32_t bh[2] = {vh[j][0], vh[j][1]}, bl[2] = {vl[j][0], vl[j][1]};
+            float p[4];
+            mma_tf32_zero(p, ah, bh);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) S[q][e] += p[e];
+            mma_tf32(Y[q], ah, bl);
+            mma_tf32(Y[q], al, bh);
+          }
+        });
+      }
+    });
+  }
+}
+
+// Half H's tiles of the row group's sums S, Y into E (warps of row group 0, after adding the later row groups').
+template <int RK, int H>
+__device__ __forceinline__ void gram_store_tiles(float* E, int g, int t, const float (&S)[GramTiles<RK>::NTMAX][4],
+                                                 const float (&Y)[GramTiles<RK>::NTMAX][4]) {
+  using G = GramTiles<RK>;
+  static_for<G::MT>([&](auto I) {
+    constexpr int i = decltype(I)::value;
+    if constexpr (G::owner(i) == H) {
+      static_for<G::NJ>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        if constexpr (j >= 2 * i) {
+          constexpr int q = G::index(i, j);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int a = 16 * i + g + (e >= 2 ? 8 : 0), b = 8 * j + 2 * t + (e & 1);
+            if (a <= b) {
+              E[a * RK + b] = E[b * RK + a] = S[q][e];
+              E[RK * RK + a * RK + b] = E[RK * RK + b * RK + a] = 0.5f * Y[q][e];
+            }
+          }
+        }
+      });
+    }
+  });
+}
+
+template <int RK>
+__global__ void __launch_bounds__(kGramThreads, RK == 64 ? BK_MMA_GRAM_BLOCKS64 : BK_MMA_GRAM_BLOCKS32)
+mma_gram_kernel(
     const long long* __restrict__ tiles, int n_b, int r, int R, float* __restrict__ partials, int partial_stride,
     const long long* __restrict__ ranges, int* __restrict__ counters, float* __restrict__ grams) {
   using C = GramChunk<RK>;
-  constexpr int NWT = RK * RK / 512, KG = 8 / NWT, STEPS = C::KC / 8 / KG;
-  static_assert(NWT * KG == 8 && STEPS * KG * 8 == C::KC, "warp tiling");
-  static_assert(kStages * C::kFloats >= 2 * KG * RK * RK, "the epilogue reuses the ring");
+  using G = GramTiles<RK>;
+  constexpr int NTM = G::NTMAX, ST = G::ST, HALVES = G::HALVES;
+  constexpr int ROWS = C::KC / G::RG;   // a warp's rows of each chunk
+  static_assert(ROWS % 8 == 0 && ROWS * G::RG == C::KC, "row groups");
   extern __shared__ __align__(16) float ring[];
   __shared__ int last;
   const TileRows tl = tile_rows(tiles, blockIdx.x, n_b, r);
   const bool vec = vec_tile<RK>(tl, r);
   const int n_chunks = (tl.k_len + C::KC - 1) / C::KC;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int wt = warp % NWT, kg = warp / NWT;
-  const int m0 = (wt / (RK / 32)) * 16, n0 = (wt % (RK / 32)) * 32;
-  float S[4][4], X[4][4];
+  const int h = warp % HALVES, rg = warp / HALVES;
+  float S[NTM][4], Y[NTM][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int q = 0; q < NTM; ++q)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) S[j][e] = X[j][e] = 0.0f;
-  ring_start<C>(ring, tl, r, vec, n_chunks);
+    for (int e = 0; e < 4; ++e) S[q][e] = Y[q][e] = 0.0f;
+  ring_start<C, kGramThreads, ST>(ring, tl, r, vec, n_chunks);
   auto chunks = [&](auto is_b) {   // the factor's side as a compile-time constant
     constexpr bool B = decltype(is_b)::value;
     for (int c = 0; c < n_chunks; ++c) {
-      const float* s = ring_next<C>(ring, tl, r, vec, n_chunks, c);
-      // This chunk's hi^T hi on the tensor cores, then added to S on the CUDA cores (C = hi^T lo, ~2^-11 of it,
-      // stays on the tensor cores: their rounding of C is far below float32's of G).
-      float tS[4][4];
-#pragma unroll
-      for (int st = 0; st < STEPS; ++st) {
-        const int k = (kg * STEPS + st) * 8 + t;
-        uint32_t ah[4];
-        ah[0] = tf32_round(C::template at<B>(s, k, m0 + g));
-        ah[1] = tf32_round(C::template at<B>(s, k, m0 + g + 8));
-        ah[2] = tf32_round(C::template at<B>(s, k + 4, m0 + g));
-        ah[3] = tf32_round(C::template at<B>(s, k + 4, m0 + g + 8));
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t bh[2], bl[2];
-          split_tf32(C::template at<B>(s, k, n0 + 8 * j + g), bh[0], bl[0]);
-          split_tf32(C::template at<B>(s, k + 4, n0 + 8 * j + g), bh[1], bl[1]);
-          if (st == 0) mma_tf32_zero(tS[j], ah, bh);
-          else mma_tf32(tS[j], ah, bh);
-          mma_tf32(X[j], ah, bl);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) S[j][e] += tS[j][e];
+      const float* s = ring_next<C, kGramThreads, ST>(ring, tl, r, vec, n_chunks, c);
+      if (HALVES == 1 || h == 0) gram_chunk_tiles<RK, 0, B>(s, rg * ROWS, g, t, S, Y);
+      else gram_chunk_tiles<RK, HALVES - 1, B>(s, rg * ROWS, g, t, S, Y);
     }
   };
   if (tl.is_b) chunks(std::true_type{});
   else chunks(std::false_type{});
-  gram_epilogue<RK, KG>(ring, S, X, tl, m0, n0, kg, r, R, partials, partial_stride, ranges, counters, grams, last);
+  cp_async_wait<0>();
+  __syncthreads();   // every warp done with the ring: the later row groups' sums, then E
+  float* P = ring;
+  float* E = ring + (G::NW - HALVES) * G::kSums;
+  if (rg > 0) {
+    float* p = P + (warp - HALVES) * G::kSums + lane;
+#pragma unroll
+    for (int q = 0; q < NTM; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[(q * 4 + e) * 32] = S[q][e];
+        p[(NTM * 4 + q * 4 + e) * 32] = Y[q][e];
+      }
+  }
+  __syncthreads();
+  if (rg == 0) {
+#pragma unroll
+    for (int q = 0; q < NTM; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float sv = S[q][e], yv = Y[q][e];
+        for (int w = 1; w < G::RG; ++w) {   // in row-group order
+          const float* p = P + (w * HALVES + h - HALVES) * G::kSums + lane;
+          sv += p[(q * 4 + e) * 32];
+          yv += p[(NTM * 4 + q * 4 + e) * 32];
+        }
+        S[q][e] = sv;
+        Y[q][e] = yv;
+      }
+    if (HALVES == 1 || h == 0) gram_store_tiles<RK, 0>(E, g, t, S, Y);
+    else gram_store_tiles<RK, HALVES - 1>(E, g, t, S, Y);
+  }
+  __syncthreads();
+  gram_reduce<RK, 1, kGramThreads>(E, tl, r, R, partials, partial_stride, ranges, counters, grams, last);
+}
+
+template <int RK>
+int gram_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, float* partials, int partial_stride,
+                const long long* ranges, int* counters, float* grams, cudaStream_t stream) {
+  constexpr size_t smem = GramTiles<RK>::smem();
+  cudaError_t err = cudaFuncSetAttribute(mma_gram_kernel<RK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return (int)err;
+  mma_gram_kernel<RK><<<n_tiles, kGramThreads, smem, stream>>>(tiles, n_b, r, R, partials, partial_stride, ranges,
+                                                               counters, grams);
+  return (int)cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -776,17 +920,6 @@ __global__ void __launch_bounds__(kWgThreads, BK_WG_BLOCKS) wg_rescale_kernel(
 }
 
 template <int RK>
-int gram_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, float* partials, int partial_stride,
-                const long long* ranges, int* counters, float* grams, cudaStream_t stream) {
-  constexpr size_t smem = kStages * GramChunk<RK>::kFloats * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mma_gram_kernel<RK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return (int)err;
-  mma_gram_kernel<RK><<<n_tiles, kThreads, smem, stream>>>(tiles, n_b, r, R, partials, partial_stride, ranges,
-                                                           counters, grams);
-  return (int)cudaGetLastError();
-}
-
-template <int RK>
 int rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R, const float* tw, const int* status,
                    int skip_bits, cudaStream_t stream) {
   constexpr size_t smem = (2 * RK * RescaleLdm<RK>() + kStages * RescaleChunk<RK>::kFloats) * sizeof(float);
@@ -818,11 +951,13 @@ int wg_rescale_launch(const long long* tiles, int n_b, int n_tiles, int r, int R
 }
 
 // Whether the wgmma kernels run here: this build has an sm_90a image (BK_SM90A, defined with that -gencode;
-// BK_MMA_WGMMA=0 turns them off), the current device is of compute capability 9.0, where that image loads, and the
-// driver did load it: not the compute_90 PTX compiled just in time (CUDA_FORCE_PTX_JIT=1, say), whose wg_ kernels
-// are the __trap() bodies (4 registers, against 168 and 235). Decided once per device (a failed query is not
-// remembered: asked again at the next launch). cudaFuncGetAttributes enqueues no work; where the driver loads
-// modules lazily it may load this one, as the launch after it would.
+// BK_MMA_WGMMA=0 builds them out; the environment variable BALORA_KERNELS_WGMMA=0, read once per process, turns
+// them off: the tests run the mma.sync kernels on Hopper so), the current device is of compute capability 9.0,
+// where that image loads, and the driver did load it: not the compute_90 PTX compiled just in time
+// (CUDA_FORCE_PTX_JIT=1, say), whose wg_ kernels are the __trap() bodies (4 registers, against 168 and 235).
+// Decided once per device (a failed query is not remembered: asked again at the next launch).
+// cudaFuncGetAttributes enqueues no work; where the driver loads modules lazily it may load this one, as the launch
+// after it would.
 #ifndef BK_MMA_WGMMA
 #define BK_MMA_WGMMA 1
 #endif
@@ -830,6 +965,11 @@ bool wgmma_device() {
 #if defined(BK_SM90A) && BK_MMA_WGMMA
   constexpr int kWgMinRegs = 64;         // fewer: the trap bodies
   static std::atomic<int> decided[64];   // per device: 0 not yet, 1 wgmma, 2 not
+  static const bool off = [] {           // BALORA_KERNELS_WGMMA=0: the mma.sync kernels everywhere
+    const char* e = std::getenv("BALORA_KERNELS_WGMMA");
+    return e != nullptr && e[0] == '0' && e[1] == '\0';
+  }();
+  if (off) return false;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();

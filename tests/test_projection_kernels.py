@@ -1042,13 +1042,31 @@ def test_gpu_mma_gram(k_chunk):
     zero; a NaN / Inf reaches its Gram (and no other). k_chunk=999: odd tile starts and lengths (chunks past the
     tile's end)."""
     from balora_kernels import _ext, backend_info
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert _ext.grouped_wgmma() == hopper   # the wgmma kernels there, mma.sync elsewhere
-    assert ("wgmma" if hopper else "mma.sync") in backend_info()["projection"]["gram_rescale"]
+    wgmma = torch.cuda.get_device_capability() == (9, 0) and os.environ.get("BALORA_KERNELS_WGMMA") != "0"
+    assert _ext.grouped_wgmma() == wgmma   # the wgmma kernels on Hopper, mma.sync elsewhere
+    assert ("wgmma" if wgmma else "mma.sync") in backend_info()["projection"]["gram_rescale"]
     pairs = _mma_cases(seed=82)
     plan = _cuda_plan(pairs, k_chunk=k_chunk)
     assert all(k == CUDA for k in plan.kernels.values()), plan.kernels
     check_cuda_gram(plan, pairs, "mma", 0)   # rank 17: A [17, 4096], B [11008, 17] (pair 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERP_CHILD or os.environ.get("BALORA_KERNELS_WGMMA") == "0", reason="parent only")
+def test_gpu_mma_kernels_without_wgmma():
+    """On Hopper the wgmma kernels take ranks 33 to 64: test_gpu_mma_gram and test_gpu_mma_rescale again in a child
+    with BALORA_KERNELS_WGMMA=0, so that the mma.sync kernels of rank block 64 run there too (elsewhere they are
+    the ones the parent's tests ran)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the mma.sync kernels are the only ones here: the parent's tests ran them")
+    env = dict(os.environ, BALORA_KERNELS_WGMMA="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu",
+                           "-k", "test_gpu_mma_gram or test_gpu_mma_rescale", __file__], env=env,
+                          capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"mma.sync kernel tests failed:\n{tail}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b4 passed", summary) and "failed" not in summary and "skipped" not in summary, tail
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@
 # one row per thread and step (BK_RESCALE_PREFETCH_F32_16; no_prefetch = both as before session 8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out="${1:-.build/variants}"
+out="$(realpath -m "${1:-.build/variants}")"
 SET="${2:-small}"
 mkdir -p "$out"
 build() {  # name, macros...
@@ -42,13 +42,20 @@ pair() {  # two builds side by side (2 cores); fails when either does
   wait "$p"
 }
 if [ "$SET" = wg ]; then
-  # The Hopper image as the extension builds it (sm_90a, BK_SM90A): the wgmma kernels (default) against the
-  # mma.sync ones of the same build (sync)
+  # The Hopper image as the extension builds it (sm_90a, BK_SM90A): the build's kernels (default: wgmma at rank
+  # block 64) against its mma.sync ones (sync, BK_MMA_WGMMA=0), and the same two of git ref BASE's sources
+  # (base, base_sync; BASE unset: none)
   ARCH="-arch=sm_90a -DBK_SM90A"
+  pair default "" sync -DBK_MMA_WGMMA=0
+  if [ -n "${BASE:-}" ]; then
+    src=$(mktemp -d)
+    git archive "$BASE" csrc | tar -x -C "$src"
+    (cd "$src" && pair base "" base_sync -DBK_MMA_WGMMA=0)
+    rm -rf "$src"
+  fi
   # (session 19, on an H100: gram2, two blocks per SM with three ring stages, 0.380 ms against 0.355 for the default
-  # three with two at r = 64; other variants then tried are in csrc/grouped_mma.cu's header)
-  pair wgmma "" sync -DBK_MMA_WGMMA=0
-  build gram2 -DBK_WG_GRAM_BLOCKS=2 -DBK_WG_GRAM_STAGES=3
+  # three with two at r = 64; session 21: the Gram's early refill and a warp-specialised Gram,
+  # bench/results/logs/session21-gram-experiments-not-kept.patch; other variants in csrc/grouped_mma.cu's header)
   ls -la "$out"
   exit 0
 fi

@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--ranks", default="8,16")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--k-chunks", default="1024", help="rows per tile of the plans the variants run on")
+    ap.add_argument("--lpt", action="store_true",
+                    help="also time each variant on tables whose B and A tiles are ordered longest first")
     ap.add_argument("--once", default=None, help="run variant ONCE's Gram and rescale once (float32), for ncu")
     ap.add_argument("--once-rank", type=int, default=16, help="the rank of --once")
     ap.add_argument("--once-k-chunk", type=int, default=None,
@@ -135,6 +137,7 @@ def main():
             for g_c, g in zip(ct.groups, tri.groups):
                 g_c.tw.copy_(g.tw)
             ct.rescale(status)
+            first_grams = {}   # per tile size: the first variant's Grams (the variants' bits against them)
             for name, lib in libs.items():
                 for kc in k_chunks:
                     plan = plan_of(ad, k_chunk=kc)
@@ -147,8 +150,10 @@ def main():
                     bitwise = all(torch.equal(a, g.grams) for a, g in zip(first, plan.groups))
                     err = max(((g.grams - ref).abs().max() / ref.abs().max()).item()
                               for g, ref in zip(plan.groups, ref_grams))
+                    ref0 = first_grams.setdefault(kc, (name, [g.grams.clone() for g in plan.groups]))
                     v = {"gram_ms": graph_ms(run, bench), "gram_rel_err_vs_triton": err,
-                         "gram_bitwise_repeat": bitwise,
+                         "gram_bitwise_repeat": bitwise, "gram_bits_equal_to": ref0[0],
+                         "gram_bits_equal": all(torch.equal(a, g.grams) for a, g in zip(ref0[1], plan.groups)),
                          "counters_zero": all(int(g.counters.abs().sum()) == 0 for g in plan.groups)}
                     copies = [(A.clone(), B.clone()) for A, B in ad]
                     cp = plan_of(copies, k_chunk=kc)
@@ -160,6 +165,18 @@ def main():
                             ((c.float() - d.float()).norm() / d.float().norm()).item())
                         for (a, c), (b, d) in zip(copies, copies_t))
                     v["rescale_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
+                    if args.lpt:   # B tiles, then A tiles, each longest first (slots unchanged: same sums)
+                        for pl in (plan, cp):
+                            for g in pl.groups:
+                                for lg in g.launches:
+                                    for lo, hi in ((0, lg.n_b), (lg.n_b, lg.n_b + lg.n_a)):
+                                        sec = lg.tiles[lo:hi]
+                                        order = torch.sort(sec[:, 3], descending=True, stable=True).indices
+                                        lg.tiles[lo:hi] = sec[order].clone()
+                        bits = [g.grams.clone() for g in plan.groups]
+                        v["gram_lpt_ms"] = graph_ms(run, bench)
+                        v["gram_lpt_bits_equal"] = all(torch.equal(a, g.grams) for a, g in zip(bits, plan.groups))
+                        v["rescale_lpt_ms"] = graph_ms(rescale_with(lib, cp, status), bench)
                     for part in "ba":   # where the time goes: rows of B / columns of A alone
                         v[f"gram_{part}_ms"] = graph_ms(gram_with(lib, plan, part), bench)
                         v[f"rescale_{part}_ms"] = graph_ms(rescale_with(lib, cp, status, part), bench)
@@ -183,7 +200,10 @@ def main():
             print(f"{c['r']:>3} {c['dtype']:9} {name:20} {v['gram_ms']:7.4f} {v['rescale_ms']:8.4f} "
                   f"{v['gram_rel_err_vs_triton']:9.2e} {v['rescale_rel_err_vs_triton']:9.2e} "
                   f"{v['gram_b_ms']:7.4f}/{v['gram_a_ms']:7.4f} {v['rescale_b_ms']:7.4f}/{v['rescale_a_ms']:7.4f}"
-                  f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}")
+                  f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}"
+                  f"{'' if v['gram_bits_equal'] else '  BITS-DIFFER-FROM-' + v['gram_bits_equal_to']}"
+                  + (f"  lpt {v['gram_lpt_ms']:.4f} / {v['rescale_lpt_ms']:.4f}"
+                     f"{'' if v['gram_lpt_bits_equal'] else ' LPT-BITS-DIFFER'}" if 'gram_lpt_ms' in v else ""))
 
 
 if __name__ == "__main__":
