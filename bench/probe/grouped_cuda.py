@@ -138,6 +138,7 @@ def main():
                 g_c.tw.copy_(g.tw)
             ct.rescale(status)
             first_grams = {}   # per tile size: the first variant's Grams (the variants' bits against them)
+            first_rescaled = {}   # likewise its rescaled factors
             for name, lib in libs.items():
                 for kc in k_chunks:
                     plan = plan_of(ad, k_chunk=kc)
@@ -160,6 +161,11 @@ def main():
                     for g_c, g in zip(cp.groups, tri.groups):
                         g_c.tw.copy_(g.tw)
                     rescale_with(lib, cp, status)()
+                    torch.cuda.synchronize()
+                    r0 = first_rescaled.setdefault(kc, (name, [(a.clone(), c.clone()) for a, c in copies]))
+                    v["rescale_bits_equal_to"] = r0[0]
+                    v["rescale_bits_equal"] = all(torch.equal(a, a0) and torch.equal(c, c0)
+                                                  for (a, c), (a0, c0) in zip(copies, r0[1]))
                     v["rescale_rel_err_vs_triton"] = max(
                         max(((a.float() - b.float()).norm() / b.float().norm()).item(),
                             ((c.float() - d.float()).norm() / d.float().norm()).item())
@@ -202,6 +208,7 @@ def main():
                   f"{v['gram_b_ms']:7.4f}/{v['gram_a_ms']:7.4f} {v['rescale_b_ms']:7.4f}/{v['rescale_a_ms']:7.4f}"
                   f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}"
                   f"{'' if v['gram_bits_equal'] else '  BITS-DIFFER-FROM-' + v['gram_bits_equal_to']}"
+                  f"{'' if v.get('rescale_bits_equal', True) else '  RESCALE-BITS-DIFFER-FROM-' + v['rescale_bits_equal_to']}"
                   + (f"  lpt {v['gram_lpt_ms']:.4f} / {v['rescale_lpt_ms']:.4f}"
                      f"{'' if v['gram_lpt_bits_equal'] else ' LPT-BITS-DIFFER'}" if 'gram_lpt_ms' in v else ""))
 
