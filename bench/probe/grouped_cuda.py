@@ -208,7 +208,7 @@ def main():
                   f"{v['gram_b_ms']:7.4f}/{v['gram_a_ms']:7.4f} {v['rescale_b_ms']:7.4f}/{v['rescale_a_ms']:7.4f}"
                   f"{'' if v['gram_bitwise_repeat'] and v['counters_zero'] else '  NOT-REPRODUCIBLE'}"
                   f"{'' if v['gram_bits_equal'] else '  BITS-DIFFER-FROM-' + v['gram_bits_equal_to']}"
-                  f"{'' if v.get('rescale_bits_equal', True) else '  RESCALE-BITS-DIFFER-FROM-' + v['rescale_bits_equal_to']}"
+                  f"{'' if v['rescale_bits_equal'] else '  RESCALE-BITS-DIFFER-FROM-' + v['rescale_bits_equal_to']}"
                   + (f"  lpt {v['gram_lpt_ms']:.4f} / {v['rescale_lpt_ms']:.4f}"
                      f"{'' if v['gram_lpt_bits_equal'] else ' LPT-BITS-DIFFER'}" if 'gram_lpt_ms' in v else ""))
 

@@ -88,4 +88,3 @@ if __name__ == "__main__":
         build(a.lib)
     else:
         run(a.lib, a.json)
-        sys.exit(0)
