@@ -4,7 +4,7 @@
 # link the CUDA runtime statically).
 # Usage: bench/probe/build_grouped_variants.sh [OUTDIR] [SET]   (default .build/variants; SET small (default): the
 # CUDA-core kernels' macros (ranks <= 16), mma: csrc/grouped_mma.cu's (float32, ranks 17 to 64), wg: its wgmma
-# kernels against its mma.sync ones, both for sm_90a)
+# kernels against its mma.sync ones, both for sm_90a; EXTRA="name=-DX=1,-DY=2 ...": more builds there)
 #
 # Tried on an H200 in session 8 and removed again (bench/results/logs/session8-grouped-*-2026-12-01.*): the Gram's
 # triangle split over 2 or 4 warps per tile (0.079 - 0.15 ms against 0.072 with prefetch, r = 16 float32), a
@@ -47,6 +47,11 @@ if [ "$SET" = wg ]; then
   # (base, base_sync; BASE unset: none)
   ARCH="-arch=sm_90a -DBK_SM90A"
   pair default "" sync -DBK_MMA_WGMMA=0
+  # EXTRA="name=-DA=1,-DB=2 name2=...": more builds of the working tree (macros comma-separated; session 23's
+  # float64 Gram and register-streaming rescale variants were built so: see its not-kept patch in bench/results/logs)
+  for item in ${EXTRA:-}; do
+    build "${item%%=*}" $(echo "${item#*=}" | tr ',' ' ')
+  done
   if [ -n "${BASE:-}" ]; then
     src=$(mktemp -d)
     git archive "$BASE" csrc | tar -x -C "$src"
