@@ -16,8 +16,9 @@
 #                                            # of the tensor-core kernels and the plan's choice of kernels)
 #   device run: bash bench/gpu_final.sh mmafinal  # as mmavar (MMA_K_CHUNKS: the probe's tile sizes), then the
 #                                            # projection GPU tests and benchmark (until MMAFINAL_END s, default 520)
-#   device run: bash bench/gpu_final.sh lora # build (beside it the TMA GEMM probe, bench/probe/lora_gemm_tma.py),
+#   device run: bash bench/gpu_final.sh lora # build (beside it the thin-kernel sweep of bench/probe/lora_profile.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
+#   device run: bash bench/gpu_final.sh loratests  # build, LoRA-linear GPU tests and the C++ op's tests only
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table), then (while
 #                                                  # the call has time left) bench/probe/host_entry.py
 #   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
@@ -139,9 +140,10 @@ seed_build
       fi; } &
     probe_pid=$!
   fi
-  if [ "$PART" = lora ]; then   # GPU-bound Triton GEMM probe (no extension needed), beside the CPU-bound build
-    { timeout 240 python3 bench/probe/lora_gemm_tma.py --quick --out "$OUT" > "$OUT/lora_gemm_tma.log" 2>&1
-      echo "lora_gemm_tma.py rc=$?" >> "$OUT/lora_gemm_tma.log"; } &
+  if [ "$PART" = lora ]; then   # GPU-bound thin-kernel sweep (no extension needed), beside the CPU-bound build
+    { mkdir -p "$OUT/thin" && timeout 240 python3 bench/probe/lora_profile.py --no-ext --cases none \
+        --out "$OUT/thin" > "$OUT/thin/thin.log" 2>&1
+      echo "lora_profile.py (thin sweep) rc=$?" >> "$OUT/thin/thin.log"; } &
     probe_pid=$!
   fi
   date -u +%FT%TZ
@@ -151,12 +153,14 @@ seed_build
     /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
   fi
   if [ "$PART" = lora ]; then
-    lora_tests 200
-    echo "== TMA GEMM probe (ran beside the build)"
-    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; tail -8 "$OUT/lora_gemm_tma.log"
+    lora_tests 220
+    echo "== thin-kernel sweep (ran beside the build)"
+    [ -n "${probe_pid:-}" ] && wait "$probe_pid"; cat "$OUT/thin/thin.log"
     echo "== GPU kernels and host time per implementation"
     timeout 150 python3 bench/probe/lora_profile.py --no-thin --out "$OUT" \
       --cases ${LORA_CASES:-8k_4096x4096_r16,8k_4096to11008_r16,8k_11008to4096_r16,8k_4096x4096_r64}; echo "rc=$?"
+  elif [ "$PART" = loratests ]; then
+    lora_tests 400
   elif [ "$PART" = thin ]; then
     echo "== GPU tests (LoRA linear: every implementation, ext_thin's kernels included)"
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"

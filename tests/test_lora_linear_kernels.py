@@ -155,12 +155,13 @@ def test_interp_xa_kernel(dtype, r, dropout, splits):
 @pytest.mark.parametrize("dtype", DTYPES_INTERP)
 @pytest.mark.parametrize("r", (1, 3, 16))
 @pytest.mark.parametrize("with_dB", (True, False))
-@pytest.mark.parametrize("splits", (None, 2))
-def test_interp_dyb_kernel(dtype, r, with_dB, splits):
+@pytest.mark.parametrize("groups", (None, 2))
+@pytest.mark.parametrize("block_m", (None, 16))
+def test_interp_dyb_kernel(dtype, r, with_dB, groups, block_m):
     x, W, b, A, B, m, dy = operands(**SMALL, r=r, dtype=dtype, seed=10 + r)
     u = (x @ A.T).to(dtype)
     s = 0.75
-    v, dB = L.dyb_backward(dy, B, u, s, with_dB=with_dB, splits=splits, block_n=16,
+    v, dB = L.dyb_backward(dy, B, u, s, with_dB=with_dB, groups=groups, block_n=16, block_m=block_m,
                            out_v=poisoned(SMALL["N"], r, dtype=dtype),
                            out_dB=poisoned(SMALL["O"], r, dtype=B.dtype))
     assert_2x("v = dy B", v, dy @ B, f64(dy) @ f64(B))
@@ -208,6 +209,60 @@ def test_interp_lora_gemm_kernel(dtype, r, has_base, dropout):
     if bias is not None:
         ref64, plain = ref64 + f64(bias), plain + bias
     assert_2x(f"lora_gemm(base={has_base}, mask={dropout}, bias={bias is not None})", out, plain, ref64)
+
+
+@interp_only
+@pytest.mark.parametrize("r", (1, 3, 8, 16))
+@pytest.mark.parametrize("layout", ("forward", "backward"))
+@pytest.mark.parametrize("adapters", (torch.float16, torch.float32))
+def test_interp_lora_gemm_tma(r, layout, adapters):
+    """The TMA kernel (fp16; fp32 is not its dtype) in both layouts the op uses: y = x W^T + s u B^T + b
+    (weight and B read transposed) and dx = dy W + s v A (read as they are), ranks whose rows are not
+    16-byte aligned (1, 3: copied into padded form) and ones that are (8: the descriptor's zero fill
+    pads the rank block), fp16 or fp32 adapters, a bias."""
+    dtype = torch.float16
+    N, I, O = SMALL["N"], SMALL["I"], SMALL["O"]
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, adapter_dtype=adapters, bias=True, seed=50 + r)
+    g = torch.Generator().manual_seed(r)
+    p = (torch.randn(N, r, generator=g) * 0.5).to(dtype)
+    s = 2.0
+    if layout == "forward":
+        a, wt, q, bias, n_out = x, W.T, B.T, b, O
+        ref64 = f64(x) @ f64(W).T + s * f64(p) @ f64(B).T + f64(b)
+        plain = x @ W.T + s * (p @ B.to(dtype).T) + b
+    else:
+        a, wt, q, bias, n_out = dy, W, A, None, I
+        ref64 = f64(dy) @ f64(W) + s * f64(p) @ f64(A)
+        plain = dy @ W + s * (p @ A.to(dtype))
+    out = poisoned(N, n_out, dtype=dtype)
+    assert L.tma_gemm_blocker(a, wt, p, q, None, out) is None
+    out = L.lora_gemm(a, wt, p, q, s, bias=bias, out=out, config=TINY_GEMM, tma=True)
+    assert_2x(f"TMA lora_gemm ({layout}, r={r}, adapters {adapters})", out, plain, ref64)
+
+
+@interp_only
+def test_interp_lora_gemm_tma_blockers():
+    """What keeps lora_gemm off its TMA kernel is named, and tma=True raises with that reason."""
+    N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 3
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=torch.float16, dropout=True, seed=60)
+    v = (dy @ B).to(torch.float16)
+    out = poisoned(N, I, dtype=torch.float16)
+    assert "dropout mask" in L.tma_gemm_blocker(dy, W, v, A, m, out)
+    assert "rank-r-only" in L.tma_gemm_blocker(None, None, v, A, None, out)
+    x32, W32 = dy.float(), W.float()
+    assert "fp16 / bf16" in L.tma_gemm_blocker(x32, W32, v.float(), A.float(), None, out.float())
+    odd = torch.randn(N, 2 * I + 1, dtype=torch.float16)[:, 1:I + 1]   # rows 2-byte aligned only
+    wsq = torch.randn(I, I, dtype=torch.float16)
+    assert "x (shape" in L.tma_gemm_blocker(odd, wsq, v, A, None, out)
+    w_odd = torch.randn(O, 2 * I + 1, dtype=torch.float16)[:, 1:I + 1]   # [out, in], rows 2-byte aligned
+    assert "the weight" in L.tma_gemm_blocker(dy, w_odd, v, A, None, out)
+    with pytest.raises(ValueError, match="dropout mask"):
+        L.lora_gemm(dy, W, v, A, 2.0, mask=m, out=out, config=TINY_GEMM, tma=True)
+    # None: the pointer kernel runs for the masked product and writes the same result as forced False
+    a = L.lora_gemm(dy, W, v, A, 2.0, mask=m, out=poisoned(N, I, dtype=torch.float16), config=TINY_GEMM)
+    b_ = L.lora_gemm(dy, W, v, A, 2.0, mask=m, out=poisoned(N, I, dtype=torch.float16), config=TINY_GEMM,
+                     tma=False)
+    assert torch.equal(a, b_)
 
 
 @interp_only
@@ -550,6 +605,33 @@ def test_gpu_kernels_poisoned_outputs(dtype):
         y = L.lora_gemm(x, W.T, u, B.T, 2.0, bias=b, out=poisoned(N, O, dtype=dtype, device="cuda"), config=cfg)
         plain = x @ W.T + b + 2.0 * (u @ B.to(dtype).T)
         assert_2x(f"y (gemm config {cfg})", y, plain, f64(x) @ f64(W).T + f64(b) + 2.0 * f64(u) @ f64(B).T)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA descriptors need compute capability >= 9")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("r", (5, 24, 128))
+def test_gpu_tma_gemm(dtype, r):
+    """lora_gemm's TMA kernel on every GEMM config, outputs poisoned: both layouts of the op, M and N not
+    multiples of any tile, r = 5 (rows copied into padded form), 24 (the descriptor pads the rank
+    block), 128 (fewer pipeline stages than the config asks, to fit shared memory); fp32 adapters."""
+    N, I, O = 4099, 1000, 1032
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", torch.float32, True, False, seed=r)
+    u = (x @ A.to(dtype).T).to(dtype)
+    v = (dy @ B.to(dtype)).to(dtype)
+    assert L.tma_gemm_blocker(x, W.T, u, B.T, None, poisoned(N, O, dtype=dtype, device="cuda")) is None
+    ref_y = f64(x) @ f64(W).T + f64(b) + 2.0 * f64(u) @ f64(B).T
+    plain_y = x @ W.T + b + 2.0 * (u @ B.to(dtype).T)
+    ref_dx = f64(dy) @ f64(W) + 2.0 * f64(v) @ f64(A)
+    plain_dx = dy @ W + 2.0 * (v @ A.to(dtype))
+    for cfg in range(len(L.GEMM_CONFIGS)):
+        y = L.lora_gemm(x, W.T, u, B.T, 2.0, bias=b, out=poisoned(N, O, dtype=dtype, device="cuda"), config=cfg,
+                        tma=True)
+        assert_2x(f"TMA y (gemm config {cfg}, r={r})", y, plain_y, ref_y)
+        dx = L.lora_gemm(dy, W, v, A, 2.0, out=poisoned(N, I, dtype=dtype, device="cuda"), config=cfg, tma=True)
+        assert_2x(f"TMA dx (gemm config {cfg}, r={r})", dx, plain_dx, ref_dx)
 
 
 @gpu

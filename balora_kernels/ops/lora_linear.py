@@ -17,7 +17,10 @@ Implementations (one is chosen per call and per direction by
   beta=0, the rank-r term added in place by a K=r GEMM (alpha=s); ``v``, ``dB``, ``dA`` by cuBLAS,
   the scaling as alpha (three launches forward, five backward without dropout);
 * ``"triton"``    — one Triton GEMM per big product with the rank-r term folded into its accumulator
-  (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator;
+  (``[x, s u] [W, B]^T``: K grows by r), the output written once from the fp32 accumulator: on Hopper
+  (and under the interpreter) ``_lora_gemm_tma_kernel``, every operand through a TMA descriptor, the
+  rank-r step first; else, or with a dropout mask on dx's rank-r term, ``_lora_gemm_kernel``
+  (:func:`tma_gemm_blocker` says why a product does not take the TMA kernel);
 * ``"ext"`` / ``"ext_prefill"`` — the ``cublas_mm`` products issued from C++ with the autograd node in
   C++ (``csrc/lora_linear.cpp``, ``torch.ops.balora.lora_linear``): one Python -> C++ call per forward
   and none per backward, for when the host sets the pace (short sequences, small layers). ``ext``
@@ -35,16 +38,19 @@ The four C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the 
 only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
 Python (``ext_thin``, ``ext_allthin``: ``ext_prefill``'s).
 
-The kernel paths ("cublas", "triton") form the thin products ``u``, ``v``, ``dB``, ``dA`` by cuBLAS
-without dropout, and with dropout by the Triton thin kernels below, which read the mask (so
-``x * m`` is never materialised; ``v`` and ``dB`` then come from one pass over ``dy``).
+The kernel paths ("cublas", "triton") form ``v`` and ``dB`` from one pass over ``dy`` (``_dyb_kernel``)
+up to rank :data:`FUSED_DYB_MAX_RANK`, by two cuBLAS calls above it; ``u`` and ``dA`` by cuBLAS without
+dropout, and with dropout by the Triton thin kernels below, which read the mask (so ``x * m`` is
+never materialised).
 
 Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
 * ``_xa_kernel``        u = x_l A^T, split over ``in`` when N alone does not fill the GPU;
-* ``_dyb_kernel``       v = dy B and dB = s dy^T u from one read of ``dy`` (dB optional);
+* ``_dyb_kernel``       v = dy B and dB = s dy^T u from one read of ``dy`` (dB optional), over a grid of
+  column chunks x row groups;
 * ``_vx_kernel``        dA = s v^T x_l, split over N;
 * ``_lora_gemm_kernel`` out = X Wt + s (P Q) * m + b; with ``HAS_BASE=False`` only the rank-r term;
+* ``_lora_gemm_tma_kernel`` out = X Wt + s P Q + b through TMA descriptors (no mask);
 * ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once.
 
 Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_linear` (0/1 in x's
@@ -75,6 +81,10 @@ try:  # Triton is optional: without it only the "torch" and "cublas_mm" implemen
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
+try:  # host-side TMA tensor descriptors (Triton >= 3.3); without them lora_gemm's pointer kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older or no Triton
+    TensorDescriptor = None
 
 IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
@@ -83,10 +93,14 @@ TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
 # (Hopper-sized tiles; the bench records the fastest index per shape in the tuning file).
+# ``WS``: the TMA kernel's K loop warp-specialized (Triton's ``tl.range(warp_specialize=True)``: loads
+# and products in separate warps); the pointer kernel has no such loop and ignores it.
 GEMM_CONFIGS = (
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, WS=True),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, WS=True),
 )
 # Tiles of the rank-r-only kernel (memory-bound: writes the output once).
 LOWRANK_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=1)
@@ -139,9 +153,9 @@ if triton is not None:
     def _dyb_kernel(
         # pointers
         dy_ptr, b_ptr, u_ptr, v_ptr, db_ptr,
-        # sizes: dy [N, M], B [M, R], u [N, R]; v out [S, N, R] (S = splits of M);
-        # dB out [G, M, R] (G = row blocks)
-        N, M, R, m_per_split, scaling,
+        # sizes: dy [N, M], B [M, R], u [N, R]; v out [C, N, R] (C = column chunks of BLOCK_M);
+        # dB out [G, M, R] (G = row groups of n_per_group rows)
+        N, M, R, n_per_group, scaling,
         # strides
         stride_dyn, stride_dym, stride_bm, stride_br, stride_un, stride_ur,
         stride_vs, stride_vn, stride_vr, stride_dbg, stride_dbm, stride_dbr,
@@ -149,35 +163,36 @@ if triton is not None:
         WITH_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One read of a [BLOCK_N, M-slice] strip of dy gives v's partial sum over the slice and,
-        per row block, s * dy^T u (dB's partial over the block's rows)."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        """One read of dy's [group rows, BLOCK_M columns] block: per BLOCK_N rows, v's partial sum over
+        the block's columns (stored as it is formed), and s * dy^T u summed over the group's rows
+        (dB's partial, kept in registers, stored once)."""
+        pid_c = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        offs_m = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
-        rows = offs_n.to(tl.int64)
-        row_ok = offs_n < N
+        m_ok = offs_m < M
         r_ok = offs_r < R
-        m_start = pid_s * m_per_split
-        m_end = tl.minimum(M, m_start + m_per_split)
-        if WITH_DB:
-            ut = tl.load(u_ptr + rows[:, None] * stride_un + offs_r[None, :] * stride_ur,
-                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)             # [BLOCK_N, BLOCK_R]
-        v_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < m_end
+        bt = tl.load(b_ptr + offs_m[:, None].to(tl.int64) * stride_bm + offs_r[None, :] * stride_br,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dy_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_R]
+        db_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        n_start = pid_g * n_per_group
+        n_end = tl.minimum(N, n_start + n_per_group)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            rows = offs_n.to(tl.int64)
+            n_ok = offs_n < n_end
             dyt = tl.load(dy_ptr + rows[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
-                          mask=row_ok[:, None] & m_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_M]
-            bt = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)               # [BLOCK_M, BLOCK_R]
-            v_acc = tl.dot(dyt, bt.to(dyt.dtype), v_acc, input_precision=DOT_PRECISION)
+                          mask=n_ok[:, None] & m_ok[None, :], other=0.0)              # [BLOCK_N, BLOCK_M]
+            vp = tl.dot(dyt, bt, input_precision=DOT_PRECISION)
+            o = v_ptr + pid_c * stride_vs + rows[:, None] * stride_vn + offs_r[None, :] * stride_vr
+            tl.store(o, vp.to(v_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
             if WITH_DB:
-                dbt = tl.dot(tl.trans(dyt), ut.to(dyt.dtype), input_precision=DOT_PRECISION)
-                d = db_ptr + pid_n * stride_dbg + offs_m[:, None] * stride_dbm + offs_r[None, :] * stride_dbr
-                tl.store(d, (dbt * scaling).to(db_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-        o = v_ptr + pid_s * stride_vs + rows[:, None] * stride_vn + offs_r[None, :] * stride_vr
-        tl.store(o, v_acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+                ut = tl.load(u_ptr + rows[:, None] * stride_un + offs_r[None, :] * stride_ur,
+                             mask=n_ok[:, None] & r_ok[None, :], other=0.0)           # [BLOCK_N, BLOCK_R]
+                db_acc = tl.dot(tl.trans(dyt), ut.to(dyt.dtype), db_acc, input_precision=DOT_PRECISION)
+        if WITH_DB:
+            d = db_ptr + pid_g * stride_dbg + offs_m[:, None] * stride_dbm + offs_r[None, :] * stride_dbr
+            tl.store(d, (db_acc * scaling).to(db_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
     def _vx_kernel(
@@ -219,6 +234,17 @@ if triton is not None:
         tl.store(o, (acc * scaling).to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
     @triton.jit
+    def _tile_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of this program: grouped order (GROUP_M row blocks share their
+        column blocks while those stay in L2)."""
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_pid_m, GROUP_M)
+        return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
+
+    @triton.jit
     def _lora_gemm_kernel(
         # pointers
         x_ptr, w_ptr, p_ptr, q_ptr, m_ptr, bias_ptr, out_ptr,
@@ -233,16 +259,7 @@ if triton is not None:
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One output tile, accumulated in fp32 and written once (grouped tile order for L2 reuse)."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
+        pid_m, pid_n = _tile_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
@@ -276,6 +293,40 @@ if triton is not None:
             acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
         o = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+    @triton.jit
+    def _lora_gemm_tma_kernel(
+        x_desc, w_desc, p_desc, q_desc, out_desc, bias_ptr, M, N, K, scaling,
+        W_KN: tl.constexpr, Q_KN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WS: tl.constexpr,
+    ):
+        """``_lora_gemm_kernel``'s product without a dropout mask, every operand through a TMA tensor
+        descriptor (tiles past the edges read as zeros, stores clipped): the weight is ``w`` [K, N]
+        (``W_KN``) or ``w`` [N, K] read transposed, ``q`` likewise [R, N] or [N, R]. The rank-r K-step
+        runs first and starts the accumulator (measured on the H200: the same step after the K loop,
+        as ``_lora_gemm_kernel`` does it, cost 18-27% of the GEMM in this kernel; first, 0-4%)."""
+        pid_m, pid_n = _tile_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        pt = p_desc.load([off_m, 0])
+        ps = (pt.to(tl.float32) * scaling).to(pt.dtype)
+        if Q_KN:
+            qt = q_desc.load([0, off_n])
+        else:
+            qt = q_desc.load([off_n, 0]).T
+        acc = tl.dot(ps, qt)
+        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
+            xt = x_desc.load([off_m, k0])
+            if W_KN:
+                wt = w_desc.load([k0, off_n])
+            else:
+                wt = w_desc.load([off_n, k0]).T
+            acc = tl.dot(xt, wt, acc)
+        if HAS_BIAS:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, S, numel, scaling, BLOCK: tl.constexpr):
@@ -362,50 +413,44 @@ def xa_forward(x, lora_A, mask=None, splits: Optional[int] = None, out=None, blo
     return out
 
 
-def _dyb_block_n(R: int) -> int:
-    return 256 if R <= 32 else (128 if R <= 64 else 64)
-
-
-def dyb_backward(dy, lora_B, u, scaling: float, with_dB: Optional[bool] = None,
-                 splits: Optional[int] = None, out_v=None, out_dB=None, block_n: Optional[int] = None):
+def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Optional[int] = None,
+                 out_v=None, out_dB=None, block_n: Optional[int] = None, block_m: Optional[int] = None):
     """``v = dy B`` [N, r] (dy's dtype) and, when ``with_dB``, ``dB = s dy^T u`` [out, r] (B's dtype)
-    from one read of dy. ``with_dB=None`` fuses dB when writing and reading its fp32 partials (one
-    [out, r] slice per row block) costs at most half a second read of dy; otherwise dB is None and
-    the caller forms it with one more GEMM over dy. ``splits`` of ``out`` (default: fill the GPU),
-    ``block_n`` rows per program (default by r).
-    """
+    from one read of dy. The grid is (column chunks of ``block_m``) x (row ``groups``, default enough
+    programs for one wave on the GPU); each program reads its block of dy once, in steps of ``block_n``
+    rows. v's partial sums over the column chunks and dB's over the row groups are fp32 and summed
+    in a fixed order by :func:`_reduce_splits` (deterministic; chunks and groups of one skip that)."""
     _need_triton("dyb_backward")
     N, M = dy.shape
     R = lora_B.shape[1]
-    BLOCK_N, BLOCK_M, BLOCK_R = block_n or _dyb_block_n(R), 64 if R <= 64 else 32, _block_r(R)
-    row_blocks = triton.cdiv(N, BLOCK_N)
-    if with_dB is None:
-        with_dB = row_blocks == 1 or 2 * 4 * R * row_blocks <= 0.5 * dy.element_size() * N
-    if splits is None:
-        splits = max(1, min(triton.cdiv(M, 2 * BLOCK_M), triton.cdiv(_sm_count(dy.device), row_blocks)))
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(M, m_per_split)
+    BLOCK_R = _block_r(R)
+    BLOCK_N = block_n or 64
+    BLOCK_M = block_m or min(max(16, triton.next_power_of_2(M)), 256 if R <= 64 else 128)
+    chunks = triton.cdiv(M, BLOCK_M)
+    if groups is None:   # one wave: (8192 x 4096, r 16, H200) 8 groups 32 us, 16 groups 38 us
+        groups = max(1, min(triton.cdiv(N, 4 * BLOCK_N), _sm_count(dy.device) // chunks))
+    n_per_group = triton.cdiv(triton.cdiv(N, groups), BLOCK_N) * BLOCK_N
+    groups = triton.cdiv(N, n_per_group)
     if out_v is None:
         out_v = torch.empty(N, R, device=dy.device, dtype=dy.dtype)
-    v_dst = out_v if splits == 1 else torch.empty(splits, N, R, device=dy.device, dtype=torch.float32)
-    v_strides = (0, out_v.stride(0), out_v.stride(1)) if splits == 1 else v_dst.stride()
+    v_dst = out_v if chunks == 1 else torch.empty(chunks, N, R, device=dy.device, dtype=torch.float32)
+    v_strides = (0, out_v.stride(0), out_v.stride(1)) if chunks == 1 else v_dst.stride()
     db_dst, db_strides = None, (0, 0, 0)
     if with_dB:
         if out_dB is None:
             out_dB = torch.empty(M, R, device=dy.device, dtype=lora_B.dtype)
-        db_dst = out_dB if row_blocks == 1 else torch.empty(row_blocks, M, R, device=dy.device,
-                                                             dtype=torch.float32)
-        db_strides = (0, out_dB.stride(0), out_dB.stride(1)) if row_blocks == 1 else db_dst.stride()
-    _dyb_kernel[(row_blocks, splits)](
-        dy, lora_B, u, v_dst, db_dst, N, M, R, m_per_split, scaling,
+        db_dst = out_dB if groups == 1 else torch.empty(groups, M, R, device=dy.device, dtype=torch.float32)
+        db_strides = (0, out_dB.stride(0), out_dB.stride(1)) if groups == 1 else db_dst.stride()
+    _dyb_kernel[(chunks, groups)](
+        dy, lora_B, u, v_dst, db_dst, N, M, R, n_per_group, scaling,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), u.stride(0), u.stride(1),
         *v_strides, *db_strides,
         WITH_DB=with_dB, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
-        DOT_PRECISION=_dot_precision(dy.dtype), num_warps=8 if BLOCK_N * BLOCK_R >= 4096 else 4,
+        DOT_PRECISION=_dot_precision(dy.dtype), num_warps=8 if BLOCK_M * BLOCK_R >= 4096 else 4,
         num_stages=3)
-    if splits > 1:
+    if chunks > 1:
         _reduce_splits(v_dst, out_v)
-    if with_dB and row_blocks > 1:
+    if with_dB and groups > 1:
         _reduce_splits(db_dst, out_dB)   # partials were scaled in the kernel
     return out_v, (out_dB if with_dB else None)
 
@@ -440,13 +485,15 @@ def vx_backward(v, x, scaling: float, mask=None, out_dtype=None, splits: Optiona
 
 
 def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_dtype=None,
-              config=0):
+              config=0, tma: Optional[bool] = None):
     """``out = x @ wt + s (p @ q) * mask + bias`` [M, N], fp32 accumulation, written once.
 
     x [M, K] or None (then only the rank-r term, plus bias), wt [K, N] (any strides, e.g.
     ``weight.T``), p [M, r] (its dtype is the product dtype), q [r, N] (cast to p's dtype),
     mask [M, N] or None, bias [N] or None. ``config`` indexes :data:`GEMM_CONFIGS` (or is a dict
-    of the same keys; tests use small tiles).
+    of the same keys; tests use small tiles). ``tma``: run ``_lora_gemm_tma_kernel`` (True: or
+    raise why it cannot), ``_lora_gemm_kernel`` (False), or None: the TMA kernel wherever
+    :func:`tma_gemm_blocker` finds nothing against it.
     """
     _need_triton("lora_gemm")
     M, R = p.shape
@@ -459,8 +506,15 @@ def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_d
         cfg = dict(GEMM_CONFIGS[config] if has_base else LOWRANK_CONFIG)
     if out is None:
         out = torch.empty(M, N, device=p.device, dtype=out_dtype or p.dtype)
+    if tma is not False:
+        why = tma_gemm_blocker(x, wt, p, q, mask, out)
+        if why is None:
+            return _lora_gemm_tma(x, wt, p, q, scaling, bias, out, cfg)
+        if tma:
+            raise ValueError(f"lora_gemm: the TMA kernel cannot run this product: {why}")
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     BK = cfg.pop("BLOCK_K", 16)
+    cfg.pop("WS", None)
     BR = _block_r(R)
     # Fewer pipeline stages when the rank-r operands would push shared memory past Hopper's 227 KB.
     while has_base and cfg["num_stages"] > 2 and \
@@ -476,6 +530,107 @@ def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_d
         HAS_BASE=has_base, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR,
         DOT_PRECISION=_dot_precision(p.dtype), **cfg)
+    return out
+
+
+_CAPABILITY: dict = {}
+
+
+def _tma_capable(device) -> bool:
+    """TMA tensor descriptors run here: a Hopper or newer GPU (compute capability >= 9), or the
+    interpreter on the CPU; and this Triton has them (>= 3.3)."""
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET", "") == "1"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx][0] >= 9
+
+
+def _tma_operand(t: torch.Tensor) -> bool:
+    """A 2-D tensor a descriptor can address as it is: unit stride along its last dim and 16-byte
+    aligned start and row stride (the tensor-map rules)."""
+    e = t.element_size()
+    return (t.stride(1) == 1 or t.shape[1] == 1) and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _row_major(t: torch.Tensor):
+    """``(tensor, transposed)``: ``t`` or ``t.T`` as a descriptor-ready 2-D tensor, or ``(None, _)``."""
+    if _tma_operand(t):
+        return t, False
+    if _tma_operand(t.T):
+        return t.T, True
+    return None, False
+
+
+def tma_gemm_blocker(x, wt, p, q, mask, out) -> Optional[str]:
+    """Why :func:`lora_gemm` cannot take its TMA kernel for these operands, or None when it can.
+    The rank-r operands p and q never block it (they are copied into descriptor-ready form when
+    they are not, at most [M, 128] and [128, N] elements)."""
+    if x is None:
+        return "no base product (the rank-r-only kernel is pointer-based)"
+    if mask is not None:
+        return "a dropout mask multiplies the rank-r term (the pointer-based kernel applies it)"
+    if p.dtype not in (torch.float16, torch.bfloat16) or x.dtype != p.dtype or wt.dtype != p.dtype \
+            or out.dtype != p.dtype:
+        return f"dtypes x {x.dtype}, weight {wt.dtype}, p {p.dtype}, out {out.dtype}: it takes one of fp16 / bf16"
+    if not _tma_capable(x.device):
+        return "no TMA here (needs compute capability >= 9 and Triton >= 3.3, or the interpreter)"
+    if min(x.shape[0], x.shape[1], wt.shape[1]) == 0:
+        return "an empty dimension"
+    for name, t in (("x", x), ("out", out)):
+        if not _tma_operand(t):
+            return f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) is not row-major with 16-byte " \
+                   f"aligned rows"
+    if _row_major(wt)[0] is None:
+        return f"the weight (shape {tuple(wt.shape)}, strides {wt.stride()}) has no unit stride with 16-byte " \
+               f"aligned rows"
+    return None
+
+
+# Pipeline stages that compiled for a (config, rank block, dtype) of the TMA kernel: fewer than
+# the config asks when its tiles and the rank-r operands outgrow the GPU's shared memory.
+_TMA_STAGES: dict = {}
+
+
+def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
+    M, K = x.shape
+    N = out.shape[1]
+    R = p.shape[1]
+    BM, BN, BK, BR = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], _block_r(R)
+    w, w_t = _row_major(wt)
+    # The rank-r operands as descriptor-ready tensors in the product dtype (fp32 adapters cast once:
+    # their tile would take twice the shared memory), padded to BR ranks when their rows are not
+    # 16-byte aligned (the padding reads as zeros, as the descriptor's out-of-bounds fill does).
+    q = _as(q, p.dtype)
+    if not (_tma_operand(p) and p.stride(1) == 1):
+        p = torch.nn.functional.pad(p, (0, BR - R))
+    qm, q_t = _row_major(q)
+    if qm is None or qm.stride(1) != 1:
+        qm, q_t = torch.nn.functional.pad(q.T, (0, BR - R)), True
+    x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(w, [BN, BK] if w_t else [BK, BN])
+    p_desc = TensorDescriptor.from_tensor(p, [BM, BR])
+    q_desc = TensorDescriptor.from_tensor(qm, [BN, BR] if q_t else [BR, BN])
+    out_desc = TensorDescriptor.from_tensor(out, [BM, BN])
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    key = (BM, BN, BK, cfg["num_stages"], cfg.get("WS", False), BR, p.dtype)
+    stages = _TMA_STAGES.get(key, cfg["num_stages"])
+    while True:
+        try:
+            _lora_gemm_tma_kernel[grid](
+                x_desc, w_desc, p_desc, q_desc, out_desc, bias, M, N, K, scaling,
+                W_KN=not w_t, Q_KN=not q_t, HAS_BIAS=bias is not None,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False),
+                num_warps=cfg["num_warps"], num_stages=stages)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    _TMA_STAGES[key] = stages
     return out
 
 
@@ -508,13 +663,21 @@ def _big_plus_lowrank(x, wt, p, q, scaling: float, bias, prefill: bool):
     return out.addmm_(p, q, alpha=scaling)
 
 
+# v and dB of the kernel paths ("cublas", "triton") from one read of dy by _dyb_kernel up to this
+# rank, with or without dropout (which does not touch dy); above it two cuBLAS calls. Measured on the
+# H200 (bench/probe/lora_profile.py, CUDA-graph replay, 8192 x 4096 bf16 dy, 2026-12-03): r = 16
+# 32 us against cuBLAS's 39; r = 64 47 us against 42. FUSED_DYB = False: cuBLAS at every rank.
+FUSED_DYB = True
+FUSED_DYB_MAX_RANK = 32
+
+
 def _thin_by_cublas(impl: str, mask) -> bool:
-    """The thin products (u, v, dB, dA) by cuBLAS: always for the all-cuBLAS implementations, and for
-    the kernel paths without dropout (the thin-kernel timings at 8192 x 4096, r=16, in
-    bench/results/lora_linear-H200.json, launch included: cuBLAS's v and dB, a second read of dy
-    included, 0.050 ms against 0.163 ms for the fused Triton pass; dA 0.030 against 0.035 ms; u
-    0.027 against 0.103 ms). With a dropout mask the kernel paths use the Triton thin kernels,
-    which read the mask, so x * m is never materialised."""
+    """u and dA by cuBLAS: always for the all-cuBLAS implementations, and for the kernel paths without
+    dropout (GPU time by CUDA-graph replay at 8192 x 4096, r = 16, on the H200,
+    bench/results/logs/session24-thin-sweep-2026-12-03.json: u 21.4 us against the Triton kernel's best
+    20.4, dA 22.1 against 22.0, no clear gain for a Triton launch's host cost). With a dropout mask
+    the kernel paths use the Triton thin kernels, which read the mask, so x * m is never
+    materialised. (v and dB: :data:`FUSED_DYB`.)"""
     return impl in _ALL_CUBLAS or mask is None
 
 
@@ -558,15 +721,15 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
                                               need_bias_grad=need_bias)
     if impl not in IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
-    if _thin_by_cublas(impl, mask):
-        # One cuBLAS call each, the scaling as alpha: v = dy B, dB = s dy^T u, dA = s v^T x_l.
+    if impl in _ALL_CUBLAS or not FUSED_DYB or u.shape[1] > FUSED_DYB_MAX_RANK:
+        # One cuBLAS call each, the scaling as alpha: v = dy B, dB = s dy^T u.
         v = dy @ _as(lora_B, dt)
         dB = _as(_scaled_mm(dy.T, u, scaling), lora_B.dtype)
-        dA = _as(_scaled_mm(v.T, _x_l(x, mask), scaling), lora_A.dtype)
     else:
         v, dB = dyb_backward(dy, lora_B, u, scaling)
-        if dB is None:  # rank too large for fused dB partials to pay: a second read of dy
-            dB = _as(_scaled_mm(dy.T, u, scaling), lora_B.dtype)
+    if _thin_by_cublas(impl, mask):
+        dA = _as(_scaled_mm(v.T, _x_l(x, mask), scaling), lora_A.dtype)
+    else:
         dA = vx_backward(v, x, scaling, mask, out_dtype=lora_A.dtype)
     dx = None
     if need_x:

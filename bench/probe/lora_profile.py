@@ -112,8 +112,13 @@ def case(N, in_f, out_f, r, impls, detail):
     }
     for impl in impls:
         provs[impl] = ((lambda impl=impl: L.lora_linear(x, W, None, A, B, S, None, impl=impl)), [x, A, B])
+    for impl in ("triton", "cublas"):   # v and dB by two cuBLAS calls instead of _dyb_kernel (L.FUSED_DYB)
+        if impl in impls:
+            provs[impl + ":cublas-vdB"] = ((lambda impl=impl: L.lora_linear(x, W, None, A, B, S, None, impl=impl)),
+                                           [x, A, B], False)
     res = {}
-    for name, (f, ins) in provs.items():
+    for name, (f, ins, *fused) in provs.items():
+        L.FUSED_DYB = fused[0] if fused else True
         step = lambda f=f, ins=ins: torch.autograd.grad(f(), ins, gy)  # noqa: E731
         try:
             row = {"graph_us": round(graph_us(step), 1), "host_us": round(host_us(step), 1)}
@@ -125,6 +130,7 @@ def case(N, in_f, out_f, r, impls, detail):
         except Exception as e:  # recorded, not hidden
             row = {"error": repr(e)[:300]}
         res[name] = row
+        L.FUSED_DYB = True
         print(f"    {name:12s} " + " ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, dict)),
               flush=True)
     return res
@@ -153,10 +159,11 @@ def thin_sweep():
         for bn in (32, 64, 128):
             for sp in (1, 2, 4):
                 items[f"u xa bn{bn} s{sp}"] = lambda bn=bn, sp=sp: L.xa_forward(x, A, splits=sp, block_n=bn)
-        for bn in (64, 128, 256):
-            for sp in (1, 2):
-                items[f"v+dB dyb bn{bn} s{sp}"] = lambda bn=bn, sp=sp: L.dyb_backward(dy, B, u, 1.0, True, splits=sp,
-                                                                                     block_n=bn)
+        for bn in (32, 64, 128):
+            for bm in (64, 128, 256, 512):
+                for g in (None, 8):
+                    items[f"v+dB dyb bn{bn} bm{bm} g{g}"] = (lambda bn=bn, bm=bm, g=g: L.dyb_backward(
+                        dy, B, u, 1.0, True, groups=g, block_n=bn, block_m=bm))
         for bk in (64, 128, 256):
             for sp in (8, 16, 32):
                 items[f"dA vx bk{bk} s{sp}"] = lambda bk=bk, sp=sp: L.vx_backward(v, x, 1.0, splits=sp, block_k=bk)
