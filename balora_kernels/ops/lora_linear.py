@@ -552,8 +552,7 @@ def _tma_capable(device) -> bool:
 def _tma_operand(t: torch.Tensor) -> bool:
     """A 2-D tensor a descriptor can address as it is: unit stride along its last dim and 16-byte
     aligned start and row stride (the tensor-map rules)."""
-    e = t.element_size()
-    return (t.stride(1) == 1 or t.shape[1] == 1) and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _row_major(t: torch.Tensor):
@@ -590,7 +589,7 @@ def tma_gemm_blocker(x, wt, p, q, mask, out) -> Optional[str]:
     return None
 
 
-# Pipeline stages that compiled for a (config, rank block, dtype) of the TMA kernel: fewer than
+# Pipeline stages that compiled for a (config, rank block, dtype, device) of the TMA kernel: fewer than
 # the config asks when its tiles and the rank-r operands outgrow the GPU's shared memory.
 _TMA_STAGES: dict = {}
 
@@ -605,10 +604,10 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     # their tile would take twice the shared memory), padded to BR ranks when their rows are not
     # 16-byte aligned (the padding reads as zeros, as the descriptor's out-of-bounds fill does).
     q = _as(q, p.dtype)
-    if not (_tma_operand(p) and p.stride(1) == 1):
+    if not _tma_operand(p):
         p = torch.nn.functional.pad(p, (0, BR - R))
     qm, q_t = _row_major(q)
-    if qm is None or qm.stride(1) != 1:
+    if qm is None:
         qm, q_t = torch.nn.functional.pad(q.T, (0, BR - R)), True
     x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
     w_desc = TensorDescriptor.from_tensor(w, [BN, BK] if w_t else [BK, BN])
@@ -616,7 +615,7 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     q_desc = TensorDescriptor.from_tensor(qm, [BN, BR] if q_t else [BR, BN])
     out_desc = TensorDescriptor.from_tensor(out, [BM, BN])
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    key = (BM, BN, BK, cfg["num_stages"], cfg.get("WS", False), BR, p.dtype)
+    key = (BM, BN, BK, cfg["num_stages"], cfg.get("WS", False), BR, p.dtype, x.device)
     stages = _TMA_STAGES.get(key, cfg["num_stages"])
     while True:
         try:
