@@ -616,7 +616,8 @@ def test_gpu_kernels_poisoned_outputs(dtype):
 def test_gpu_tma_gemm(dtype, r):
     """lora_gemm's TMA kernel on every GEMM config, outputs poisoned: both layouts of the op, M and N not
     multiples of any tile, r = 5 (rows copied into padded form), 24 (the descriptor pads the rank
-    block), 128 (fewer pipeline stages than the config asks, to fit shared memory); fp32 adapters."""
+    block), 128 (the largest rank block: the launcher drops pipeline stages if the tiles outgrow shared
+    memory); fp32 adapters."""
     N, I, O = 4099, 1000, 1032
     x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", torch.float32, True, False, seed=r)
     u = (x @ A.to(dtype).T).to(dtype)
