@@ -7,6 +7,7 @@ batch), also forward alone, and GPU microseconds per step replayed from a CUDA g
 sets the pace, the larger of the two is what a step costs.
 
     python bench/probe/host_entry.py --out DIR      # on the device
+    python bench/probe/host_entry.py --tokens 8192 --cprofile triton   # and where the triton path's host time goes
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main():
     ap.add_argument("--out-features", dest="out_f", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cprofile", default=None, metavar="IMPL",
+                    help="then cProfile 50 forward + backward steps of L.lora_linear with IMPL forced (host functions "
+                         "by own time, top 30)")
     a = ap.parse_args()
     torch.manual_seed(0)
     dev, dt, N, I, O, r = "cuda", torch.bfloat16, a.tokens, a.in_f, a.out_f, a.rank
@@ -55,7 +59,7 @@ def main():
     fwds = {"frozen nn.Linear": (lambda: lin(x), [x])}
     for name, mode in L.EXT_IMPLS.items():
         fwds[f"op mode {mode} ({name})"] = (lambda mode=mode: op(x, W, None, A, B, 2.0, None, mode), [x, A, B])
-    for name in ("ext_thin", "ext_allthin", "ext_prefill"):
+    for name in ("ext_thin", "ext_allthin", "ext_prefill", "cublas", "triton"):
         fwds[f"L.lora_linear impl={name}"] = (lambda name=name: L.lora_linear(x, W, None, A, B, 2.0, None, impl=name),
                                               [x, A, B])
     fwds["bk.lora_linear (public, auto)"] = (lambda: bk.lora_linear(x, W, None, A, B, 2.0), [x, A, B])
@@ -73,6 +77,22 @@ def main():
         print(f"{name:34s} host fwd+bwd {row['host_fwd_bwd_us']:7.1f} us  fwd {row['host_fwd_us']:7.1f} us  "
               f"GPU {row['gpu_graph_us']} us", flush=True)
     print("plan (auto):", L._plan("auto", x, W, A))
+    if a.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        def steps():
+            for _ in range(50):
+                torch.autograd.grad(L.lora_linear(x, W, None, A, B, 2.0, None, impl=a.cprofile), [x, A, B], gy)
+            torch.cuda.synchronize()
+        steps()
+        prof = cProfile.Profile()
+        prof.runcall(steps)
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        print(f"== cProfile of 50 steps, impl={a.cprofile} (own time per function)")
+        print(buf.getvalue())
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"host_entry_{N}.json"), "w") as fh:
