@@ -241,6 +241,35 @@ def test_interp_lora_gemm_tma(r, layout, adapters):
 
 
 @interp_only
+def test_interp_lora_gemm_tma_relayout_rank16():
+    """Rank operands the launcher must copy at a rank whose block needs no padding (r = 16): p read
+    column-major and an A that starts 2 bytes into its buffer (a view into a flat parameter buffer)."""
+    N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 16
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=torch.float16, seed=70)
+    v = (dy @ B).to(torch.float16).T.contiguous().T          # [N, r], column-major
+    flat = torch.zeros(1 + r * I, dtype=torch.float16)
+    A_view = flat[1:].view(r, I)
+    A_view.copy_(A)
+    assert A_view.data_ptr() % 16 != 0 and v.stride(1) != 1
+    dx = L.lora_gemm(dy, W, v, A_view, 2.0, out=poisoned(N, I, dtype=torch.float16), config=TINY_GEMM, tma=True)
+    assert_2x("TMA dx, relaid-out rank operands", dx, dy @ W + 2.0 * (v @ A), f64(dy) @ f64(W) + 2.0 * f64(v) @ f64(A))
+
+
+@interp_only
+@pytest.mark.parametrize("shape", ((0, 40), (37, 0)))
+def test_interp_dyb_kernel_empty(shape):
+    """No rows or no columns of dy: v and dB are zero sums (no launch, no division by an empty grid)."""
+    r = 3
+    dy = torch.randn(*shape, dtype=torch.float16)
+    B = torch.randn(shape[1], r, dtype=torch.float32)
+    u = torch.randn(shape[0], r, dtype=torch.float16)
+    v, dB = L.dyb_backward(dy, B, u, 0.5, out_v=poisoned(shape[0], r, dtype=torch.float16),
+                           out_dB=poisoned(shape[1], r, dtype=torch.float32))
+    assert v.shape == (shape[0], r) and dB.shape == (shape[1], r)
+    assert (v == 0).all() and (dB == 0).all()
+
+
+@interp_only
 def test_interp_lora_gemm_tma_blockers():
     """What keeps lora_gemm off its TMA kernel is named, and tma=True raises with that reason."""
     N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 3
@@ -256,6 +285,8 @@ def test_interp_lora_gemm_tma_blockers():
     assert "x (shape" in L.tma_gemm_blocker(odd, wsq, v, A, None, out)
     w_odd = torch.randn(O, 2 * I + 1, dtype=torch.float16)[:, 1:I + 1]   # [out, in], rows 2-byte aligned
     assert "the weight" in L.tma_gemm_blocker(dy, w_odd, v, A, None, out)
+    expanded = torch.randn(1, O, dtype=torch.float16).expand(N, O)     # stride 0 between rows
+    assert "x (shape" in L.tma_gemm_blocker(expanded, W, v, A, None, out)
     with pytest.raises(ValueError, match="dropout mask"):
         L.lora_gemm(dy, W, v, A, 2.0, mask=m, out=out, config=TINY_GEMM, tma=True)
     # None: the pointer kernel runs for the masked product and writes the same result as forced False
@@ -293,6 +324,15 @@ def test_interp_op_paths(dtype, r, impl, dropout, monkeypatch):
     for name, got in (("x", xg.grad.reshape(N, I)), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
         assert got.dtype == getattr(gp, name).dtype
         assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
+@pytest.mark.skipif(L.triton is None, reason="Triton not installed")
+def test_dyb_fits_32bit_offsets():
+    """The fused v / dB pass is refused where its partial sums need 64-bit offsets (the backward then
+    takes cuBLAS): 8192 x 4096 at r = 16 fits; 135 k tokens of a 128256-wide output at r = 32 does not."""
+    assert L.dyb_fits(8192, 4096, 16, groups=132)
+    assert L.dyb_fits(8192, 128256, 16, groups=132)
+    assert not L.dyb_fits(135_000, 128256, 32, groups=132)
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")

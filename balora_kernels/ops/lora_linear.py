@@ -423,6 +423,11 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
     _need_triton("dyb_backward")
     N, M = dy.shape
     R = lora_B.shape[1]
+    if N == 0 or M == 0:   # nothing to read: v and dB are zero sums
+        v = torch.zeros(N, R, device=dy.device, dtype=dy.dtype) if out_v is None else out_v.zero_()
+        dB = (torch.zeros(M, R, device=dy.device, dtype=lora_B.dtype) if out_dB is None else out_dB.zero_()) \
+            if with_dB else None
+        return v, dB
     BLOCK_R = _block_r(R)
     BLOCK_N = block_n or 64
     BLOCK_M = block_m or min(max(16, triton.next_power_of_2(M)), 256 if R <= 64 else 128)
@@ -431,6 +436,10 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
         groups = max(1, min(triton.cdiv(N, 4 * BLOCK_N), _sm_count(dy.device) // chunks))
     n_per_group = triton.cdiv(triton.cdiv(N, groups), BLOCK_N) * BLOCK_N
     groups = triton.cdiv(N, n_per_group)
+    if not dyb_fits(N, M, R, chunks, groups):
+        raise ValueError(f"dyb_backward: dy {tuple(dy.shape)}, r={R}: its fp32 partial sums ({chunks} x {N} x "
+                         f"{BLOCK_R} and {groups} x {M} x {BLOCK_R}) need offsets past 2^31 elements; use two cuBLAS "
+                         f"products (lora_linear_backward does)")
     if out_v is None:
         out_v = torch.empty(N, R, device=dy.device, dtype=dy.dtype)
     v_dst = out_v if chunks == 1 else torch.empty(chunks, N, R, device=dy.device, dtype=torch.float32)
@@ -453,6 +462,14 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
     if with_dB and groups > 1:
         _reduce_splits(db_dst, out_dB)   # partials were scaled in the kernel
     return out_v, (out_dB if with_dB else None)
+
+
+def dyb_fits(N: int, M: int, R: int, chunks: Optional[int] = None, groups: int = 1) -> bool:
+    """Whether :func:`dyb_backward`'s partial-sum buffers stay within 32-bit element offsets (the
+    kernel's program-index offsets are 32-bit); ``chunks`` defaults to its own column chunks."""
+    if chunks is None:
+        chunks = triton.cdiv(M, 256 if R <= 64 else 128)
+    return max(chunks * N, groups * M, N, M) * max(R, 16) < 2 ** 31
 
 
 def vx_backward(v, x, scaling: float, mask=None, out_dtype=None, splits: Optional[int] = None, out=None,
@@ -550,9 +567,10 @@ def _tma_capable(device) -> bool:
 
 
 def _tma_operand(t: torch.Tensor) -> bool:
-    """A 2-D tensor a descriptor can address as it is: unit stride along its last dim and 16-byte
-    aligned start and row stride (the tensor-map rules)."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """A 2-D tensor a descriptor can address as it is: unit stride along its last dim, rows that do
+    not overlap, 16-byte aligned start and row stride (the tensor-map rules)."""
+    return (t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])   # rows apart (not expanded)
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def _row_major(t: torch.Tensor):
@@ -589,6 +607,14 @@ def tma_gemm_blocker(x, wt, p, q, mask, out) -> Optional[str]:
     return None
 
 
+def _padded(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """``t`` [n, r] copied into a fresh row-major [n, cols] tensor, zeros past column r (a fresh
+    allocation: aligned, whatever ``t``'s strides or offset were)."""
+    out = t.new_zeros(t.shape[0], cols)
+    out[:, :t.shape[1]] = t
+    return out
+
+
 # Pipeline stages that compiled for a (config, rank block, dtype, device) of the TMA kernel: fewer than
 # the config asks when its tiles and the rank-r operands outgrow the GPU's shared memory.
 _TMA_STAGES: dict = {}
@@ -605,10 +631,10 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     # 16-byte aligned (the padding reads as zeros, as the descriptor's out-of-bounds fill does).
     q = _as(q, p.dtype)
     if not _tma_operand(p):
-        p = torch.nn.functional.pad(p, (0, BR - R))
+        p = _padded(p, BR)
     qm, q_t = _row_major(q)
     if qm is None:
-        qm, q_t = torch.nn.functional.pad(q.T, (0, BR - R)), True
+        qm, q_t = _padded(q.T, BR), True
     x_desc = TensorDescriptor.from_tensor(x, [BM, BK])
     w_desc = TensorDescriptor.from_tensor(w, [BN, BK] if w_t else [BK, BN])
     p_desc = TensorDescriptor.from_tensor(p, [BM, BR])
@@ -665,7 +691,9 @@ def _big_plus_lowrank(x, wt, p, q, scaling: float, bias, prefill: bool):
 # v and dB of the kernel paths ("cublas", "triton") from one read of dy by _dyb_kernel up to this
 # rank, with or without dropout (which does not touch dy); above it two cuBLAS calls. Measured on the
 # H200 (bench/probe/lora_profile.py, CUDA-graph replay, 8192 x 4096 bf16 dy, 2026-12-03): r = 16
-# 32 us against cuBLAS's 39; r = 64 47 us against 42. FUSED_DYB = False: cuBLAS at every rank.
+# 32 us against cuBLAS's 39; r = 64 47 us against 42. FUSED_DYB = False: cuBLAS at every rank. cuBLAS too
+# where its partial sums would outgrow 32-bit offsets (:func:`dyb_fits`: e.g. 135 k tokens at r = 32 and
+# out = 128256).
 FUSED_DYB = True
 FUSED_DYB_MAX_RANK = 32
 
@@ -720,7 +748,8 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
                                               need_bias_grad=need_bias)
     if impl not in IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
-    if impl in _ALL_CUBLAS or not FUSED_DYB or u.shape[1] > FUSED_DYB_MAX_RANK:
+    if impl in _ALL_CUBLAS or not FUSED_DYB or u.shape[1] > FUSED_DYB_MAX_RANK or \
+            not dyb_fits(dy.shape[0], dy.shape[1], u.shape[1], groups=_sm_count(dy.device)):
         # One cuBLAS call each, the scaling as alpha: v = dy B, dB = s dy^T u.
         v = dy @ _as(lora_B, dt)
         dB = _as(_scaled_mm(dy.T, u, scaling), lora_B.dtype)
