@@ -358,16 +358,21 @@ def _dot_precision(dtype) -> str:
     return "tf32"
 
 
-_SM_COUNT: dict = {}
+_PROPS: dict = {}
+
+
+def _cuda_props(device):
+    """The CUDA device's properties, queried once (a query per launch costs microseconds of host time)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS:
+        _PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS[idx]
 
 
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so the split paths run in CPU tests too
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:  # a property query per launch costs microseconds of host time
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _cuda_props(device).multi_processor_count
 
 
 def _mask_args(mask):
@@ -413,6 +418,11 @@ def xa_forward(x, lora_A, mask=None, splits: Optional[int] = None, out=None, blo
     return out
 
 
+def _dyb_block_m(M: int, R: int) -> int:
+    """dy columns per program of _dyb_kernel (the thin sweep's best: 256 up to r = 64)."""
+    return min(max(16, triton.next_power_of_2(M)), 256 if R <= 64 else 128)
+
+
 def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Optional[int] = None,
                  out_v=None, out_dB=None, block_n: Optional[int] = None, block_m: Optional[int] = None):
     """``v = dy B`` [N, r] (dy's dtype) and, when ``with_dB``, ``dB = s dy^T u`` [out, r] (B's dtype)
@@ -430,7 +440,7 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
         return v, dB
     BLOCK_R = _block_r(R)
     BLOCK_N = block_n or 64
-    BLOCK_M = block_m or min(max(16, triton.next_power_of_2(M)), 256 if R <= 64 else 128)
+    BLOCK_M = block_m or _dyb_block_m(M, R)
     chunks = triton.cdiv(M, BLOCK_M)
     if groups is None:   # one wave: (8192 x 4096, r 16, H200) 8 groups 32 us, 16 groups 38 us
         groups = max(1, min(triton.cdiv(N, 4 * BLOCK_N), _sm_count(dy.device) // chunks))
@@ -468,7 +478,7 @@ def dyb_fits(N: int, M: int, R: int, chunks: Optional[int] = None, groups: int =
     """Whether :func:`dyb_backward`'s partial-sum buffers stay within 32-bit element offsets (the
     kernel's program-index offsets are 32-bit); ``chunks`` defaults to its own column chunks."""
     if chunks is None:
-        chunks = triton.cdiv(M, 256 if R <= 64 else 128)
+        chunks = triton.cdiv(M, _dyb_block_m(M, R))
     return max(chunks * N, groups * M, N, M) * max(R, 16) < 2 ** 31
 
 
@@ -550,9 +560,6 @@ def lora_gemm(x, wt, p, q, scaling: float, mask=None, bias=None, out=None, out_d
     return out
 
 
-_CAPABILITY: dict = {}
-
-
 def _tma_capable(device) -> bool:
     """TMA tensor descriptors run here: a Hopper or newer GPU (compute capability >= 9), or the
     interpreter on the CPU; and this Triton has them (>= 3.3)."""
@@ -560,10 +567,7 @@ def _tma_capable(device) -> bool:
         return False
     if device.type != "cuda":
         return os.environ.get("TRITON_INTERPRET", "") == "1"
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx][0] >= 9
+    return _cuda_props(device).major >= 9
 
 
 def _tma_operand(t: torch.Tensor) -> bool:
