@@ -110,14 +110,16 @@ _PLAN_TABLE = None
 _PLAN_CACHE_SIZE = 4096
 
 
-def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl: str = "auto"):
+def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl: str = "auto",
+                      with_backward: bool = True):
     """``((forward impl, gemm config), (backward impl, gemm config))`` for one 2-D call.
 
     ``impl`` 'auto': :func:`_lora_linear_impl`'s choice per direction; otherwise that
-    implementation (with the Triton GEMM config measured for the nearest shape). Cached per
-    (impl, N, in, out, r, dtype, device, ``BALORA_KERNELS_IMPL``, ``TRITON_INTERPRET``, Triton
-    present) for the current tuning table: a call costs a dict lookup, the nearest-shape search
-    runs once per key.
+    implementation (with the Triton GEMM config measured for the nearest shape). ``with_backward``:
+    whether the call records a backward (with full-step measurements, such a call takes the fastest
+    forward + backward, another the fastest forward). Cached per (impl, N, in, out, r, dtype, device,
+    with_backward, ``BALORA_KERNELS_IMPL``, ``TRITON_INTERPRET``, Triton present) for the current tuning
+    table: a call costs a dict lookup, the nearest-shape search runs once per key.
     """
     global _PLAN_TABLE
     table = _lora_ops.tuning_table()
@@ -125,11 +127,11 @@ def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl
         _PLANS.clear()
         _PLAN_TABLE = table
     env = os.environ
-    key = (impl, N, in_f, out_f, r, dtype, device, env.get("BALORA_KERNELS_IMPL"), env.get("TRITON_INTERPRET"),
-           _lora_ops.triton is not None, _ext.state_token())
+    key = (impl, N, in_f, out_f, r, dtype, device, with_backward, env.get("BALORA_KERNELS_IMPL"),
+           env.get("TRITON_INTERPRET"), _lora_ops.triton is not None, _ext.state_token())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl)
+        plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl, with_backward)
                      for d in ("forward", "backward"))
         if plan[0][0] in _lora_ops.EXT_IMPLS:
             # The C++ op runs its own backward. (A backward-only 'ext' choice, possible with per-direction
@@ -139,10 +141,10 @@ def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl
     return plan
 
 
-def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
+def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl, with_backward=True):
     """``(impl, gemm config)`` for one direction, uncached."""
     if impl == "auto":
-        impl = _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device)
+        impl = _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device, with_backward)
     elif impl not in _lora_ops.IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of "
                          f"{_lora_ops.IMPLS}")
@@ -153,7 +155,8 @@ def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl):
     return impl, cfg
 
 
-def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device) -> str:
+def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device,
+                      with_backward: bool = True) -> str:
     """The one choice of LoRA-linear implementation (one of ``ops.lora_linear.IMPLS``).
 
     ``direction`` is 'forward' or 'backward'; N tokens, in/out features, rank r, activation dtype.
@@ -162,16 +165,18 @@ def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dty
     cuda -> the csrc op ('ext_thin': csrc/lora_thin.cu's rank-r kernels, cuBLAS big GEMMs, the autograd
     node in C++; 'cublas', cuBLAS GEMMs + Triton rank-r kernels, when the extension is unavailable). Otherwise, on CUDA in
     bf16/fp16: the fastest implementation measured for the nearest benchmarked shape
-    (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py; never one measured
-    slower than the plain PyTorch math there; the C++ ones only when the extension loads);
+    (``ops/lora_linear_tuning.json``, written by bench/bench_lora_linear.py: by its forward + backward
+    step for a call that records a backward (``with_backward``), by its forward for one that does not; never one
+    measured slower than the plain PyTorch math there; the C++ ones only when the extension loads);
     fp32/fp64 take cuBLAS (which applies torch's TF32 setting), from C++ when the extension loads.
     CPU tensors take the reference math (the Triton path runs on CPU only when forced, under
     ``TRITON_INTERPRET=1``). Cached (see :func:`_lora_linear_plan`).
     """
-    return _lora_linear_plan(N, in_f, out_f, r, dtype, device)[0 if direction == "forward" else 1][0]
+    plan = _lora_linear_plan(N, in_f, out_f, r, dtype, device, "auto", with_backward)
+    return plan[0 if direction == "forward" else 1][0]
 
 
-def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> str:
+def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device, with_backward=True) -> str:
     req = requested_impl()
     have_triton = _lora_ops.triton is not None
     if N == 0:
@@ -192,7 +197,7 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device) -> s
     if dtype not in (torch.bfloat16, torch.float16):
         return all_cublas
     allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.EXT_IMPLS)
-    return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed)[0]
+    return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed, with_backward)[0]
 
 
 def _ext_available() -> bool:

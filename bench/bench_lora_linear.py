@@ -342,9 +342,10 @@ def main():
     tuning = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": meta["date"],
               "command": meta["command"],
               "note": "per shape: median ms of each implementation forced (bench_lora_linear.py); for the "
-                      "nearest shape the dispatcher takes the implementation with the smallest forward + "
-                      "backward + full time among those whose full step is no slower than 'torch' "
-                      "(the plain PyTorch math)",
+                      "nearest shape the dispatcher takes, for a call that records a backward, the "
+                      "implementation with the smallest full time among those no slower than 'torch' (the "
+                      "plain PyTorch math) in forward, backward and full time; for one that does not, the "
+                      "one with the smallest forward time",
               "entries": [tuning_entry(results["cases"][n]) for n in results["cases"]]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lora_linear_tuning.json"), "w") as f:

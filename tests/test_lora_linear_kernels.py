@@ -270,6 +270,24 @@ def test_interp_dyb_kernel_empty(shape):
 
 
 @interp_only
+@pytest.mark.parametrize("two", (False, True))
+def test_interp_reduce_splits(two):
+    """The partial-sum launch: one problem, or two in one launch (several 1024-element blocks each, the
+    second's blocks offset by the first's), each summed in float32, scaled and cast once."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(3, 2500, generator=g)
+    p1 = torch.randn(5, 1100, generator=g)
+    o0 = poisoned(2500, dtype=torch.float16)
+    o1 = poisoned(1100, dtype=torch.float32)
+    L._reduce_splits(p0, o0, 0.5, *((p1, o1, 2.0) if two else ()))
+    torch.testing.assert_close(o0, (0.5 * p0.double().sum(0)).half(), rtol=0, atol=0)
+    if two:
+        torch.testing.assert_close(o1, 2.0 * p1.sum(0), rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.isnan(o1).all()   # untouched
+
+
+@interp_only
 def test_interp_lora_gemm_tma_blockers():
     """What keeps lora_gemm off its TMA kernel is named, and tma=True raises with that reason."""
     N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 3
@@ -473,7 +491,7 @@ def test_dispatcher_choice(monkeypatch, tmp_path, no_ext):
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.bfloat16, cuda) == "cublas_mm"
         assert L.measured_choice("forward", 8192, 4096, 4096, 16, torch.bfloat16)[1] == 2
         assert functional._lora_linear_impl("forward", 900, 4096, 4096, 8, torch.float32, cuda) == "cublas_mm"
-    # With full-step times, one implementation for both directions (sum of fwd, bwd, full). The
+    # With full-step times, one implementation for both directions (the fastest full step). The
     # table is replaced, not edited in place: the dispatcher's cache is keyed on the table object.
     table = copy.deepcopy(table)
     table["entries"][0]["full_ms"] = {"cublas": 3.0, "triton": 2.5}
@@ -488,7 +506,7 @@ def test_dispatcher_choice(monkeypatch, tmp_path, no_ext):
 @pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
 def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch, no_ext):
     """An implementation whose full step was measured slower than the plain PyTorch math is not
-    chosen, even when its forward + backward + full sum is the smallest."""
+    chosen, even when its forward and backward are the fastest."""
     cuda = torch.device("cuda")
     monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
     entry = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
@@ -501,6 +519,57 @@ def test_dispatcher_never_picks_slower_than_torch_math(monkeypatch, no_ext):
     entry = dict(entry, full_ms={"torch": 0.40, "cublas_mm": 0.45, "triton": 0.55})
     monkeypatch.setattr(L, "_TUNING", {"entries": [entry]})
     assert functional._lora_linear_impl("forward", 1024, 4096, 4096, 16, torch.bfloat16, cuda) == "torch"
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+@pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
+def test_dispatcher_full_step_for_training_forward_for_inference(monkeypatch, no_ext):
+    """With full-step measurements a call that records a backward takes the fastest full step, among the
+    implementations no slower than the plain math in any timing (a backward timed alone slower than the
+    plain math's rules one out, however fast its full step), and a call that does not the fastest forward."""
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    entry = {"dtype": "bfloat16", "N": 8192, "in": 4096, "out": 4096, "r": 16,
+             "forward_ms": {"torch": 0.50, "cublas_mm": 0.44, "cublas": 0.43, "triton": 0.40},
+             "backward_ms": {"torch": 0.55, "cublas_mm": 0.50, "cublas": 0.54, "triton": 0.56},
+             "full_ms": {"torch": 1.05, "cublas_mm": 0.93, "cublas": 0.86, "triton": 0.80}}
+    L.use_tuning_table({"entries": [entry]})
+    try:
+        plan = functional._lora_linear_plan
+        # triton's backward alone (0.56) is slower than the plain math's (0.55): out where a backward follows
+        assert plan(8192, 4096, 4096, 16, torch.bfloat16, cuda) == (("cublas", 0), ("cublas", 0))
+        assert plan(8192, 4096, 4096, 16, torch.bfloat16, cuda, "auto", False) == (("triton", 0), ("triton", 0))
+        entry = dict(entry, backward_ms=dict(entry["backward_ms"], triton=0.52))
+        L.use_tuning_table({"entries": [entry]})
+        assert plan(8192, 4096, 4096, 16, torch.bfloat16, cuda) == (("triton", 0), ("triton", 0))
+        entry = dict(entry, full_ms=dict(entry["full_ms"], triton=0.90))
+        L.use_tuning_table({"entries": [entry]})
+        assert plan(8192, 4096, 4096, 16, torch.bfloat16, cuda, "auto", True)[0][0] == "cublas"    # full 0.86
+        assert plan(8192, 4096, 4096, 16, torch.bfloat16, cuda, "auto", False)[0][0] == "triton"   # forward 0.40
+    finally:
+        functional._PLANS.clear()
+        L.reload_tuning_table()
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+def test_op_tells_the_dispatcher_whether_a_backward_is_recorded(monkeypatch):
+    """lora_linear asks for the plan of a call that records a backward exactly when grad mode is on and an
+    operand requires grad."""
+    seen = []
+    real = L._plan
+
+    def spy(impl, x, weight, lora_A, with_backward=True):
+        seen.append(with_backward)
+        return real(impl, x, weight, lora_A, with_backward)
+
+    monkeypatch.setattr(L, "_plan", spy)
+    x, W, b, A, B, m, dy = operands(6, 5, 4, 2, torch.float32, bias=True, seed=4)
+    L.lora_linear(x, W, b, A, B, 0.5)                                   # nothing requires grad
+    L.lora_linear(x, W, b, A.requires_grad_(True), B, 0.5)              # an adapter does
+    with torch.no_grad():
+        L.lora_linear(x, W, b, A, B, 0.5)                               # grad mode off
+    L.lora_linear(x, W, b.requires_grad_(True), A.detach(), B, 0.5)     # only the bias does
+    assert seen == [False, True, False, True]
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")

@@ -51,7 +51,8 @@ Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 * ``_vx_kernel``        dA = s v^T x_l, split over N;
 * ``_lora_gemm_kernel`` out = X Wt + s (P Q) * m + b; with ``HAS_BASE=False`` only the rank-r term;
 * ``_lora_gemm_tma_kernel`` out = X Wt + s P Q + b through TMA descriptors (no mask);
-* ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once.
+* ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once (one or two
+  problems per launch).
 
 Dropout: the mask is a tensor drawn by :func:`balora_kernels.functional.lora_linear` (0/1 in x's
 dtype, with 1/(1-p) folded into ``s``; the op takes any mask values); the kernels read it where ``x_l``
@@ -329,14 +330,25 @@ if triton is not None:
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
     @triton.jit
-    def _sum_splits_kernel(part_ptr, out_ptr, S, numel, scaling, BLOCK: tl.constexpr):
-        """out[i] = scaling * sum_s part[s, i] (part fp32 contiguous [S, numel], out contiguous)."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _sum_splits_block(part_ptr, out_ptr, S, numel, scaling, blk, BLOCK: tl.constexpr):
+        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < numel
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, S):
             acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
         tl.store(out_ptr + offs, (acc * scaling).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _sum_splits_kernel(part0_ptr, out0_ptr, S0, numel0, scaling0, blocks0,
+                           part1_ptr, out1_ptr, S1, numel1, scaling1, BLOCK: tl.constexpr):
+        """out_k[i] = scaling_k * sum_s part_k[s, i] (part_k fp32 contiguous [S_k, numel_k], out_k
+        contiguous) for one or two problems in one launch: programs below ``blocks0`` sum problem 0, the
+        rest problem 1 (a one-problem launch has no program past ``blocks0``)."""
+        pid = tl.program_id(0)
+        if pid < blocks0:
+            _sum_splits_block(part0_ptr, out0_ptr, S0, numel0, scaling0, pid, BLOCK)
+        else:
+            _sum_splits_block(part1_ptr, out1_ptr, S1, numel1, scaling1, pid - blocks0, BLOCK)
 
 
 # ============================================================================================
@@ -379,13 +391,21 @@ def _mask_args(mask):
     return (mask, mask.stride(0), mask.stride(1)) if mask is not None else (None, 0, 0)
 
 
-def _reduce_splits(part: torch.Tensor, out: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-    """out = scaling * part.sum(0), cast once (part fp32 [S, ...], out contiguous)."""
-    if not out.is_contiguous():
-        raise ValueError(f"lora_linear: split outputs must be contiguous, got strides {out.stride()}")
-    numel = out.numel()
+def _reduce_splits(part: torch.Tensor, out: torch.Tensor, scaling: float = 1.0, part1=None, out1=None,
+                   scaling1: float = 1.0) -> torch.Tensor:
+    """out = scaling * part.sum(0), cast once (part fp32 [S, ...], out contiguous); with ``part1`` and
+    ``out1`` also out1 = scaling1 * part1.sum(0), in the same launch (one launch's host cost less)."""
     BLOCK = 1024
-    _sum_splits_kernel[(triton.cdiv(numel, BLOCK),)](part, out, part.shape[0], numel, scaling, BLOCK=BLOCK)
+    probs = [(part, out, scaling)] + ([(part1, out1, scaling1)] if part1 is not None else [])
+    for _, o, _ in probs:
+        if not o.is_contiguous():
+            raise ValueError(f"lora_linear: split outputs must be contiguous, got strides {o.stride()}")
+    blocks0 = triton.cdiv(out.numel(), BLOCK)
+    p1, o1, s1 = probs[-1]   # (a one-problem launch repeats problem 0 in the unused slots)
+    grid = (blocks0 + (triton.cdiv(o1.numel(), BLOCK) if part1 is not None else 0),)
+    _sum_splits_kernel[grid](
+        part, out, part.shape[0], out.numel(), scaling, blocks0,
+        p1, o1, p1.shape[0], o1.numel(), s1, BLOCK=BLOCK)
     return out
 
 
@@ -467,10 +487,10 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
         WITH_DB=with_dB, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
         DOT_PRECISION=_dot_precision(dy.dtype), num_warps=8 if BLOCK_M * BLOCK_R >= 4096 else 4,
         num_stages=3)
-    if chunks > 1:
-        _reduce_splits(v_dst, out_v)
-    if with_dB and groups > 1:
-        _reduce_splits(db_dst, out_dB)   # partials were scaled in the kernel
+    # v's partials over the column chunks and dB's (scaled in the kernel) over the row groups: one launch
+    sums = ([(v_dst, out_v)] if chunks > 1 else []) + ([(db_dst, out_dB)] if with_dB and groups > 1 else [])
+    if sums:
+        _reduce_splits(*sums[0], 1.0, *(sums[1] if len(sums) > 1 else (None, None)))
     return out_v, (out_dB if with_dB else None)
 
 
@@ -812,13 +832,16 @@ def reload_tuning_table() -> dict:
 
 
 def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype,
-                    allowed: Tuple[str, ...] = IMPLS) -> Tuple[str, int, Optional[dict]]:
+                    allowed: Tuple[str, ...] = IMPLS,
+                    with_backward: bool = True) -> Tuple[str, int, Optional[dict]]:
     """``(impl, gemm_config, entry)``: the fastest implementation in ``allowed`` measured for the
     nearest shape (``allowed`` leaves out what cannot run here, e.g. the C++ ones without the extension).
 
     Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
-    (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions (see
-    below). Without measurements: ``("cublas", 0, None)``. Not cached here: the dispatcher
+    (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions: for a
+    call that records a backward (``with_backward``) the fastest forward + backward step, for one that
+    does not (inference, ``torch.no_grad``) the fastest forward (see below). Without measurements:
+    ``("cublas", 0, None)``. Not cached here: the dispatcher
     (:func:`balora_kernels.functional._lora_linear_plan`) caches its decisions.
     """
     entries = tuning_table().get("entries", [])
@@ -834,29 +857,30 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
 
     e = min(cands, key=dist)
     if "full_ms" in e:
-        # One implementation for both directions, by the sum of its forward, backward and full
-        # medians: forward and backward timed alone miss interactions between the two passes
-        # (measured: the cublas path's full step cost more than its two halves). Only
-        # implementations whose full step was no slower than the plain PyTorch math ("torch")
-        # are candidates: the op is never slower than the unfused LoRA on a measured shape.
-        full = e["full_ms"]
-        tot = {k: full[k] + e["forward_ms"][k] + e["backward_ms"][k]
-               for k in full if k in allowed and k in e["forward_ms"] and k in e["backward_ms"]}
-        tot = {k: t for k, t in tot.items() if t == t}
-        limit = full.get("torch", float("inf"))
-        ok = {k: t for k, t in tot.items() if full[k] <= limit} or tot
-        impl = min((t, k) for k, t in ok.items())[1]
+        # One implementation for both directions. A call that records a backward is timed by the
+        # full step (forward, then backward, as a training step issues them: the host prepares the
+        # backward while the GPU runs the forward), and only implementations no slower than the
+        # plain PyTorch math ("torch") in any of the three timings (forward, backward alone, full
+        # step) are candidates: the op is never slower than the unfused LoRA on a measured shape. A
+        # call that records none takes the fastest forward.
+        modes = ("forward_ms", "backward_ms", "full_ms") if with_backward else ("forward_ms",)
+        times = {k: tuple(e[m][k] for m in modes) for k in e["full_ms"]
+                 if k in allowed and all(k in e[m] and e[m][k] == e[m][k] for m in modes)}
+        limit = tuple(e[m].get("torch", float("inf")) for m in modes)
+        ok = {k: t for k, t in times.items() if all(a <= b for a, b in zip(t, limit))} or times
+        impl = min((t[-1], k) for k, t in ok.items())[1]
     else:
         times = e[f"{direction}_ms"]
         impl = min((t, k) for k, t in times.items() if k in allowed and t == t)[1]
     return impl, int(e.get("triton_config", {}).get(direction, 0)), e
 
 
-def _plan(impl: str, x, weight, lora_A):
+def _plan(impl: str, x, weight, lora_A, with_backward: bool = True):
     """``((forward impl, gemm config), (backward impl, gemm config))`` for a 2-D call: ``impl`` as
-    given (its Triton GEMM config from the measurements), or for 'auto' the dispatcher's choice."""
+    given (its Triton GEMM config from the measurements), or for 'auto' the dispatcher's choice
+    (``with_backward``: whether the call records a backward)."""
     return _functional()._lora_linear_plan(x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0],
-                                           x.dtype, x.device, impl)
+                                           x.dtype, x.device, impl, with_backward)
 
 
 _FUNCTIONAL = None
@@ -934,14 +958,16 @@ def _differentiable_backward(dy, x, weight, lora_A, lora_B, scaling: float, mask
 @torch.library.custom_op("balora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                       dropout_mask: Optional[torch.Tensor], impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y [N, out], u [N, r])``; on CPU (``impl`` 'auto') the reference math."""
-    fwd_impl, cfg = _plan(impl, x, weight, lora_A)[0]
+                       dropout_mask: Optional[torch.Tensor], impl: str,
+                       with_backward: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y [N, out], u [N, r])``; on CPU (``impl`` 'auto') the reference math. ``with_backward``: whether
+    the call records a backward (the dispatcher's choice depends on it; the tracer knows it)."""
+    fwd_impl, cfg = _plan(impl, x, weight, lora_A, with_backward)[0]
     return lora_linear_forward(fwd_impl, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, cfg)
 
 
 @lora_linear_fwd_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl, with_backward=True):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -952,7 +978,7 @@ def lora_linear_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, u: torch.Tensor, w
                        need_bias: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                             torch.Tensor, torch.Tensor]:
     """``(dx, dW, db, dA, dB)``; a gradient not asked for is an empty tensor."""
-    bwd_impl, cfg = _plan(impl, x, weight, lora_A)[1]
+    bwd_impl, cfg = _plan(impl, x, weight, lora_A, True)[1]
     g = lora_linear_backward(bwd_impl, grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask,
                              need_x, need_weight, need_bias, cfg)
     def empty():  # one fresh placeholder per output (custom-op outputs may not alias each other)
@@ -971,7 +997,7 @@ def _(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask, need_x, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl = inputs
+    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl, _training = inputs
     ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, dropout_mask)
     ctx.scaling, ctx.impl, ctx.has_bias = scaling, impl, bias is not None
 
@@ -982,11 +1008,11 @@ def _backward_op(ctx, grad_y, grad_u):
     need_b = ctx.has_bias and need[2]
     if torch.is_grad_enabled():   # create_graph: see LoRALinearFunction
         g = _differentiable_backward(grad_y, x, weight, lora_A, lora_B, ctx.scaling, mask, need, ctx.has_bias)
-        return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None, None
+        return g.x, g.weight, g.bias, g.lora_A, g.lora_B, None, None, None, None
     dx, dW, db, dA, dB = lora_linear_bwd_op(grad_y, x, u, weight, lora_A, lora_B, ctx.scaling, mask,
                                             need[0], need[1], need_b, ctx.impl)
     return (dx if need[0] else None, dW if need[1] else None, db if need_b else None,
-            dA, dB, None, None, None)
+            dA, dB, None, None, None, None)
 
 
 lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -1007,8 +1033,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     (not under ``torch.compile`` of a transformed function, nor for ``torch.autograd.forward_ad`` dual tensors:
     those raise torch's errors, the op's autograd nodes having no setup_context / jvp).
     """
+    # A call that records a backward (a training step) is chosen by the full step's time, another by the forward's.
+    with_backward = torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling():
-        return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl)[0]
+        return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl,
+                                  with_backward)[0]
     if torch._C._are_functorch_transforms_active():
         # torch.func's transforms (grad, vmap, jvp, jacrev, functional_call under them) differentiate and batch
         # plain PyTorch ops only, not this op's kernels or autograd nodes: the reference math, whatever ``impl``
@@ -1016,7 +1047,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
         if impl != "auto" and impl not in IMPLS:
             raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    plan = _plan(impl, x, weight, lora_A)
+    plan = _plan(impl, x, weight, lora_A, with_backward)
     mode = EXT_IMPLS.get(plan[0][0])
     if mode is not None:   # the C++ op: its own autograd node, both directions
         return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode)
