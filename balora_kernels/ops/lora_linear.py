@@ -997,7 +997,7 @@ def _(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_mask, need_x, need_
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl, _training = inputs
+    x, weight, bias, lora_A, lora_B, scaling, dropout_mask, impl, _with_backward = inputs
     ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, dropout_mask)
     ctx.scaling, ctx.impl, ctx.has_bias = scaling, impl, bias is not None
 
