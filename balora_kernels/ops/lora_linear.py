@@ -395,6 +395,8 @@ def _reduce_splits(part: torch.Tensor, out: torch.Tensor, scaling: float = 1.0, 
                    scaling1: float = 1.0) -> torch.Tensor:
     """out = scaling * part.sum(0), cast once (part fp32 [S, ...], out contiguous); with ``part1`` and
     ``out1`` also out1 = scaling1 * part1.sum(0), in the same launch (one launch's host cost less)."""
+    if (part1 is None) != (out1 is None):
+        raise ValueError("lora_linear: a second partial-sum problem needs both part1 and out1")
     BLOCK = 1024
     probs = [(part, out, scaling)] + ([(part1, out1, scaling1)] if part1 is not None else [])
     for _, o, _ in probs:

@@ -4,10 +4,11 @@
     python bench/probe/triton_launch.py --out DIR     # on the device
 
 Host microseconds per call (a batch of calls, nothing waits for the GPU inside it; median of 5 batches) of the
-package's ``_sum_splits_kernel`` (11 arguments) and ``_dyb_kernel`` (24) on small tensors. The source of
+package's ``_sum_splits_kernel`` (11 runtime arguments) and ``_dyb_kernel`` (22) on small tensors. The source of
 ``JITFunction.run``, ``CompiledKernel`` and the CUDA launcher of this Triton goes to DIR. Session 25 measured a
 direct launch of the compiled kernel (its ``run``, skipping Triton's binding, behind a Python cache key of the
-argument properties) here as well: 21-23 us against Triton's own 19-20 (triton 3.6, H200 machine); not kept.
+argument properties) here as well: 21-23 us against Triton's own 19-20 (triton 3.6, H200 machine); not kept (its
+rows, and a ``launch_info`` entry, are in that run's ``bench/results/logs/session25-triton-launch-2026-12-03.json``).
 """
 from __future__ import annotations
 
