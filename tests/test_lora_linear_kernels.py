@@ -284,6 +284,9 @@ def test_interp_reduce_splits(two):
     torch.testing.assert_close(o0, (0.5 * ((p0[0] + p0[1]) + p0[2])).half(), rtol=0, atol=0)
     if two:
         torch.testing.assert_close(o1, 2.0 * ((((p1[0] + p1[1]) + p1[2]) + p1[3]) + p1[4]), rtol=0, atol=0)
+    else:
+        with pytest.raises(ValueError, match="both part1 and out1"):
+            L._reduce_splits(p0, o0, 0.5, p1)
 
 
 @interp_only
