@@ -279,14 +279,14 @@ def test_interp_reduce_splits(two):
     p1 = torch.randn(5, 1100, generator=g)
     o0 = poisoned(2500, dtype=torch.float16)
     o1 = poisoned(1100, dtype=torch.float32)
-    L._reduce_splits(p0, o0, 0.5, *((p1, o1, 2.0) if two else ()))
+    L._reduce_splits((p0, o0, 0.5), *([(p1, o1, 2.0)] if two else []))
     # the kernel's float32 sums in split order, scaled, cast once: the same bits
     torch.testing.assert_close(o0, (0.5 * ((p0[0] + p0[1]) + p0[2])).half(), rtol=0, atol=0)
     if two:
         torch.testing.assert_close(o1, 2.0 * ((((p1[0] + p1[1]) + p1[2]) + p1[3]) + p1[4]), rtol=0, atol=0)
     else:
-        with pytest.raises(ValueError, match="both part1 and out1"):
-            L._reduce_splits(p0, o0, 0.5, p1)
+        with pytest.raises(ValueError, match="one or two partial-sum problems"):
+            L._reduce_splits((p0, o0, 0.5), (p1, o1, 2.0), (p0, o0, 1.0))
 
 
 @interp_only

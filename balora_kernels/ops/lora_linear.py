@@ -391,24 +391,20 @@ def _mask_args(mask):
     return (mask, mask.stride(0), mask.stride(1)) if mask is not None else (None, 0, 0)
 
 
-def _reduce_splits(part: torch.Tensor, out: torch.Tensor, scaling: float = 1.0, part1=None, out1=None,
-                   scaling1: float = 1.0) -> torch.Tensor:
-    """out = scaling * part.sum(0), cast once (part fp32 [S, ...], out contiguous); with ``part1`` and
-    ``out1`` also out1 = scaling1 * part1.sum(0), in the same launch (one launch's host cost less)."""
-    if (part1 is None) != (out1 is None):
-        raise ValueError("lora_linear: a second partial-sum problem needs both part1 and out1")
-    BLOCK = 1024
-    probs = [(part, out, scaling)] + ([(part1, out1, scaling1)] if part1 is not None else [])
-    for _, o, _ in probs:
+def _reduce_splits(*problems) -> None:
+    """For each ``(part, out, scaling)`` of one or two problems, in one launch: out = scaling *
+    part.sum(0), summed in float32 in split order and cast once (part fp32 [S, ...], out contiguous)."""
+    if not 1 <= len(problems) <= 2:
+        raise ValueError(f"lora_linear: one or two partial-sum problems per launch, got {len(problems)}")
+    for _, o, _ in problems:
         if not o.is_contiguous():
             raise ValueError(f"lora_linear: split outputs must be contiguous, got strides {o.stride()}")
-    blocks0 = triton.cdiv(out.numel(), BLOCK)
-    p1, o1, s1 = probs[-1]   # (a one-problem launch repeats problem 0 in the unused slots)
-    grid = (blocks0 + (triton.cdiv(o1.numel(), BLOCK) if part1 is not None else 0),)
-    _sum_splits_kernel[grid](
-        part, out, part.shape[0], out.numel(), scaling, blocks0,
-        p1, o1, p1.shape[0], o1.numel(), s1, BLOCK=BLOCK)
-    return out
+    BLOCK = 1024
+    (p0, o0, s0), (p1, o1, s1) = problems[0], problems[-1]   # (one problem: the second slot is never read)
+    blocks0 = triton.cdiv(o0.numel(), BLOCK)
+    blocks1 = triton.cdiv(o1.numel(), BLOCK) if len(problems) == 2 else 0
+    _sum_splits_kernel[(blocks0 + blocks1,)](
+        p0, o0, p0.shape[0], o0.numel(), s0, blocks0, p1, o1, p1.shape[0], o1.numel(), s1, BLOCK=BLOCK)
 
 
 def xa_forward(x, lora_A, mask=None, splits: Optional[int] = None, out=None, block_n: int = 64):
@@ -436,7 +432,7 @@ def xa_forward(x, lora_A, mask=None, splits: Optional[int] = None, out=None, blo
         HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
     if splits > 1:
-        _reduce_splits(dst, out)
+        _reduce_splits((dst, out, 1.0))
     return out
 
 
@@ -490,9 +486,9 @@ def dyb_backward(dy, lora_B, u, scaling: float, with_dB: bool = True, groups: Op
         DOT_PRECISION=_dot_precision(dy.dtype), num_warps=8 if BLOCK_M * BLOCK_R >= 4096 else 4,
         num_stages=3)
     # v's partials over the column chunks and dB's (scaled in the kernel) over the row groups: one launch
-    sums = ([(v_dst, out_v)] if chunks > 1 else []) + ([(db_dst, out_dB)] if with_dB and groups > 1 else [])
+    sums = ([(v_dst, out_v, 1.0)] if chunks > 1 else []) + ([(db_dst, out_dB, 1.0)] if with_dB and groups > 1 else [])
     if sums:
-        _reduce_splits(*sums[0], 1.0, *(sums[1] if len(sums) > 1 else (None, None)))
+        _reduce_splits(*sums)
     return out_v, (out_dB if with_dB else None)
 
 
@@ -529,7 +525,7 @@ def vx_backward(v, x, scaling: float, mask=None, out_dtype=None, splits: Optiona
         HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=3)
     if splits > 1:
-        _reduce_splits(dst, out, scaling)
+        _reduce_splits((dst, out, scaling))
     return out
 
 
