@@ -3,7 +3,8 @@
 It holds the ops ``torch.ops.balora.balance_transforms`` (the projection's r x r step, csrc/balance.cu),
 ``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, and up to 64 for
 float32 factors, csrc/grouped.cu and grouped_mma.cu) and
-``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp).
+``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp; ``lora_linear_backward``
+its backward alone).
 Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
 is built or a LoRA linear call on CUDA tensors picks its implementation:
 
@@ -61,6 +62,8 @@ def _build_tag() -> str:
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
 LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode")
+LORA_LINEAR_BACKWARD_ARGUMENTS = ("grad_y", "x", "u", "weight", "lora_A", "lora_B", "scaling", "dropout_mask",
+                                  "need_x", "need_weight", "need_bias", "need_lora_A", "need_lora_B", "mode")
 GROUPED_GRAM_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "partials", "ranges", "counters", "grams")
 GROUPED_RESCALE_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "tw", "status", "skip_bits")
 GROUPED_MAX_RANK = 16   # csrc/grouped.cu: bk_grouped_max_rank(dtype) of 16-bit factors (the CUDA-core kernels)
@@ -128,7 +131,9 @@ def _have_op() -> bool:
 
 
 def _have_lora_op() -> bool:
-    return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS)
+    """The LoRA linear op and its backward alone (csrc/lora_linear.cpp), with the schemas this package calls."""
+    return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS) and \
+        _op_ok("lora_linear_backward", LORA_LINEAR_BACKWARD_ARGUMENTS)
 
 
 def _have_grouped_ops() -> bool:
@@ -221,7 +226,8 @@ def _try_load() -> None:
         _state["how"] = f"JIT build {lib}"
     if not (_have_op() and _have_lora_op() and _have_grouped_ops()):
         raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS}, "
-                           f"lora_linear{LORA_LINEAR_ARGUMENTS}, grouped_gram{GROUPED_GRAM_ARGUMENTS} or "
+                           f"lora_linear{LORA_LINEAR_ARGUMENTS}, lora_linear_backward"
+                           f"{LORA_LINEAR_BACKWARD_ARGUMENTS}, grouped_gram{GROUPED_GRAM_ARGUMENTS} or "
                            f"grouped_rescale{GROUPED_RESCALE_ARGUMENTS} is missing (another schema?)")
 
 
@@ -242,7 +248,8 @@ def available() -> bool:
 
 
 def lora_linear_available() -> bool:
-    """Whether ``torch.ops.balora.lora_linear`` can be used (the extension loaded and has it)."""
+    """Whether ``torch.ops.balora.lora_linear`` (and ``lora_linear_backward``) can be used (the extension loaded
+    and has them)."""
     return load() is not None and _have_lora_op()
 
 

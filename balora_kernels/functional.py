@@ -148,11 +148,12 @@ def _lora_linear_choice(direction, N, in_f, out_f, r, dtype, device, impl, with_
     elif impl not in _lora_ops.IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of "
                          f"{_lora_ops.IMPLS}")
-    elif impl in _lora_ops.EXT_IMPLS and not _ext_available():
+    elif impl in _lora_ops.NEEDS_EXT and not _ext_available():
         raise RuntimeError(f"lora_linear: implementation {impl!r} needs the compiled extension, which is "
                            f"unavailable: {_ext.error() or _ext.how()}")
-    cfg = _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype)[1] if impl == "triton" else 0
-    return impl, cfg
+    if impl not in _lora_ops.GEMM_IMPLS:
+        return impl, 0
+    return impl, _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, impl=impl)[1]
 
 
 def _lora_linear_impl(direction: str, N: int, in_f: int, out_f: int, r: int, dtype, device,
@@ -196,7 +197,7 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device, with
         return "ext_thin" if ext else ("cublas" if dtype in _TRITON_DTYPES else all_cublas)
     if dtype not in (torch.bfloat16, torch.float16):
         return all_cublas
-    allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.EXT_IMPLS)
+    allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.NEEDS_EXT)
     return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed, with_backward)[0]
 
 
@@ -210,7 +211,7 @@ def _lora_linear_backend_info() -> dict:
     cuda, ext = None, None
     if torch.cuda.is_available():
         ext = _ext.how() if _ext_available() else f"unavailable ({_ext.error() or _ext.how()}): the C++ implementations " \
-            f"{tuple(_lora_ops.EXT_IMPLS)} are not offered"
+            f"{_lora_ops.NEEDS_EXT} are not offered"
         cuda = ("per shape and direction from measurements: " + ", ".join(_lora_ops.IMPLS)
                 if _lora_ops.triton is not None else "ext or cublas_mm (Triton is not installed)")
     return {"cpu": "torch", "cuda": cuda, "extension": ext, "tuning_file": _lora_ops.TUNING_FILE,

@@ -8,7 +8,7 @@ Providers (bf16, one run, side by side):
   peft       PEFT's LoRA Linear, made with get_peft_model on a one-layer module
   compiled   torch.compile of the unfused LoRA
   ours       balora_kernels.lora_linear, the dispatcher's choice (after the tuning below)
-  ours:IMPL  each implementation forced (torch, cublas_mm, cublas, triton@<gemm config>); their
+  ours:IMPL  each implementation forced (torch, cublas_mm, cublas, triton@<gemm config>, ...); their
              forward, backward and full medians are the tuning table the dispatcher reads
 Modes: forward, backward (autograd.grad of a retained graph), full (both). Speed: median of
 triton.testing.do_bench (L2 flushed between runs). Memory: peak allocated above the inputs during
@@ -104,14 +104,30 @@ def measure(f, x, params, gy):
 
 
 ROUNDS = 5
+# Host milliseconds to issue one forward / one forward + backward from an idle GPU (measured in each round)
+HOST_MODES = ("host_forward", "host_full")
+
+
+def host_issue_ms(fn, reps=5):
+    """Host milliseconds to issue one call of ``fn`` with the GPU idle (synchronised before each call, so the
+    launch queue never fills and nothing waits for the GPU; median of ``reps``)."""
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    sync()
+    return sorted(ts)[reps // 2]
 
 
 def measure_interleaved(providers, x, gy):
     """{name: {mode: ms}}: ROUNDS rounds over the providers ``{name: (f, params)}`` in turn (each round
     starting one provider further on, so that no provider always follows the same one), each mode timed
-    with a shorter do_bench, then per provider and mode the median over the rounds. A provider that raises
-    is recorded as ``{"error": ...}`` and left out of the later rounds."""
-    runs = {k: {m: [] for m in MODES} for k in providers}
+    with a shorter do_bench, and the host time to issue a forward and a full step (HOST_MODES), then per
+    provider and mode the median over the rounds. A provider that raises is recorded as ``{"error": ...}``
+    and left out of the later rounds."""
+    runs = {k: {m: [] for m in MODES + HOST_MODES} for k in providers}
     names, errors = list(providers), {}
     for k in range(ROUNDS):
         for name in names[k % len(names):] + names[:k % len(names)]:
@@ -126,6 +142,8 @@ def measure_interleaved(providers, x, gy):
                     lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True), rep=15))
                 del y
                 runs[name]["full"].append(median_ms(lambda: torch.autograd.grad(f(x), inputs, gy), rep=15))
+                runs[name]["host_forward"].append(host_issue_ms(lambda: f(x)))
+                runs[name]["host_full"].append(host_issue_ms(lambda: torch.autograd.grad(f(x), inputs, gy)))
             except Exception as e:  # recorded, not hidden
                 errors[name] = repr(e)
                 print(f"  {name} failed: {e!r}", flush=True)
@@ -204,7 +222,7 @@ def run_case(name, N, in_f, out_f, r, log):
     # implementation. (Interleaving narrows drift over the run; it does not remove the host's noise.)
     forced = {}
     for impl in L.IMPLS:
-        for c in (range(len(L.GEMM_CONFIGS)) if impl == "triton" else [None]):
+        for c in (range(len(L.GEMM_CONFIGS)) if impl in L.GEMM_IMPLS else [None]):
             key = f"ours:{impl}" + (f"@{c}" if c is not None else "")
 
             def ours_forced(x, impl=impl, c=c):
@@ -221,46 +239,39 @@ def run_case(name, N, in_f, out_f, r, log):
     return res, (x, W, A, B, gy, base, unfused)
 
 
-def _forced(x, W, A, B, impl, config):
-    """Our op with the implementation (and Triton GEMM config) forced in both directions."""
-    if impl == "triton":
-        return _TritonAt.apply(x, W, A, B, config)
+def _forced(x, W, A, B, impl, config, backward_config=None):
+    """Our op with the implementation (and Triton GEMM config, the forward's and the backward's) forced in both
+    directions."""
+    if impl in L.GEMM_IMPLS:
+        plan = ((impl, config), (impl, config if backward_config is None else backward_config))
+        return L.LoRALinearFunction.apply(x, W, None, A, B, SCALING, None, plan)
     return L.lora_linear(x, W, None, A, B, SCALING, None, impl=impl)
 
 
-class _TritonAt(torch.autograd.Function):
-    """The triton implementation at a given GEMM config (the op itself reads it from the table)."""
-
-    @staticmethod
-    def forward(ctx, x, W, A, B, config):
-        y, u = L.lora_linear_forward("triton", x, W, None, A, B, SCALING, None, config)
-        ctx.save_for_backward(x, u, W, A, B)
-        ctx.config = config
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, u, W, A, B = ctx.saved_tensors
-        g = L.lora_linear_backward("triton", dy, x, u, W, A, B, SCALING, None, True, False, False, ctx.config)
-        return g.x, None, g.lora_A, g.lora_B, None
-
-
 def tuning_entry(res):
+    """The tuning table's entry for one case: each implementation's forced forward, backward and full medians and
+    its host time to issue a forward / a full step (``host_forward_ms``, ``host_full_ms``); for one that runs the
+    Triton GEMM, those of its GEMM config with the fastest full step, the config the dispatcher then uses in both
+    directions (as it was timed: a forced run uses one config for both)."""
     s = res["shape"]
     P = res["providers"]
+    modes = ("forward", "backward", "full", *HOST_MODES)
     entry = {"dtype": "bfloat16", "N": s["N"], "in": s["in_features"], "out": s["out_features"], "r": s["r"],
-             "forward_ms": {}, "backward_ms": {}, "full_ms": {}, "triton_config": {}}
-    for d in ("forward", "backward", "full"):
-        for impl in L.IMPLS:
-            if impl == "triton":
-                ts = [(P[k][d], int(k.split("@")[1])) for k in P if k.startswith("ours:triton@") and d in P[k]]
-                if ts:
-                    t, c = min(ts)
-                    entry[f"{d}_ms"]["triton"] = round(t, 5)
-                    if d != "full":
-                        entry["triton_config"][d] = c
-            elif d in P.get(f"ours:{impl}", {}):
-                entry[f"{d}_ms"][impl] = round(P[f"ours:{impl}"][d], 5)
+             **{f"{d}_ms": {} for d in modes}, "gemm_config": {}}
+    for impl in L.IMPLS:
+        if impl in L.GEMM_IMPLS:
+            runs = {int(k.split("@")[1]): v for k, v in P.items()
+                    if k.startswith(f"ours:{impl}@") and all(d in v for d in MODES)}
+            if not runs:
+                continue
+            c = min(runs, key=lambda c: runs[c]["full"])
+            times = runs[c]
+            entry["gemm_config"][impl] = {"forward": c, "backward": c}
+        else:
+            times = P.get(f"ours:{impl}", {})
+        for d in modes:
+            if d in times:
+                entry[f"{d}_ms"][impl] = round(times[d], 5)
     return entry
 
 
@@ -345,7 +356,10 @@ def main():
                       "nearest shape the dispatcher takes, for a call that records a backward, the "
                       "implementation with the smallest full time among those no slower than 'torch' (the "
                       "plain PyTorch math) in forward, backward and full time; for one that does not, the "
-                      "one with the smallest forward time",
+                      "one with the smallest forward time; one with launches issued from Python only when its "
+                      "host time (host_full_ms / host_forward_ms) is at most HOST_PACE_FRACTION of that time "
+                      "and it beats the fastest C++ one (ext*) by PY_ISSUED_MARGIN "
+                      "(balora_kernels/ops/lora_linear.py)",
               "entries": [tuning_entry(results["cases"][n]) for n in results["cases"]]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lora_linear_tuning.json"), "w") as f:
@@ -363,8 +377,8 @@ def main():
         (fi, fc), (bi, bc) = functional._lora_linear_plan(N, in_f, out_f, r, torch.bfloat16, x.device)
         final = {"frozen_final": (base, []), "unfused_final": (unfused, [A, B]), "ours": (ours, [A, B])}
         # The dispatcher's choice forced, beside ours: what the public entry point costs on top.
-        if fi == bi and fc == bc:
-            final["ours_choice_forced"] = (lambda x: _forced(x, W, A, B, fi, fc if fi == "triton" else None), [A, B])
+        if fi == bi:
+            final["ours_choice_forced"] = (lambda x: _forced(x, W, A, B, fi, fc, bc), [A, B])
         P.update(measure_interleaved(final, x, gy))
         P["ours"]["impl"] = {"forward": fi, "backward": bi}
         # Host time to issue one forward + backward (no synchronisation): the per-call CPU cost.
@@ -409,6 +423,9 @@ def main():
             log(f"{'':<20}the choice forced beside ours: full {R['ours_choice_forced']['full']:.3f}")
         log(f"{'':<20}host us per fwd+bwd (no sync): " +
             ", ".join(f"{k} {v:.0f}" for k, v in P["host_us"].items()))
+        entry = next(e for e in tuning["entries"] if (e["N"], e["in"], e["out"], e["r"]) == tuple(CASES[name]))
+        log(f"{'':<20}forced, host ms to issue a full step / its time: " +
+            ", ".join(f"{k} {v:.3f}/{entry['full_ms'][k]:.3f}" for k, v in entry["host_full_ms"].items()))
         if "goal_full_ratio" in res:
             log(f"{'':<20}goal full <= {res['goal_full_ratio']}: {'MET' if res['goal_met'] else 'MISSED'}; "
                 f"never slower than unfused: {res['never_slower_than_unfused']}")

@@ -18,8 +18,9 @@
 //   0  every product one cuBLAS call through ATen; the big GEMM first, then the rank-r term by a K = r GEMM
 //      into its output;
 //   1  the same, the other order: the rank-r term (+ b) first, then the big GEMM accumulates onto it (beta = 1);
-//   2  mode 1's order with u, v and the rank-r terms of y and dx on csrc/lora_thin.cu's kernels (each one launch
-//      reading its big operand once); the two big GEMMs and dB, dA stay on cuBLAS. For CUDA tensors in
+//   2  mode 1's order with the rank-r terms of y and dx on csrc/lora_thin.cu's kernels (each one launch writing its
+//      output once), u too under dropout (its row kernel reads the mask); the two big GEMMs, v, dB, dA and u
+//      without dropout stay on cuBLAS (faster there than the row kernel at every measured size). For CUDA tensors in
 //      bfloat16 / float16 with r <= 128, in builds with the CUDA sources (BK_WITH_CUDA_THIN); other calls run
 //      mode 1 (thin_kernels_apply says which), and so does a backward with create_graph (the kernels are not
 //      differentiable).
@@ -36,8 +37,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "messages.h"
 
@@ -213,6 +216,57 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   }
 }
 
+// Which gradients a backward forms: dx, dW, db, dA, dB (the op's input order, bias before the adapters).
+using Needs = std::array<bool, 5>;
+using Grads = std::array<at::Tensor, 5>;
+
+// The backward's products in `mode` (after the forward's fallback: 2 and 3 only where the thin kernels apply);
+// a gradient not needed is an undefined tensor. dB and dA come back in the adapters' dtypes. With create_graph
+// (grad mode on) the gradients must be differentiable: the kernels of modes 2 and 3 are not, so their products
+// run mode 1's ATen ones then, and u is recomputed from x (and m) and A (the saved u is a constant to autograd,
+// so dB's graph would not reach them).
+Grads backward_products(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
+                        const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& m, double s,
+                        int64_t mode, const Needs& need) {
+  if (mode >= 2 && at::GradMode::is_enabled()) mode = 1;
+  const auto dt = x.scalar_type();
+  const at::Tensor a = as_dtype(lora_A, dt);
+  const bool need_x = need[0], need_a = need[3], need_b = need[4];
+  const bool need_v = need_x || need_a;   // v = dy B
+  at::Tensor dx, dw, db, da, dbB;
+  if (mode >= 2) {
+#ifdef BK_WITH_CUDA_THIN
+    c10::DeviceGuard guard(x.device());
+    const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();   // (cuBLAS: as u, forward)
+    if (mode == 3) {
+      std::tie(dbB, da) = thin_col_grads(dy, rows(u), x, m, v, s, need_b, need_a, lora_B.scalar_type(),
+                                         lora_A.scalar_type());
+    } else {
+      if (need_b) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
+      if (need_a) da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+    }
+    if (need_x) dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
+#endif
+  } else {
+    const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
+    if (need_b) {
+      const at::Tensor u_b = at::GradMode::is_enabled() ? at::mm(m.defined() ? x * m : x, a.t()) : u;
+      dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
+    }
+    if (need_a) da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
+    if (need_x) {
+      if (!m.defined()) {
+        dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, mode == 1);
+      } else {  // the rank-r term is masked before the big GEMM accumulates onto it
+        dx = at::addmm(at::mm(v, a).mul_(m), dy, weight, /*beta=*/s, /*alpha=*/1);
+      }
+    }
+  }
+  if (need[1]) dw = at::mm(dy.t(), x);
+  if (need[2]) db = dy.sum(0);
+  return {dx, dw, db, da, dbB};
+}
+
 class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -226,7 +280,9 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
     if (thin) {
 #ifdef BK_WITH_CUDA_THIN
       c10::DeviceGuard guard(x.device());
-      u = thin_row(rows(x), m.defined() ? rows(m) : m, as_dtype(lora_A, dt));
+      // u by cuBLAS without a mask (the row kernel took 19 us where cuBLAS takes 5 at 1024 x 4096, r = 16, and 42
+      // against 21 at 8192 tokens on the H200); with one, the row kernel, which reads the mask (x * m never formed).
+      u = m.defined() ? thin_row(rows(x), rows(m), as_dtype(lora_A, dt)) : at::mm(x, as_dtype(lora_A, dt).t());
       y = thin_lowrank(u, as_dtype(lora_B, dt).t(), scaling, bias, at::Tensor());
       y.addmm_(x, weight.t());
 #endif
@@ -243,57 +299,15 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[3], &lora_B = saved[4],
-                     &m = saved[5];
-    const double s = ctx->saved_data["scaling"].toDouble();
-    // With create_graph (grad mode on inside backward) the gradients must be differentiable: the kernels of
-    // modes 2 and 3 are not, so their backward runs mode 1's ATen products then (u recomputed, below).
-    const int64_t mode = (ctx->saved_data["mode"].toInt() >= 2 && at::GradMode::is_enabled())
-                             ? 1 : ctx->saved_data["mode"].toInt();
-    const at::Tensor& dy = grads[0];
-    const auto dt = x.scalar_type();
-    const at::Tensor a = as_dtype(lora_A, dt);
     // needs_input_grad counts tensor inputs only (x, weight, [bias], lora_A, lora_B, [mask]).
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t edge_a = has_bias ? 3 : 2, edge_b = edge_a + 1;
-    const bool need_v = ctx->needs_input_grad(0) || ctx->needs_input_grad(edge_a);   // v = dy B
-    at::Tensor dx, dw, db, da, dbB;
-    if (mode >= 2) {
-#ifdef BK_WITH_CUDA_THIN
-      c10::DeviceGuard guard(x.device());
-      const at::Tensor v = need_v ? thin_row(rows(dy), at::Tensor(), as_dtype(lora_B, dt).t()) : at::Tensor();
-      if (mode == 3) {
-        std::tie(dbB, da) = thin_col_grads(dy, u, x, m, v, s, ctx->needs_input_grad(edge_b),
-                                           ctx->needs_input_grad(edge_a), lora_B.scalar_type(), lora_A.scalar_type());
-      } else {
-        if (ctx->needs_input_grad(edge_b)) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
-        if (ctx->needs_input_grad(edge_a))
-          da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
-      }
-      if (ctx->needs_input_grad(0))
-        dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
-#endif
-    } else {
-      const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
-      // Under create_graph the saved u is a constant to autograd: recomputed from x (and m) and A instead, dB's
-      // graph reaches them (second derivatives through dB).
-      if (ctx->needs_input_grad(edge_b)) {
-        const at::Tensor u_b = at::GradMode::is_enabled() ? at::mm(m.defined() ? x * m : x, a.t()) : u;
-        dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
-      }
-      if (ctx->needs_input_grad(edge_a))
-        da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
-      if (ctx->needs_input_grad(0)) {
-        if (!m.defined()) {
-          dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, mode == 1);
-        } else {  // the rank-r term is masked before the big GEMM accumulates onto it
-          dx = at::addmm(at::mm(v, a).mul_(m), dy, weight, /*beta=*/s, /*alpha=*/1);
-        }
-      }
-    }
-    if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x);
-    if (has_bias && ctx->needs_input_grad(2)) db = dy.sum(0);
-    return {dx, dw, db, da, dbB, at::Tensor(), at::Tensor(), at::Tensor()};
+    const size_t edge_a = has_bias ? 3 : 2;
+    Grads g = backward_products(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                ctx->saved_data["scaling"].toDouble(), ctx->saved_data["mode"].toInt(),
+                                {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                 has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(edge_a),
+                                 ctx->needs_input_grad(edge_a + 1)});
+    return {g[0], g[1], g[2], g[3], g[4], at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -307,6 +321,35 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode);
 }
 
+// The backward's products alone, for a forward run elsewhere (the Python implementation "triton_ext": the
+// Triton forward, then this backward in one call): u = (x * m) A^T as that forward saved it, the gradients
+// needed as [dx, dW, db, dA, dB] (undefined, None in Python, where not needed). Modes as the op's (2 and 3 run
+// mode 1 where the thin kernels do not apply). Checked first; nothing is written on an error.
+std::vector<at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
+                                             const at::Tensor& weight, const at::Tensor& lora_A,
+                                             const at::Tensor& lora_B, double scaling,
+                                             const c10::optional<at::Tensor>& dropout_mask, bool need_x,
+                                             bool need_weight, bool need_bias, bool need_lora_A, bool need_lora_B,
+                                             int64_t mode) {
+  const char* op = "balora::lora_linear_backward";
+  TORCH_CHECK(mode >= 0 && mode <= 3, bk::msg(op, ": mode must be 0 (ext), 1 (ext_prefill), 2 (ext_thin) or 3 ",
+                                              "(ext_allthin), got ", mode));
+  check_inputs(x, weight, c10::nullopt, lora_A, lora_B, dropout_mask);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0) &&
+                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              bk::msg(op, ": grad_y must be [", x.size(0), ", ", weight.size(0), "] in x's dtype on x's device, got ",
+                      grad_y.sizes(), " ", grad_y.scalar_type(), " on ", grad_y.device()));
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_A.size(0) &&
+                  u.scalar_type() == x.scalar_type() && u.device() == x.device(),
+              bk::msg(op, ": u must be [", x.size(0), ", ", lora_A.size(0), "] in x's dtype on x's device, got ",
+                      u.sizes(), " ", u.scalar_type(), " on ", u.device()));
+  if (mode >= 2 && !thin_kernels_apply(x, lora_A.size(0))) mode = 1;   // (as the op's forward falls back)
+  const Grads g = backward_products(grad_y, x, u, weight, lora_A, lora_B,
+                                    dropout_mask.has_value() ? *dropout_mask : at::Tensor(), scaling, mode,
+                                    {need_x, need_weight, need_bias, need_lora_A, need_lora_B});
+  return {g.begin(), g.end()};
+}
+
 // Whether modes 2 and 3 run the thin kernels for this activation and rank (else mode 1's cuBLAS products).
 bool lora_linear_thin_kernels(const at::Tensor& x, int64_t r) { return thin_kernels_apply(x, r); }
 
@@ -318,5 +361,9 @@ TORCH_LIBRARY_FRAGMENT(BK_OP_NAMESPACE, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
         "Tensor? dropout_mask, int mode) -> Tensor",
         &lora_linear);
+  m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+        "float scaling, Tensor? dropout_mask, bool need_x, bool need_weight, bool need_bias, bool need_lora_A, "
+        "bool need_lora_B, int mode) -> Tensor[]",
+        &lora_linear_backward);
   m.def("lora_linear_thin_kernels(Tensor x, int r) -> bool", &lora_linear_thin_kernels);
 }

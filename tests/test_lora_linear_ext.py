@@ -11,7 +11,7 @@ GPU: tests/test_lora_linear_kernels.py runs the 'ext' implementations with the o
 """
 from __future__ import annotations
 
-import os
+import copy
 
 import pytest
 import torch
@@ -19,9 +19,7 @@ import torch
 from balora_kernels import _ext, functional
 from balora_kernels.ops import lora_linear as L
 
-from test_lora_linear_kernels import assert_2x, operands, references
-
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "lora_linear.cpp")
+from test_lora_linear_kernels import assert_2x, cpu_lora_op, operands, references
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +28,7 @@ def op():
         if _ext.load() is None:
             pytest.skip(f"the package's extension is unavailable: {_ext.error()}")
         return torch.ops.balora.lora_linear
-    from torch.utils import cpp_extension
-    build = os.path.join(_ext.cache_dir(), f"cpu-test-{_ext._build_tag()}")
-    lib = os.path.join(build, "bk_lora_linear_cpu.so")
-    if not hasattr(torch.ops.balora, "lora_linear"):
-        if os.path.exists(lib):
-            torch.ops.load_library(lib)
-        else:
-            os.makedirs(build, exist_ok=True)
-            cpp_extension.load(name="bk_lora_linear_cpu", sources=[CSRC], build_directory=build,
-                               is_python_module=False, extra_cflags=["-O2"])
-    return torch.ops.balora.lora_linear
+    return cpu_lora_op()
 
 
 # ext, ext_prefill, ext_thin, ext_allthin (on CPU tensors and float64 the thin kernels do not apply: mode 1)
@@ -130,6 +118,46 @@ def test_errors_name_the_shapes(op):
         op(x, W, b, A, B, 1.0, None, 4)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias,dropout", ((False, False), (True, True)))
+@pytest.mark.parametrize("wants", [("x", "lora_A", "lora_B"), ("lora_A",), ("lora_B", "weight", "bias"), ("x",)])
+def test_backward_op_alone_matches_the_node(op, mode, bias, dropout, wants):
+    """torch.ops.balora.lora_linear_backward (the backward's products for a forward run elsewhere: triton_ext) gives
+    the op's own autograd node's gradients, and only those asked for (None for the others)."""
+    x, W, b, A, B, m, dy = operands(11, 9, 7, 3, torch.float64, bias=bias, dropout=dropout, seed=21)
+    named = {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B}
+    leaves = {k: (t.clone().requires_grad_(k in wants) if t is not None else None) for k, t in named.items()}
+    y = op(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"], 0.6, m, mode)
+    y.backward(dy)
+    u = (x * m if dropout else x) @ A.T
+    got = torch.ops.balora.lora_linear_backward(dy, x, u, W, A, B, 0.6, m, "x" in wants, "weight" in wants,
+                                                 bias and "bias" in wants, "lora_A" in wants, "lora_B" in wants,
+                                                 mode)
+    for k, g in zip(("x", "weight", "bias", "lora_A", "lora_B"), got):
+        want = leaves[k].grad if leaves[k] is not None else None
+        if want is None:
+            assert g is None, f"d{k} formed but not asked for"
+        else:
+            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12, msg=f"d{k} (mode {mode})")
+
+
+def test_backward_op_errors_name_the_shapes(op):
+    x, W, b, A, B, m, dy = operands(4, 6, 5, 2, torch.float32, bias=True, seed=22)
+    u = x @ A.T
+    bwd = torch.ops.balora.lora_linear_backward
+    with pytest.raises(RuntimeError, match=r"lora_linear_backward: grad_y must be \[4, 5\] in x's dtype on x's "
+                                           r"device, got \[4, 6\] Float on cpu"):
+        bwd(torch.ones(4, 6), x, u, W, A, B, 1.0, None, True, False, False, True, True, 1)
+    with pytest.raises(RuntimeError, match=r"u must be \[4, 2\] in x's dtype on x's device, got \[4, 3\]"):
+        bwd(dy, x, torch.ones(4, 3), W, A, B, 1.0, None, True, False, False, True, True, 1)
+    with pytest.raises(RuntimeError, match=r"shapes do not chain: x \[4, 6\], weight \[5, 6\], lora_A \[2, 7\]"):
+        bwd(dy, x, u, W, torch.randn(2, 7), B, 1.0, None, True, False, False, True, True, 1)
+    with pytest.raises(RuntimeError, match="dropout mask must match x"):
+        bwd(dy, x, u, W, A, B, 1.0, torch.ones(4, 5), True, False, False, True, True, 1)
+    with pytest.raises(RuntimeError, match=r"lora_linear_backward: mode must be .* got 7"):
+        bwd(dy, x, u, W, A, B, 1.0, None, True, False, False, True, True, 7)
+
+
 def test_thin_kernels_only_for_16bit_cuda_activations(op):
     """ext_thin's kernels (csrc/lora_thin.cu) take CUDA bf16 / fp16 activations with 1 <= r <= 128; every other call
     runs ext_prefill's products, and lora_linear_thin_kernels says so."""
@@ -164,6 +192,84 @@ def test_forced_through_the_package(ext_offered, impl):
     torch.testing.assert_close(y, y64)
     for name, got in (("x", xg.grad), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
         torch.testing.assert_close(got, getattr(g64, name))
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float16))
+@pytest.mark.parametrize("dropout", (False, True))
+def test_triton_ext_backward_through_the_package(ext_offered, dtype, dropout):
+    """triton_ext's backward is the C++ products in one call (its forward, triton's, is tested with the Triton
+    kernels): float64 against the reference, float16 with float32 adapters by the 2x-PyTorch-error rule."""
+    adt = torch.float32 if dtype == torch.float16 else None
+    x, W, b, A, B, m, dy = operands(23, 18, 13, 5, dtype, adapter_dtype=adt, bias=True, dropout=dropout, seed=23)
+    m = m if dropout else None
+    u = (x * m if dropout else x) @ A.to(dtype).T
+    g = L.lora_linear_backward("triton_ext", dy, x, u, W, A, B, 0.4, m, need_x=True, need_weight=True,
+                               need_bias=True)
+    (_, g64), (_, gp) = references(x, W, b, A, B, m, dy, 0.4)
+    assert g.lora_A.dtype == A.dtype and g.lora_B.dtype == B.dtype
+    for name in ("x", "lora_A", "lora_B"):
+        if dtype == torch.float64:
+            torch.testing.assert_close(getattr(g, name), getattr(g64, name), msg=f"d{name}")
+        else:
+            assert_2x(f"d{name}", getattr(g, name), getattr(gp, name), getattr(g64, name))
+    for got, want in ((g.weight, dy.double().T @ x.double()), (g.bias, dy.double().sum(0))):   # dW, db: one op each
+        torch.testing.assert_close(got, want.to(dtype))
+
+
+@pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
+def test_dispatcher_python_issued_needs_a_margin(ext_offered, monkeypatch):
+    """An implementation with launches issued from Python (triton; triton_ext's forward) is taken over the
+    fastest C++ one (ext_*) only when faster by more than PY_ISSUED_MARGIN and when its host keeps pace
+    (HOST_PACE_FRACTION); triton_ext takes its own measured GEMM config, and only with the extension."""
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    k = 1 + L.PY_ISSUED_MARGIN
+
+    def table(triton_full, triton_ext_full):
+        return {"entries": [{"dtype": "bfloat16", "N": 8192, "in": 4096, "out": 4096, "r": 16,
+                             "forward_ms": {"torch": 0.5, "triton": 0.4, "ext_prefill": 0.43, "triton_ext": 0.4},
+                             "backward_ms": {"torch": 0.55, "triton": 0.5, "ext_prefill": 0.49, "triton_ext": 0.49},
+                             "full_ms": {"torch": 1.1, "triton": triton_full, "ext_prefill": 1.0,
+                                         "triton_ext": triton_ext_full},
+                             "gemm_config": {"triton": {"forward": 2, "backward": 1},
+                                             "triton_ext": {"forward": 3, "backward": 4}}}]}
+    plan = functional._lora_linear_plan
+    shape = (8192, 4096, 4096, 16, torch.bfloat16, cuda)
+    try:
+        for triton, triton_ext, expect in (
+                (1.0 / k + 0.002, 2.0, ("ext_prefill", 0, 0)),    # faster, by less than the margin
+                (1.0 / k - 0.002, 2.0, ("triton", 2, 1)),         # by more
+                (2.0, 1.0 / k + 0.002, ("ext_prefill", 0, 0)),    # triton_ext's forward is issued from Python
+                (2.0, 1.0 / k - 0.002, ("triton_ext", 3, 4))):
+            L.use_tuning_table(table(triton, triton_ext))
+            impl, cf, cb = expect
+            assert plan(*shape) == ((impl, cf), (impl, cb)), (triton, triton_ext)
+        assert plan(*shape, "triton_ext") == (("triton_ext", 3), ("triton_ext", 4))   # forced: its measured config
+        L.use_tuning_table(table(0.95, 0.9))
+        assert plan(*shape) == (("triton_ext", 3), ("triton_ext", 4))
+        # Host times: a Python-issued candidate whose host needs more than HOST_PACE_FRACTION of its step's time
+        # is not taken beside a C++ one (the step then waits on the host): by the full step's host time for a call
+        # that records a backward, by the forward's for one that does not.
+        f = L.HOST_PACE_FRACTION
+        t = table(0.95, 0.9)
+        t["entries"][0]["host_full_ms"] = {"triton_ext": 0.9 * f + 0.01, "triton": 0.95 * f - 0.01,
+                                           "ext_prefill": 0.9}
+        t["entries"][0]["host_forward_ms"] = {"triton_ext": 0.4 * f - 0.01, "triton": 0.4 * f + 0.01}
+        L.use_tuning_table(t)
+        assert plan(*shape) == (("triton", 2), ("triton", 1))
+        assert plan(*shape, "auto", False)[0][0] == "triton_ext"
+        t = copy.deepcopy(t)
+        t["entries"][0]["host_full_ms"]["triton"] = 0.95 * f + 0.01
+        L.use_tuning_table(t)
+        assert plan(*shape) == (("ext_prefill", 0), ("ext_prefill", 0))
+        monkeypatch.setattr(functional, "_ext_available", lambda: False)     # no extension: no triton_ext
+        functional._PLANS.clear()
+        assert plan(*shape) == (("triton", 2), ("triton", 1))
+        with pytest.raises(RuntimeError, match="'triton_ext' needs the compiled extension"):
+            plan(*shape, "triton_ext")
+    finally:
+        functional._PLANS.clear()
+        L.reload_tuning_table()
 
 
 def test_dispatcher_offers_ext_only_when_it_loads(monkeypatch):

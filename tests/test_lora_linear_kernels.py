@@ -64,6 +64,25 @@ def poisoned(*shape, dtype, device="cpu"):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def cpu_lora_op():
+    """``torch.ops.balora.lora_linear`` on a CPU build of torch: csrc/lora_linear.cpp compiled once with
+    ``torch.utils.cpp_extension`` (cached under the package's cache folder, keyed on the sources) and registered
+    under the ``balora`` namespace the package's extension uses (nothing else can register it there without
+    CUDA); with ``lora_linear_backward`` beside it."""
+    from torch.utils import cpp_extension
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "lora_linear.cpp")
+    build = os.path.join(_ext.cache_dir(), f"cpu-test-{_ext._build_tag()}")
+    lib = os.path.join(build, "bk_lora_linear_cpu.so")
+    if not hasattr(torch.ops.balora, "lora_linear"):
+        if os.path.exists(lib):
+            torch.ops.load_library(lib)
+        else:
+            os.makedirs(build, exist_ok=True)
+            cpp_extension.load(name="bk_lora_linear_cpu", sources=[csrc], build_directory=build,
+                               is_python_module=False, extra_cflags=["-O2"])
+    return torch.ops.balora.lora_linear
+
+
 def operands(N, I, O, r, dtype, device="cpu", adapter_dtype=None, bias=False, dropout=False, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -346,6 +365,31 @@ def test_interp_op_paths(dtype, r, impl, dropout, monkeypatch):
         assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
 
 
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES_INTERP)
+@pytest.mark.parametrize("dropout", (True, False))
+def test_interp_triton_ext(dtype, dropout, monkeypatch):
+    """triton_ext end to end: the Triton forward (interpreted) and the C++ backward (the CPU build of
+    csrc/lora_linear.cpp), leading dims, bias, fp32 adapters, dropout or none; the 2x-PyTorch-error rule."""
+    cpu_lora_op()
+    monkeypatch.setattr(functional, "_ext_available", lambda: True)
+    functional._PLANS.clear()
+    N, I, O, r = SMALL["N"], SMALL["I"], SMALL["O"], 3
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype=dtype, adapter_dtype=torch.float32, bias=True,
+                                    dropout=dropout, seed=47)
+    xg = x.reshape(1, N, I).clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    y = L.lora_linear(xg.reshape(N, I), W, b, Ag, Bg, 0.5, m, impl="triton_ext")
+    assert y.grad_fn.name().endswith("LoRALinearFunctionBackward")
+    y.backward(dy)
+    functional._PLANS.clear()
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 0.5)
+    assert_2x("y", y, yp, y64)
+    for name, got in (("x", xg.grad.reshape(N, I)), ("lora_A", Ag.grad), ("lora_B", Bg.grad)):
+        assert got.dtype == getattr(gp, name).dtype
+        assert_2x(f"d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
 @pytest.mark.skipif(L.triton is None, reason="Triton not installed")
 def test_dyb_fits_32bit_offsets():
     """The fused v / dB pass is refused where its partial sums need 64-bit offsets (the backward then
@@ -616,6 +660,25 @@ def test_dispatcher_cache_is_never_stale(monkeypatch, no_ext):
 
 
 @pytest.mark.skipif(INTERP_CHILD, reason="parent only")
+def test_bench_tuning_entry_keeps_one_config_per_gemm_implementation():
+    """bench/bench_lora_linear.py's tuning entry: a Triton-GEMM implementation's times and config are those of its
+    config with the fastest full step (the dispatcher uses that config both ways, as it was timed); a failed forced
+    run is left out."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_lora_linear as bench
+    t = lambda f, b, full: {"forward": f, "backward": b, "full": full}  # noqa: E731
+    res = {"shape": {"N": 64, "in_features": 32, "out_features": 48, "r": 4},
+           "providers": {"ours:triton@0": t(0.1, 0.5, 0.7), "ours:triton@1": t(0.2, 0.3, 0.6),
+                         "ours:triton_ext@0": {"error": "x"}, "ours:triton_ext@2": t(0.3, 0.3, 0.65),
+                         "ours:ext_prefill": t(0.25, 0.35, 0.62), "ours:torch": t(0.4, 0.4, 0.9)}}
+    e = bench.tuning_entry(res)
+    assert e["gemm_config"] == {"triton": {"forward": 1, "backward": 1}, "triton_ext": {"forward": 2, "backward": 2}}
+    assert e["full_ms"] == {"triton": 0.6, "triton_ext": 0.65, "ext_prefill": 0.62, "torch": 0.9}
+    assert e["forward_ms"]["triton"] == 0.2 and e["backward_ms"]["triton_ext"] == 0.3
+    assert (e["N"], e["in"], e["out"], e["r"]) == (64, 32, 48, 4)
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="parent only")
 def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
     """The eager Function decides both directions once, in forward: an override changed between
     forward and backward does not mix implementations within one call (and costs no lookup)."""
@@ -644,7 +707,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
@@ -932,7 +995,7 @@ def _checkpointed_vs_direct(fn, x, params, dy, reentrant: bool):
 def test_gpu_activation_checkpointing(impl, reentrant):
     """torch.utils.checkpoint around the op (dropout drawn inside, bias, bf16): the recomputed forward in the
     backward gives the same mask and u, so output and gradients equal the direct run bit for bit."""
-    if impl in L.EXT_IMPLS and not functional._ext_available():
+    if impl in L.NEEDS_EXT and not functional._ext_available():
         pytest.skip(f"the extension is unavailable: {_ext.error() or _ext.how()}")
     N, I, O, r = 300, 136, 72, 8
     x, W, b, A, B, _, dy = operands(N, I, O, r, torch.bfloat16, "cuda", None, True, False, seed=31)

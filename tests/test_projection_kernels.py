@@ -546,8 +546,9 @@ def test_extension_build_lock_left_behind_is_reported_not_waited_on(monkeypatch,
 
 def test_extension_with_another_schema_is_not_used():
     """A leftover extension built from older sources must not be called with arguments it does not take: another
-    balance_transforms schema does not count as the projection's op, and one without the lora_linear op serves
-    the projection only (the LoRA dispatcher then does not offer the C++ implementations)."""
+    balance_transforms schema does not count as the projection's op, and one without the lora_linear op (or
+    without lora_linear_backward, which sources before session 26 lack) serves the projection only (the LoRA
+    dispatcher then does not offer the C++ implementations)."""
     code = """
 import torch
 from balora_kernels import _ext
@@ -559,15 +560,21 @@ print(_ext._have_op(), _ext._have_lora_op())
 """
     lora = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
             "Tensor? dropout_mask, int mode) -> Tensor")
+    lora_bwd = ("lora_linear_backward(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+                "float scaling, Tensor? dropout_mask, bool need_x, bool need_weight, bool need_bias, bool need_lora_A, "
+                "bool need_lora_B, int mode) -> Tensor[]")
     with open(os.path.join(ROOT, "csrc", "lora_linear.cpp")) as f:
-        assert lora.replace(", ", ",") in f.read().replace('"\n        "', "").replace(", ", ","), \
-            "the test's lora_linear schema must be the one csrc/lora_linear.cpp registers"
+        src = f.read().replace('"\n        "', "").replace(", ", ",")
+    for schema in (lora, lora_bwd):
+        assert schema.replace(", ", ",") in src, \
+            f"the test's schema must be the one csrc/lora_linear.cpp registers: {schema}"
     old = "balance_transforms(Tensor grams, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()"
     new = ("balance_transforms(Tensor grams, Tensor eps_f, int r, int mode, Tensor(a!) tw, Tensor(b!) status, "
            "Tensor(c!) gaps) -> ()")
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         assert new in f.read(), "the test's schema must be the one csrc/bindings.cpp registers"
-    for schemas, expect in (([old, lora], "False True"), ([new], "True False"), ([new, lora], "True True")):
+    for schemas, expect in (([old, lora, lora_bwd], "False True"), ([new], "True False"), ([new, lora], "True False"),
+                            ([new, lora, lora_bwd], "True True")):
         r = subprocess.run([sys.executable, "-c", code.replace("SCHEMAS", repr(schemas))], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -26,16 +26,20 @@ Implementations (one is chosen per call and per direction by
   and none per backward, for when the host sets the pace (short sequences, small layers). ``ext``
   writes the big GEMM first and adds the rank-r term by a K=r GEMM; ``ext_prefill`` writes the rank-r
   term (and bias) first and lets the big GEMM accumulate onto it (beta=1);
-* ``"ext_thin"`` — ``ext_prefill``'s order with u, v and the rank-r terms of y and dx on the tensor-core
-  kernels of ``csrc/lora_thin.cu`` (each one launch that reads its big operand once); the two big GEMMs
-  and dB, dA (dW) stay on cuBLAS. For CUDA bf16 / fp16 activations, 1 <= r <= 128 and up to 65535 x 64
+* ``"ext_thin"`` — ``ext_prefill``'s order with the rank-r terms of y and dx on the tensor-core kernels
+  of ``csrc/lora_thin.cu`` (each one launch that writes its output once), u too under dropout (its kernel
+  reads the mask); the two big GEMMs, v, dB, dA (dW) and u without dropout stay on cuBLAS (faster there
+  than the row kernel at every measured size). For CUDA bf16 / fp16 activations, 1 <= r <= 128 and up to 65535 x 64
   tokens (:func:`thin_kernels_apply` says whether a call runs them); other calls, and a backward with
   ``create_graph`` (the kernels are not differentiable), run ``ext_prefill``'s products;
 * ``"ext_allthin"`` — ``ext_thin`` with dB and dA also on ``csrc/lora_thin.cu`` (one launch for both,
   each column strip's sum over the tokens inside one block): only the two big GEMMs stay on cuBLAS, one
-  launch where ``ext_thin`` makes two cuBLAS calls — less host time, for few tokens. Same conditions.
-The four C++ ones need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher offers them
-only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
+  launch where ``ext_thin`` makes two cuBLAS calls — less host time, for few tokens. Same conditions;
+* ``"triton_ext"`` — ``triton``'s forward (the fused GEMM, issued from Python) and ``ext_prefill``'s
+  backward issued from C++ in one call (``torch.ops.balora.lora_linear_backward``): the fused forward's
+  GPU time without the Python-issued backward's host time (its five launches), for long sequences.
+The C++ ones (and ``triton_ext``) need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher
+offers them only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
 Python (``ext_thin``, ``ext_allthin``: ``ext_prefill``'s).
 
 The kernel paths ("cublas", "triton") form ``v`` and ``dB`` from one pass over ``dy`` (``_dyb_kernel``)
@@ -87,9 +91,16 @@ try:  # host-side TMA tensor descriptors (Triton >= 3.3); without them lora_gemm
 except ImportError:  # pragma: no cover - older or no Triton
     TensorDescriptor = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin")
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
 EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3}   # name -> the C++ op's mode
+# Implementations whose backward is the C++ op's products in a mode (torch.ops.balora.lora_linear_backward),
+# their forward that of another implementation.
+EXT_BACKWARD = {"triton_ext": 1}
+_FORWARD_OF = {"triton_ext": "triton"}
+# What needs the compiled extension; and what runs the Triton fused GEMM (its config measured per shape).
+NEEDS_EXT = (*EXT_IMPLS, *EXT_BACKWARD)
+GEMM_IMPLS = ("triton", "triton_ext")
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -748,6 +759,7 @@ def lora_linear_forward(impl: str, x, weight, bias, lora_A, lora_B, scaling: flo
         return reference.lora_linear_and_u(x, weight, bias, lora_A, lora_B, scaling, mask)
     if impl not in IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    impl = _FORWARD_OF.get(impl, impl)
     u = _x_l(x, mask) @ _as(lora_A, dt).T if _thin_by_cublas(impl, mask) else xa_forward(x, lora_A, mask)
     if impl in _ALL_CUBLAS:
         # Three launches, no N x out temporary; cublas_mm and ext write the big GEMM with beta=0
@@ -770,6 +782,11 @@ def lora_linear_backward(impl: str, dy, x, u, weight, lora_A, lora_B, scaling: f
                                               need_bias_grad=need_bias)
     if impl not in IMPLS:
         raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected one of {IMPLS}")
+    if impl in EXT_BACKWARD:   # one call into C++ issues every product
+        dx, dW, db, dA, dB = torch.ops.balora.lora_linear_backward(
+            dy, x, u, weight, lora_A, lora_B, scaling, mask, need_x, need_weight, need_bias, True, True,
+            EXT_BACKWARD[impl])
+        return reference.LoraLinearGrads(x=dx, weight=dW, bias=db, lora_A=dA, lora_B=dB)
     if impl in _ALL_CUBLAS or not FUSED_DYB or u.shape[1] > FUSED_DYB_MAX_RANK or \
             not dyb_fits(dy.shape[0], dy.shape[1], u.shape[1], groups=_sm_count(dy.device)):
         # One cuBLAS call each, the scaling as alpha: v = dy B, dB = s dy^T u.
@@ -829,17 +846,36 @@ def reload_tuning_table() -> dict:
     return use_tuning_table(None)
 
 
+# A candidate with launches issued from Python per call (every one but the C++ op's EXT_IMPLS; triton_ext's
+# forward) is taken over the fastest C++ one only when it is faster by more than this fraction: on a loaded
+# host the Python-issued ones slow down and the C++ ones hardly move (on the H200 machine at 4096 -> 4096 r16,
+# session 25: `cublas` / `triton` backward alone 0.47-0.49 or 0.77-1.14 ms from one minute to the next,
+# `ext_prefill` 0.48-0.50; session 26: `triton_ext` full step 0.905-0.939 ms in the table's rounds and
+# 0.894-1.419 a minute later, `ext_prefill` 0.901-0.963), so a table timed in a quiet minute would pick one
+# by a margin smaller than that noise.
+PY_ISSUED_MARGIN = 0.03
+# And, beside C++ candidates, only when the host issues its step (``host_full_ms``, or ``host_forward_ms`` for a
+# call without backward, measured from an idle GPU) in at most this fraction of the step's measured time: then a
+# host twice as slow still keeps ahead of the GPU. (Session 26's third table picked `triton` at 4096 -> 4096 r16,
+# 4% ahead, its full step 0.869-1.053 ms in the table's rounds, and a minute later 1.11-1.28 ms beside the frozen
+# layer, slower than the unfused LoRA; its host needs 1.04 ms to issue that step, `ext_prefill`'s 0.58.)
+HOST_PACE_FRACTION = 0.5
+
+
 def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype,
                     allowed: Tuple[str, ...] = IMPLS,
-                    with_backward: bool = True) -> Tuple[str, int, Optional[dict]]:
+                    with_backward: bool = True, impl: Optional[str] = None) -> Tuple[str, int, Optional[dict]]:
     """``(impl, gemm_config, entry)``: the fastest implementation in ``allowed`` measured for the
-    nearest shape (``allowed`` leaves out what cannot run here, e.g. the C++ ones without the extension).
+    nearest shape (``allowed`` leaves out what cannot run here, e.g. the C++ ones without the extension),
+    or ``impl`` when given (then only its Triton GEMM config for ``direction`` is looked up).
 
     Nearest: same dtype (fp16 falls back to bf16), smallest sum of |log ratio| over N, in, out and
     (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions: for a
     call that records a backward (``with_backward``) the fastest forward + backward step, for one that
     does not (inference, ``torch.no_grad``) the fastest forward (see below). Without measurements:
-    ``("cublas", 0, None)``. Not cached here: the dispatcher
+    ``("cublas", 0, None)``. A candidate with launches issued from Python must issue its step in at most
+    :data:`HOST_PACE_FRACTION` of the step's time and beat the fastest C++ one by :data:`PY_ISSUED_MARGIN`.
+    Not cached here: the dispatcher
     (:func:`balora_kernels.functional._lora_linear_plan`) caches its decisions.
     """
     entries = tuning_table().get("entries", [])
@@ -847,30 +883,48 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
     cands = [e for e in entries if e["dtype"] == name] or \
             [e for e in entries if e["dtype"] == "bfloat16" and name == "float16"]
     if not cands:
-        return "cublas", 0, None
+        return impl or "cublas", 0, None
 
     def dist(e):
         return (abs(math.log(N / e["N"])) + abs(math.log(in_f / e["in"])) + abs(math.log(out_f / e["out"]))
                 + 0.5 * abs(math.log(r / e["r"])))
 
     e = min(cands, key=dist)
-    if "full_ms" in e:
-        # One implementation for both directions. A call that records a backward is timed by the
-        # full step (forward, then backward, as a training step issues them: the host prepares the
-        # backward while the GPU runs the forward), and only implementations no slower than the
-        # plain PyTorch math ("torch") in any of the three timings (forward, backward alone, full
-        # step) are candidates: the op is never slower than the unfused LoRA on a measured shape. A
-        # call that records none takes the fastest forward.
-        modes = ("forward_ms", "backward_ms", "full_ms") if with_backward else ("forward_ms",)
-        times = {k: tuple(e[m][k] for m in modes) for k in e["full_ms"]
-                 if k in allowed and all(k in e[m] and e[m][k] == e[m][k] for m in modes)}
-        limit = tuple(e[m].get("torch", float("inf")) for m in modes)
-        ok = {k: t for k, t in times.items() if all(a <= b for a, b in zip(t, limit))} or times
-        impl = min((t[-1], k) for k, t in ok.items())[1]
-    else:
-        times = e[f"{direction}_ms"]
-        impl = min((t, k) for k, t in times.items() if k in allowed and t == t)[1]
-    return impl, int(e.get("triton_config", {}).get(direction, 0)), e
+    impl = impl or _measured_impl(e, direction, allowed, with_backward)
+    # the Triton GEMM config per implementation and direction ("triton_config": tables before triton_ext)
+    configs = e.get("gemm_config", {}).get(impl) or (e.get("triton_config", {}) if impl == "triton" else {})
+    return impl, int(configs.get(direction, 0)), e
+
+
+def _measured_impl(e: dict, direction: str, allowed, with_backward: bool) -> str:
+    """:func:`measured_choice`'s implementation for one table entry."""
+    if "full_ms" not in e:
+        return _fastest({k: t for k, t in e[f"{direction}_ms"].items() if k in allowed and t == t})
+    # One implementation for both directions. A call that records a backward is timed by the
+    # full step (forward, then backward, as a training step issues them: the host prepares the
+    # backward while the GPU runs the forward), and only implementations no slower than the
+    # plain PyTorch math ("torch") in any of the three timings (forward, backward alone, full
+    # step) are candidates: the op is never slower than the unfused LoRA on a measured shape. A
+    # call that records none takes the fastest forward.
+    modes = ("forward_ms", "backward_ms", "full_ms") if with_backward else ("forward_ms",)
+    times = {k: tuple(e[m][k] for m in modes) for k in e["full_ms"]
+             if k in allowed and all(k in e[m] and e[m][k] == e[m][k] for m in modes)}
+    limit = tuple(e[m].get("torch", float("inf")) for m in modes)
+    ok = {k: t for k, t in times.items() if all(a <= b for a, b in zip(t, limit))} or times
+    if any(k in EXT_IMPLS for k in ok):   # Python-issued candidates beside C++ ones: only those that keep pace
+        # (tables before session 26 have no host times: then every candidate keeps pace)
+        host = e.get("host_full_ms" if with_backward else "host_forward_ms", {})
+        ok = {k: t for k, t in ok.items() if k in EXT_IMPLS or host.get(k, 0.0) <= HOST_PACE_FRACTION * t[-1]}
+    return _fastest({k: t[-1] for k, t in ok.items()})
+
+
+def _fastest(times: dict) -> str:
+    """The implementation with the smallest time, a Python-issued one only by :data:`PY_ISSUED_MARGIN`."""
+    t, impl = min((t, k) for k, t in times.items())
+    cpp = [(t, k) for k, t in times.items() if k in EXT_IMPLS]
+    if impl not in EXT_IMPLS and cpp and min(cpp)[0] <= t * (1 + PY_ISSUED_MARGIN):
+        return min(cpp)[1]
+    return impl
 
 
 def _plan(impl: str, x, weight, lora_A, with_backward: bool = True):
