@@ -202,8 +202,8 @@ def _try_load() -> None:
             raise RuntimeError(f"the installed balora_kernels._C has no balance_transforms{OP_ARGUMENTS} (built "
                                "from other sources?); reinstall the package to rebuild it")
         _state["how"] = "prebuilt balora_kernels._C"
-        missing = [name for name, ok in (("lora_linear", _have_lora_op()), ("grouped_gram/grouped_rescale",
-                                                                           _have_grouped_ops())) if not ok]
+        missing = [name for name, ok in (("lora_linear/lora_linear_backward", _have_lora_op()),
+                                         ("grouped_gram/grouped_rescale", _have_grouped_ops())) if not ok]
         if missing:
             _state["how"] += f" (built from older sources: no {', '.join(missing)}; reinstall to rebuild it)"
         return

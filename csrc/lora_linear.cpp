@@ -24,8 +24,8 @@
 //      bfloat16 / float16 with r <= 128, in builds with the CUDA sources (BK_WITH_CUDA_THIN); other calls run
 //      mode 1 (thin_kernels_apply says which), and so does a backward with create_graph (the kernels are not
 //      differentiable).
-//   3  mode 2 with dB and dA also on csrc/lora_thin.cu's kernels, both in one launch: only the two big GEMMs on
-//      cuBLAS (one launch where mode 2 makes two cuBLAS calls: less host time, for few tokens); same conditions.
+//   3  mode 2 with dB and dA also on csrc/lora_thin.cu's kernels, both in one launch (where mode 2 makes two cuBLAS
+//      calls: less host time, for few tokens): the two big GEMMs, v and u without dropout on cuBLAS; same conditions.
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
@@ -118,7 +118,8 @@ void check_launch(int err, const char* what) {
                                 bk_thin_error_string(err)));
 }
 
-// [N, r] = (g * m) f^T for f [r, K] (any strides with one unit stride): u = x_l A^T, v = dy B (f = B^T).
+// [N, r] = (g * m) f^T for f [r, K] (any strides with one unit stride): u = x_l A^T under dropout (the kernel also
+// forms v = dy B with f = B^T; the op takes cuBLAS for v and for u without a mask, faster there).
 at::Tensor thin_row(const at::Tensor& g, const at::Tensor& m, const at::Tensor& f) {
   const int64_t r = f.size(0);
   at::Tensor out = at::empty({g.size(0), r}, g.options());
@@ -126,7 +127,7 @@ at::Tensor thin_row(const at::Tensor& g, const at::Tensor& m, const at::Tensor& 
   check_launch(bk_thin_row_launch(thin_dtype(g), g.data_ptr(), g.stride(0), m.defined() ? m.data_ptr() : nullptr,
                                   m.defined() ? m.stride(0) : 0, fr.data_ptr(), fr.stride(0), fr.stride(1),
                                   out.data_ptr(), g.size(0), g.size(1), (int)r, stream_of(g)),
-               "row (u = x A^T, v = dy B)");
+               "row (u = x_l A^T)");
   return out;
 }
 
@@ -188,9 +189,8 @@ std::pair<at::Tensor, at::Tensor> thin_col_grads(const at::Tensor& dy, const at:
 }
 #endif
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const at::Tensor& a,
-                  const at::Tensor& b, const c10::optional<at::Tensor>& mask) {
-  const char* op = "balora::lora_linear";
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && a.dim() == 2 && b.dim() == 2, bk::msg(op,
               ": x, weight, lora_A, lora_B must be 2-D, got ", x.sizes(), ", ", w.sizes(), ", ", a.sizes(), ", ",
               b.sizes()));
@@ -317,14 +317,17 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
   TORCH_CHECK(mode >= 0 && mode <= 3, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
                                               "(ext_thin) or 3 (ext_allthin), got ", mode));
-  check_inputs(x, weight, bias, lora_A, lora_B, dropout_mask);
+  check_inputs("balora::lora_linear", x, weight, bias, lora_A, lora_B, dropout_mask);
   return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode);
 }
 
 // The backward's products alone, for a forward run elsewhere (the Python implementation "triton_ext": the
 // Triton forward, then this backward in one call): u = (x * m) A^T as that forward saved it, the gradients
 // needed as [dx, dW, db, dA, dB] (undefined, None in Python, where not needed). Modes as the op's (2 and 3 run
-// mode 1 where the thin kernels do not apply). Checked first; nothing is written on an error.
+// mode 1 where the thin kernels do not apply). Meant to be called with grad mode off, as inside a backward: with it
+// on (a direct call from Python, or a backward with create_graph) the products are mode 1's differentiable ATen
+// ones with u recomputed from x (and m) and A, the given u unread (see backward_products). Checked first; nothing
+// is written on an error.
 std::vector<at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
                                              const at::Tensor& weight, const at::Tensor& lora_A,
                                              const at::Tensor& lora_B, double scaling,
@@ -334,7 +337,7 @@ std::vector<at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at:
   const char* op = "balora::lora_linear_backward";
   TORCH_CHECK(mode >= 0 && mode <= 3, bk::msg(op, ": mode must be 0 (ext), 1 (ext_prefill), 2 (ext_thin) or 3 ",
                                               "(ext_allthin), got ", mode));
-  check_inputs(x, weight, c10::nullopt, lora_A, lora_B, dropout_mask);
+  check_inputs(op, x, weight, c10::nullopt, lora_A, lora_B, dropout_mask);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0) &&
                   grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               bk::msg(op, ": grad_y must be [", x.size(0), ", ", weight.size(0), "] in x's dtype on x's device, got ",

@@ -666,15 +666,19 @@ def test_bench_tuning_entry_keeps_one_config_per_gemm_implementation():
     run is left out."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import bench_lora_linear as bench
-    t = lambda f, b, full: {"forward": f, "backward": b, "full": full}  # noqa: E731
+    def t(f, b, full, host):
+        return {"forward": f, "backward": b, "full": full, "host_forward": host / 4, "host_full": host}
+
     res = {"shape": {"N": 64, "in_features": 32, "out_features": 48, "r": 4},
-           "providers": {"ours:triton@0": t(0.1, 0.5, 0.7), "ours:triton@1": t(0.2, 0.3, 0.6),
-                         "ours:triton_ext@0": {"error": "x"}, "ours:triton_ext@2": t(0.3, 0.3, 0.65),
-                         "ours:ext_prefill": t(0.25, 0.35, 0.62), "ours:torch": t(0.4, 0.4, 0.9)}}
+           "providers": {"ours:triton@0": t(0.1, 0.5, 0.7, 0.8), "ours:triton@1": t(0.2, 0.3, 0.6, 0.84),
+                         "ours:triton_ext@0": {"error": "x"}, "ours:triton_ext@2": t(0.3, 0.3, 0.65, 0.4),
+                         "ours:ext_prefill": t(0.25, 0.35, 0.62, 0.2), "ours:torch": t(0.4, 0.4, 0.9, 0.12)}}
     e = bench.tuning_entry(res)
     assert e["gemm_config"] == {"triton": {"forward": 1, "backward": 1}, "triton_ext": {"forward": 2, "backward": 2}}
     assert e["full_ms"] == {"triton": 0.6, "triton_ext": 0.65, "ext_prefill": 0.62, "torch": 0.9}
     assert e["forward_ms"]["triton"] == 0.2 and e["backward_ms"]["triton_ext"] == 0.3
+    assert e["host_full_ms"] == {"triton": 0.84, "triton_ext": 0.4, "ext_prefill": 0.2, "torch": 0.12}
+    assert e["host_forward_ms"] == {"triton": 0.21, "triton_ext": 0.1, "ext_prefill": 0.05, "torch": 0.03}
     assert (e["N"], e["in"], e["out"], e["r"]) == (64, 32, 48, 4)
 
 

@@ -33,8 +33,8 @@ Implementations (one is chosen per call and per direction by
   tokens (:func:`thin_kernels_apply` says whether a call runs them); other calls, and a backward with
   ``create_graph`` (the kernels are not differentiable), run ``ext_prefill``'s products;
 * ``"ext_allthin"`` — ``ext_thin`` with dB and dA also on ``csrc/lora_thin.cu`` (one launch for both,
-  each column strip's sum over the tokens inside one block): only the two big GEMMs stay on cuBLAS, one
-  launch where ``ext_thin`` makes two cuBLAS calls — less host time, for few tokens. Same conditions;
+  each column strip's sum over the tokens inside one block, where ``ext_thin`` makes two cuBLAS calls —
+  less host time, for few tokens): the two big GEMMs, v and u without dropout on cuBLAS. Same conditions;
 * ``"triton_ext"`` — ``triton``'s forward (the fused GEMM, issued from Python) and ``ext_prefill``'s
   backward issued from C++ in one call (``torch.ops.balora.lora_linear_backward``): the fused forward's
   GPU time without the Python-issued backward's host time (its five launches), for long sequences.
@@ -873,8 +873,10 @@ def measured_choice(direction: str, N: int, in_f: int, out_f: int, r: int, dtype
     (half-weighted) r. Entries with ``full_ms`` choose one implementation for both directions: for a
     call that records a backward (``with_backward``) the fastest forward + backward step, for one that
     does not (inference, ``torch.no_grad``) the fastest forward (see below). Without measurements:
-    ``("cublas", 0, None)``. A candidate with launches issued from Python must issue its step in at most
-    :data:`HOST_PACE_FRACTION` of the step's time and beat the fastest C++ one by :data:`PY_ISSUED_MARGIN`.
+    ``("cublas", 0, None)``. Beside C++ candidates (``ext*``), one with launches issued from Python must
+    issue its step in at most :data:`HOST_PACE_FRACTION` of the step's time and beat the fastest C++ one by
+    :data:`PY_ISSUED_MARGIN`; a call that records no backward never takes ``triton_ext`` (its forward is
+    ``triton``'s, which needs no extension).
     Not cached here: the dispatcher
     (:func:`balora_kernels.functional._lora_linear_plan`) caches its decisions.
     """
@@ -907,8 +909,10 @@ def _measured_impl(e: dict, direction: str, allowed, with_backward: bool) -> str
     # step) are candidates: the op is never slower than the unfused LoRA on a measured shape. A
     # call that records none takes the fastest forward.
     modes = ("forward_ms", "backward_ms", "full_ms") if with_backward else ("forward_ms",)
+    # (without a backward, an implementation whose forward is another's, triton_ext, is that one: not a candidate)
     times = {k: tuple(e[m][k] for m in modes) for k in e["full_ms"]
-             if k in allowed and all(k in e[m] and e[m][k] == e[m][k] for m in modes)}
+             if k in allowed and all(k in e[m] and e[m][k] == e[m][k] for m in modes)
+             and (with_backward or k not in _FORWARD_OF)}
     limit = tuple(e[m].get("torch", float("inf")) for m in modes)
     ok = {k: t for k, t in times.items() if all(a <= b for a, b in zip(t, limit))} or times
     if any(k in EXT_IMPLS for k in ok):   # Python-issued candidates beside C++ ones: only those that keep pace
