@@ -369,8 +369,9 @@ def test_interp_op_paths(dtype, r, impl, dropout, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES_INTERP)
 @pytest.mark.parametrize("dropout", (True, False))
 def test_interp_triton_ext(dtype, dropout, monkeypatch):
-    """triton_ext end to end: the Triton forward (interpreted) and the C++ backward (the CPU build of
-    csrc/lora_linear.cpp), leading dims, bias, fp32 adapters, dropout or none; the 2x-PyTorch-error rule."""
+    """triton_ext end to end through the op: the Triton forward (interpreted) and the C++ backward (the CPU build
+    of csrc/lora_linear.cpp, reading the saved u), bias, fp32 adapters, dropout or none; the 2x-PyTorch-error
+    rule on y and every gradient."""
     cpu_lora_op()
     monkeypatch.setattr(functional, "_ext_available", lambda: True)
     functional._PLANS.clear()
@@ -666,6 +667,7 @@ def test_bench_tuning_entry_keeps_one_config_per_gemm_implementation():
     run is left out."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import bench_lora_linear as bench
+
     def t(f, b, full, host):
         return {"forward": f, "backward": b, "full": full, "host_forward": host / 4, "host_full": host}
 
