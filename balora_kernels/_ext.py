@@ -4,7 +4,7 @@ It holds the ops ``torch.ops.balora.balance_transforms`` (the projection's r x r
 ``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, and up to 64 for
 float32 factors, csrc/grouped.cu and grouped_mma.cu) and
 ``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp; ``lora_linear_backward``
-its backward alone).
+its backward alone; ``lora_gemm_kernel_register`` takes the Triton GEMM that its mode 4 launches, csrc/triton_gemm.cu).
 Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
 is built or a LoRA linear call on CUDA tensors picks its implementation:
 
@@ -61,7 +61,7 @@ def _build_tag() -> str:
 # The op's argument names this package calls it with (csrc/bindings.cpp): an extension built from older
 # sources (a leftover prebuilt ``balora_kernels._C``) registers another schema and is not used.
 OP_ARGUMENTS = ("grams", "eps_f", "r", "mode", "tw", "status", "gaps")
-LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode")
+LORA_LINEAR_ARGUMENTS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "dropout_mask", "mode", "gemm")
 LORA_LINEAR_BACKWARD_ARGUMENTS = ("grad_y", "x", "u", "weight", "lora_A", "lora_B", "scaling", "dropout_mask",
                                   "need_x", "need_weight", "need_bias", "need_lora_A", "need_lora_B", "mode")
 GROUPED_GRAM_ARGUMENTS = ("tiles", "n_b", "n_a", "r", "dtype", "partials", "ranges", "counters", "grams")
@@ -133,7 +133,8 @@ def _have_op() -> bool:
 def _have_lora_op() -> bool:
     """The LoRA linear op and its backward alone (csrc/lora_linear.cpp), with the schemas this package calls."""
     return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS) and \
-        _op_ok("lora_linear_backward", LORA_LINEAR_BACKWARD_ARGUMENTS)
+        _op_ok("lora_linear_backward", LORA_LINEAR_BACKWARD_ARGUMENTS) and \
+        _op_ok("lora_gemm_kernel_register", ("desc",))
 
 
 def _have_grouped_ops() -> bool:

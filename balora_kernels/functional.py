@@ -133,10 +133,11 @@ def _lora_linear_plan(N: int, in_f: int, out_f: int, r: int, dtype, device, impl
     if plan is None:
         plan = tuple(_lora_linear_choice(d, N, in_f, out_f, r, dtype, device, impl, with_backward)
                      for d in ("forward", "backward"))
-        if plan[0][0] in _lora_ops.EXT_IMPLS:
-            # The C++ op runs its own backward. (A backward-only 'ext' choice, possible with per-direction
-            # measurements, runs the same cuBLAS products issued from Python.)
-            plan = (plan[0], plan[0])
+        if plan[0][0] in _lora_ops.EXT_IMPLS and plan[1][0] != plan[0][0]:
+            # The C++ op runs its own backward (with ext_triton's GEMM config for dx). (A backward-only 'ext'
+            # choice, possible with per-direction measurements, runs the same cuBLAS products issued from Python.)
+            plan = (plan[0], _lora_linear_choice("backward", N, in_f, out_f, r, dtype, device, plan[0][0],
+                                                 with_backward))
         _PLANS[key] = plan
     return plan
 
@@ -198,6 +199,8 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device, with
     if dtype not in (torch.bfloat16, torch.float16):
         return all_cublas
     allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.NEEDS_EXT)
+    if _lora_ops.ext_gemm_blocker(dtype, device) is not None:   # (where it would be ext_prefill, not as measured)
+        allowed = tuple(i for i in allowed if i != "ext_triton")
     return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed, with_backward)[0]
 
 

@@ -244,7 +244,7 @@ def _forced(x, W, A, B, impl, config, backward_config=None):
     directions."""
     if impl in L.GEMM_IMPLS:
         plan = ((impl, config), (impl, config if backward_config is None else backward_config))
-        return L.LoRALinearFunction.apply(x, W, None, A, B, SCALING, None, plan)
+        return L.lora_linear(x, W, None, A, B, SCALING, None, impl=plan)
     return L.lora_linear(x, W, None, A, B, SCALING, None, impl=impl)
 
 

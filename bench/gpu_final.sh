@@ -19,6 +19,7 @@
 #   device run: bash bench/gpu_final.sh lora # build (beside it the thin-kernel sweep of bench/probe/lora_profile.py),
 #                                            # LoRA-linear GPU tests, GPU/host profile per implementation (LoRA-only changes)
 #   device run: bash bench/gpu_final.sh loratests  # build, LoRA-linear GPU tests and the C++ op's tests only
+#                                                  # (LORA_K=expr: only the GPU tests pytest -k expr selects)
 #   device run: bash bench/gpu_final.sh lorabench  # then the LoRA benchmark (writes the tuning table), then (while
 #                                                  # the call has time left) bench/probe/host_entry.py
 #   device run: bash bench/gpu_final.sh thin # build, LoRA-linear GPU tests and the C++ op's tests, then (while the
@@ -92,9 +93,10 @@ projection_tests() {
   echo "== GPU tests (projection)"
   timeout 260 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_projection_kernels.py; echo "rc=$?"
 }
-lora_tests() {   # time limit (s) of the kernels' tests
-  echo "== GPU tests (LoRA linear: every implementation, the C++ op included)"
-  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/test_lora_linear_kernels.py; echo "rc=$?"
+lora_tests() {   # time limit (s) of the kernels' tests (LORA_K: only the GPU tests that pytest -k LORA_K selects)
+  echo "== GPU tests (LoRA linear: every implementation, the C++ op included)${LORA_K:+ selected by -k $LORA_K}"
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${LORA_K:+-k "$LORA_K"} \
+    tests/test_lora_linear_kernels.py; echo "rc=$?"
   timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_lora_linear_ext.py; echo "rc=$?"
 }
 projection_bench_check() {

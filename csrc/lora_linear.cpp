@@ -26,6 +26,12 @@
 //      differentiable).
 //   3  mode 2 with dB and dA also on csrc/lora_thin.cu's kernels, both in one launch (where mode 2 makes two cuBLAS
 //      calls: less host time, for few tokens): the two big GEMMs, v and u without dropout on cuBLAS; same conditions.
+//   4  mode 1's products with y and dx each by one launch of the Triton TMA GEMM that the Python side compiled and
+//      registered (`lora_gemm_kernel_register`; csrc/triton_gemm.h): the rank-r term in its accumulator, the output
+//      written once, no Python per launch. The op's `gemm` names the registered kernels [forward without bias,
+//      forward with bias, backward]; a product whose kernel is missing (-1), or whose operands the kernel cannot
+//      address (not CUDA 16-bit, a row not 16-byte aligned, an empty or over 2^31 - 1 size, dx under dropout or with
+//      create_graph), runs mode 1's cuBLAS calls (the conditions of tma_gemm_blocker in ops/lora_linear.py).
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
@@ -38,11 +44,15 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "messages.h"
+#include "triton_gemm.h"
 
 #ifdef BK_WITH_CUDA_THIN
 // csrc/lora_thin.cu (the stream is a cudaStream_t; this file includes no CUDA header).
@@ -189,6 +199,117 @@ std::pair<at::Tensor, at::Tensor> thin_col_grads(const at::Tensor& dy, const at:
 }
 #endif
 
+// ---- mode 4: the Triton TMA GEMM, compiled in Python, launched from here (csrc/triton_gemm.h) ------------------
+// Registered kernels: filled once each, then read by any thread (an entry is written before the count exposes it).
+constexpr int64_t kMaxGemmKernels = 256;
+bk_tg_kernel g_gemm_kernels[kMaxGemmKernels];
+std::atomic<int64_t> g_gemm_count{0};
+std::mutex g_gemm_mutex;
+
+// desc: function, device, num_warps, shared, block_m, block_n, block_r, elem_size, has_bias, backward, then per
+// operand (x, w, p, q, out) swizzle, box rows, box columns, then the number of parameters and their codes. Returns
+// the kernel's id.
+int64_t lora_gemm_kernel_register(at::IntArrayRef desc) {
+  const char* op = "balora::lora_gemm_kernel_register";
+#ifndef BK_WITH_CUDA_THIN
+  TORCH_CHECK(false, bk::msg(op, ": this build has no CUDA sources (the Triton GEMM runs on CUDA tensors only)"));
+#endif
+  constexpr int64_t head = 10 + 3 * BK_TG_OPERANDS + 1;
+  TORCH_CHECK(desc.size() >= (size_t)head && desc[head - 1] >= 0 && desc[head - 1] <= BK_TG_MAX_PARAMS &&
+                  desc.size() == (size_t)(head + desc[head - 1]),
+              bk::msg(op, ": a description of ", head, " values and then as many parameter codes as it says (at most ",
+                      (int64_t)BK_TG_MAX_PARAMS, "), got ", (int64_t)desc.size(), " values"));
+  bk_tg_kernel k{};
+  k.function = (unsigned long long)desc[0];
+  k.device = (int)desc[1];
+  k.num_warps = (int)desc[2];
+  k.shared = (int)desc[3];
+  k.block_m = (int)desc[4];
+  k.block_n = (int)desc[5];
+  k.block_r = (int)desc[6];
+  k.elem_size = (int)desc[7];
+  k.has_bias = (int)desc[8];
+  k.backward = (int)desc[9];
+  for (int i = 0; i < BK_TG_OPERANDS; ++i) {
+    k.swizzle[i] = (int)desc[10 + 3 * i];
+    k.box[i][0] = (int)desc[11 + 3 * i];
+    k.box[i][1] = (int)desc[12 + 3 * i];
+  }
+  k.n_params = (int)desc[head - 1];
+  for (int j = 0; j < k.n_params; ++j) k.param[j] = (int)desc[head + j];
+  TORCH_CHECK(k.function != 0 && k.num_warps > 0 && k.block_m > 0 && k.block_n > 0 && k.block_r > 0 &&
+                  k.elem_size == 2,
+              bk::msg(op, ": not a loaded kernel of 16-bit operands (function, warps, tiles, element size)"));
+  std::lock_guard<std::mutex> lock(g_gemm_mutex);
+  const int64_t id = g_gemm_count.load();
+  TORCH_CHECK(id < kMaxGemmKernels, bk::msg(op, ": ", kMaxGemmKernels, " kernels are registered already"));
+  g_gemm_kernels[id] = k;
+  g_gemm_count.store(id + 1, std::memory_order_release);
+  return id;
+}
+
+// The registered kernel gemm[which], or null when the list has no such entry or it is -1.
+const bk_tg_kernel* gemm_kernel(at::IntArrayRef gemm, size_t which) {
+  if (which >= gemm.size() || gemm[which] < 0) return nullptr;
+  TORCH_CHECK(gemm[which] < g_gemm_count.load(std::memory_order_acquire),
+              bk::msg("balora::lora_linear: gemm kernel ", gemm[which], " was never registered"));
+  return &g_gemm_kernels[gemm[which]];
+}
+
+// A 2-D tensor a tensor map can address as it is: unit column stride, rows apart, 16-byte aligned start and rows.
+bool tma_ready(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) &&
+         (t.stride(0) * t.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// out [M, N] = a w' + s p q' (+ bias) by the registered kernel k, where the forward's kernel reads w [N, K] and
+// q [N, r] transposed (the weight and B as stored) and the backward's w [K, N] and q [r, N] (the weight and A);
+// p [M, r]. p and a q with rows of r values are copied into zero-padded rows of the kernel's rank block when their
+// rows are not 16-byte aligned. An undefined tensor when the kernel cannot take the operands (the caller runs
+// cuBLAS instead).
+at::Tensor gemm_by_kernel(const bk_tg_kernel* k, const at::Tensor& a, const at::Tensor& w, at::Tensor p,
+                          at::Tensor q, double s, const c10::optional<at::Tensor>& bias) {
+#ifdef BK_WITH_CUDA_THIN
+  if (k == nullptr || !a.is_cuda() || at::GradMode::is_enabled()) return at::Tensor();
+  const auto dt = a.scalar_type();
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || p.scalar_type() != dt || q.scalar_type() != dt ||
+      w.scalar_type() != dt)
+    return at::Tensor();
+  const bool fwd = k->backward == 0;
+  const int64_t M = a.size(0), K = a.size(1), N = fwd ? w.size(0) : w.size(1), r = p.size(1);
+  const int64_t lim = INT32_MAX;
+  if (M == 0 || N == 0 || K == 0 || M > lim || N > lim || K > lim || a.get_device() != k->device) return at::Tensor();
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(has_bias == (k->has_bias != 0) && r <= k->block_r,
+              bk::msg("balora::lora_linear: registered gemm kernel for ", k->has_bias ? "a" : "no", " bias and rank <= ",
+                      k->block_r, " given ", has_bias ? "a" : "no", " bias and rank ", r));
+  at::Tensor out = at::empty({M, N}, a.options());
+  if (!tma_ready(a) || !tma_ready(w) || !tma_ready(out)) return at::Tensor();
+  const int64_t br = k->block_r;
+  auto padded = [&](const at::Tensor& t) {   // [n, r] -> [n, br], zeros past column r
+    at::Tensor z = at::zeros({t.size(0), br}, t.options());
+    z.narrow(1, 0, t.size(1)).copy_(t);
+    return z;
+  };
+  if (!tma_ready(p)) p = padded(p);
+  if (!tma_ready(q)) q = fwd ? padded(q) : q.contiguous();
+  if (!tma_ready(q)) return at::Tensor();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  c10::DeviceGuard guard(a.device());
+  const bk_tg_operand ops[BK_TG_OPERANDS] = {
+      {a.data_ptr(), a.size(0), a.size(1), a.stride(0)},   {w.data_ptr(), w.size(0), w.size(1), w.stride(0)},
+      {p.data_ptr(), p.size(0), p.size(1), p.stride(0)},   {q.data_ptr(), q.size(0), q.size(1), q.stride(0)},
+      {out.data_ptr(), out.size(0), out.size(1), out.stride(0)}};
+  const int err = bk_tg_launch(k, thin_dtype(a), ops, has_bias ? b.data_ptr() : nullptr, M, N, K, (float)s,
+                               stream_of(a));
+  TORCH_CHECK(err == 0, bk::msg("balora::lora_linear: the Triton GEMM failed to launch: ", bk_tg_error_string(err)));
+  return out;
+#else
+  (void)k, (void)a, (void)w, (void)p, (void)q, (void)s, (void)bias;
+  return at::Tensor();
+#endif
+}
+
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && a.dim() == 2 && b.dim() == 2, bk::msg(op,
@@ -227,14 +348,14 @@ using Grads = std::array<at::Tensor, 5>;
 // so dB's graph would not reach them).
 Grads backward_products(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
                         const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& m, double s,
-                        int64_t mode, const Needs& need) {
+                        int64_t mode, const Needs& need, const bk_tg_kernel* dx_kernel = nullptr) {
   if (mode >= 2 && at::GradMode::is_enabled()) mode = 1;
   const auto dt = x.scalar_type();
   const at::Tensor a = as_dtype(lora_A, dt);
   const bool need_x = need[0], need_a = need[3], need_b = need[4];
   const bool need_v = need_x || need_a;   // v = dy B
   at::Tensor dx, dw, db, da, dbB;
-  if (mode >= 2) {
+  if (mode == 2 || mode == 3) {
 #ifdef BK_WITH_CUDA_THIN
     c10::DeviceGuard guard(x.device());
     const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();   // (cuBLAS: as u, forward)
@@ -254,9 +375,10 @@ Grads backward_products(const at::Tensor& dy, const at::Tensor& x, const at::Ten
       dbB = as_dtype(scaled_mm(dy.t(), u_b, s), lora_B.scalar_type());
     }
     if (need_a) da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
-    if (need_x) {
+    if (need_x && mode == 4 && !m.defined()) dx = gemm_by_kernel(dx_kernel, dy, weight, v, a, s, c10::nullopt);
+    if (need_x && !dx.defined()) {
       if (!m.defined()) {
-        dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, mode == 1);
+        dx = big_plus_lowrank(dy, weight, v, a, s, c10::nullopt, mode >= 1);
       } else {  // the rank-r term is masked before the big GEMM accumulates onto it
         dx = at::addmm(at::mm(v, a).mul_(m), dy, weight, /*beta=*/s, /*alpha=*/1);
       }
@@ -272,10 +394,10 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, double scaling, const c10::optional<at::Tensor>& mask,
-                            int64_t mode) {
+                            int64_t mode, at::IntArrayRef gemm) {
     const auto dt = x.scalar_type();
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
-    const bool thin = mode >= 2 && thin_kernels_apply(x, lora_A.size(0));
+    const bool thin = (mode == 2 || mode == 3) && thin_kernels_apply(x, lora_A.size(0));
     at::Tensor u, y;
     if (thin) {
 #ifdef BK_WITH_CUDA_THIN
@@ -288,11 +410,16 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
 #endif
     } else {
       u = at::mm(m.defined() ? x * m : x, as_dtype(lora_A, dt).t());
-      y = big_plus_lowrank(x, weight.t(), u, as_dtype(lora_B, dt).t(), scaling, bias, mode >= 1);
+      if (mode == 4) {
+        const bool has_bias = bias.has_value() && bias->defined();
+        y = gemm_by_kernel(gemm_kernel(gemm, has_bias ? 1 : 0), x, weight, u, as_dtype(lora_B, dt), scaling, bias);
+      }
+      if (!y.defined()) y = big_plus_lowrank(x, weight.t(), u, as_dtype(lora_B, dt).t(), scaling, bias, mode >= 1);
     }
     ctx->save_for_backward({x, u, weight, lora_A, lora_B, m});
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["mode"] = thin ? mode : std::min<int64_t>(mode, 1);
+    ctx->saved_data["mode"] = thin || mode == 4 ? mode : std::min<int64_t>(mode, 1);
+    ctx->saved_data["dx_kernel"] = mode == 4 && gemm.size() > 2 ? gemm[2] : (int64_t)-1;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
   }
@@ -306,19 +433,23 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
                                 ctx->saved_data["scaling"].toDouble(), ctx->saved_data["mode"].toInt(),
                                 {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                  has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(edge_a),
-                                 ctx->needs_input_grad(edge_a + 1)});
-    return {g[0], g[1], g[2], g[3], g[4], at::Tensor(), at::Tensor(), at::Tensor()};
+                                 ctx->needs_input_grad(edge_a + 1)},
+                                gemm_kernel({ctx->saved_data["dx_kernel"].toInt()}, 0));
+    return {g[0], g[1], g[2], g[3], g[4], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-                       const c10::optional<at::Tensor>& dropout_mask, int64_t mode) {
+                       const c10::optional<at::Tensor>& dropout_mask, int64_t mode, at::IntArrayRef gemm) {
   // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
-  TORCH_CHECK(mode >= 0 && mode <= 3, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
-                                              "(ext_thin) or 3 (ext_allthin), got ", mode));
+  TORCH_CHECK(mode >= 0 && mode <= 4, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
+                                              "(ext_thin), 3 (ext_allthin) or 4 (ext_triton), got ", mode));
   check_inputs("balora::lora_linear", x, weight, bias, lora_A, lora_B, dropout_mask);
-  return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode);
+  TORCH_CHECK(gemm.size() <= 3, bk::msg("balora::lora_linear: gemm names at most 3 kernels (forward without bias, ",
+                                        "forward with bias, backward), got ", (int64_t)gemm.size()));
+  for (size_t i = 0; i < gemm.size(); ++i) gemm_kernel(gemm, i);   // (an unregistered id fails here, first)
+  return LoRALinearFn::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_mask, mode, gemm);
 }
 
 // The backward's products alone, for a forward run elsewhere (the Python implementation "triton_ext": the
@@ -362,11 +493,12 @@ bool lora_linear_thin_kernels(const at::Tensor& x, int64_t r) { return thin_kern
 // device run it, and the C++ autograd node above records the backward.
 TORCH_LIBRARY_FRAGMENT(BK_OP_NAMESPACE, m) {
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-        "Tensor? dropout_mask, int mode) -> Tensor",
+        "Tensor? dropout_mask, int mode, int[] gemm=[]) -> Tensor",
         &lora_linear);
   m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
         "float scaling, Tensor? dropout_mask, bool need_x, bool need_weight, bool need_bias, bool need_lora_A, "
         "bool need_lora_B, int mode) -> Tensor[]",
         &lora_linear_backward);
   m.def("lora_linear_thin_kernels(Tensor x, int r) -> bool", &lora_linear_thin_kernels);
+  m.def("lora_gemm_kernel_register(int[] desc) -> int", &lora_gemm_kernel_register);
 }

@@ -31,8 +31,10 @@ def op():
     return cpu_lora_op()
 
 
-# ext, ext_prefill, ext_thin, ext_allthin (on CPU tensors and float64 the thin kernels do not apply: mode 1)
-MODES = (0, 1, 2, 3)
+# ext, ext_prefill, ext_thin, ext_allthin, ext_triton (on CPU tensors and float64 neither the thin kernels nor the
+# Triton GEMM apply: mode 1's products)
+MODES = (0, 1, 2, 3, 4)
+BACKWARD_MODES = MODES[:4]   # lora_linear_backward's (the Triton GEMM is the op's own backward's only)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,12 +115,19 @@ def test_errors_name_the_shapes(op):
         op(x, W, b, A, B, 1.0, torch.ones(4, 5), 0)
     with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
         op(x, W, b, A.to("meta"), B, 1.0, None, 0)
-    with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\), 2 \(ext_thin\) or 3 "
-                                           r"\(ext_allthin\), got 4"):
-        op(x, W, b, A, B, 1.0, None, 4)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\), 2 \(ext_thin\), 3 "
+                                           r"\(ext_allthin\) or 4 \(ext_triton\), got 5"):
+        op(x, W, b, A, B, 1.0, None, 5)
+    with pytest.raises(RuntimeError, match=r"gemm names at most 3 kernels .*got 4"):
+        op(x, W, b, A, B, 1.0, None, 4, [-1, -1, -1, -1])
+    with pytest.raises(RuntimeError, match="gemm kernel 100000 was never registered"):
+        op(x, W, b, A, B, 1.0, None, 4, [-1, 100000, -1])
+    with pytest.raises(RuntimeError, match="lora_gemm_kernel_register: (a description of 26 values|this build has "
+                                           "no CUDA sources)"):
+        torch.ops.balora.lora_gemm_kernel_register([1, 2, 3])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("bias,dropout", ((False, False), (True, True)))
 @pytest.mark.parametrize("wants", [("x", "lora_A", "lora_B"), ("lora_A",), ("lora_B", "weight", "bias"), ("x",)])
 def test_backward_op_alone_matches_the_node(op, mode, bias, dropout, wants):
@@ -338,3 +347,59 @@ def test_activation_checkpointing(op, mode, reentrant):
     direct, ckpt = _checkpointed_vs_direct(fn, x, (A, B), dy, reentrant)
     for name, a, e in zip(("y", "dx", "dA", "dB"), ckpt, direct):
         assert torch.equal(a, e), f"mode {mode}: {name} differs under activation checkpointing"
+
+
+def _compiled_tma_gemm(has_bias: bool, backward: bool):
+    """``_lora_gemm_tma_kernel_fixed`` compiled for sm_90 without a GPU (Triton's own ptxas), as ext_triton's
+    registration compiles it (sizes not specialised, the bias a pointer or a constant None)."""
+    triton = pytest.importorskip("triton")
+    if L.TensorDescriptor is None:
+        pytest.skip("Triton without host tensor descriptors")
+    from triton.backends.compiler import GPUTarget
+    BM, BN, BK, BR = 64, 64, 32, 16
+
+    def d(rows, cols):
+        return f"tensordesc<fp16[{rows}, {cols}]>"
+
+    consts = dict(W_KN=backward, Q_KN=backward, HAS_BIAS=has_bias, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
+                  WS=False, **({} if has_bias else {"bias_ptr": None}))
+    sig = {"x_desc": d(BM, BK), "w_desc": d(BK, BN) if backward else d(BN, BK), "p_desc": d(BM, BR),
+           "q_desc": d(BR, BN) if backward else d(BN, BR), "out_desc": d(BM, BN), "bias_ptr": "*fp16",
+           "M": "i32", "N": "i32", "K": "i32", "scaling": "fp32", **{k: "constexpr" for k in consts}}
+    src = triton.compiler.ASTSource(fn=L._lora_gemm_tma_kernel_fixed, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+
+
+@pytest.mark.parametrize("has_bias", (False, True))
+def test_tma_gemm_parameter_codes(has_bias):
+    """The parameter list the C++ launch packs (csrc/triton_gemm.h's codes) for the TMA GEMM as this Triton compiles
+    it: per descriptor its map, shape and strides, then the bias pointer (only with a bias), M, N, K, the scaling and
+    null scratch pointers; a kernel that would need scratch memory, or another parameter list, is refused."""
+    k = _compiled_tma_gemm(has_bias, backward=has_bias)
+    ptx = k.asm["ptx"]
+    codes = L.tg_param_codes(ptx, has_bias, scratch_free=True)
+    descs = [c for i in range(5) for c in (L._TG_MAP + i, L._TG_DIM + 2 * i, L._TG_DIM + 2 * i + 1,
+                                           L._TG_STRIDE + 2 * i, L._TG_STRIDE + 2 * i + 1)]
+    tail = [L._TG_M, L._TG_N, L._TG_K, L._TG_SCALING]
+    n_null = len(codes) - len(descs) - len(tail) - has_bias
+    assert codes == descs + ([L._TG_BIAS] if has_bias else []) + tail + [L._TG_NULL] * n_null
+    assert len(L.ptx_params(ptx)) == len(codes) and 0 <= n_null <= 2
+    if n_null:
+        with pytest.raises(ValueError, match="null scratch pointers"):
+            L.tg_param_codes(ptx, has_bias, scratch_free=False)
+    with pytest.raises(ValueError, match="are not"):   # the bias pointer expected where there is none, or the reverse
+        L.tg_param_codes(ptx, not has_bias, scratch_free=True)
+
+
+def test_ptx_params_kinds():
+    ptx = """.visible .entry k(
+        .param .align 64 .b8 k_param_0[128],
+        .param .u32 k_param_1,
+        .param .u64 k_param_2,
+        .param .u64 .ptr .global .align 1 k_param_3,
+        .param .f32 k_param_4
+    )
+    {"""
+    assert L.ptx_params(ptx) == ["map", "b32", "b64", "ptr", "f32"]
+    with pytest.raises(ValueError, match="unexpected kernel parameter"):
+        L.ptx_params(".entry k(.param .f64 k_param_0)")

@@ -713,7 +713,8 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # --------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------
-GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext")
+GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext",
+             "ext_triton")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
@@ -726,6 +727,8 @@ GPU_CASES = {
     "2x50x130->70_r127_bf16_fp32adapters": (100, 130, 70, 127, torch.bfloat16, torch.float32, False, True, 2),
 }
 _REF_CACHE = {}
+needs_tma = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                               reason="TMA descriptors need compute capability >= 9")
 
 
 def _poison_allocator(nbytes: int):
@@ -789,8 +792,7 @@ def test_gpu_kernels_poisoned_outputs(dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="TMA descriptors need compute capability >= 9")
+@needs_tma
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("r", (5, 24, 128))
 def test_gpu_tma_gemm(dtype, r):
@@ -813,6 +815,83 @@ def test_gpu_tma_gemm(dtype, r):
         assert_2x(f"TMA y (gemm config {cfg}, r={r})", y, plain_y, ref_y)
         dx = L.lora_gemm(dy, W, v, A, 2.0, out=poisoned(N, I, dtype=dtype, device="cuda"), config=cfg, tma=True)
         assert_2x(f"TMA dx (gemm config {cfg}, r={r})", dx, plain_dx, ref_dx)
+
+
+def _tma_gemm_launches(fn) -> int:
+    """How many launches of the TMA GEMM (``_lora_gemm_tma_body``, from Python or C++) running ``fn`` issues."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if "_lora_gemm_tma_body" in e.key)
+
+
+@gpu
+@needs_cuda
+@needs_tma
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("r", (5, 16, 128))
+@pytest.mark.parametrize("bias,dropout", ((False, False), (True, False), (True, True)))
+def test_gpu_ext_triton(dtype, r, bias, dropout):
+    """ext_triton (the C++ op's mode 4): y and dx each by one launch of the Triton TMA GEMM issued from C++ (dx by
+    cuBLAS under dropout, where the mask multiplies its rank-r term), outputs poisoned, sizes no tile divides,
+    r = 5 (rows copied into a padded rank block), 128 (the largest block); float32 adapters with float16; at bf16
+    r = 16 every GEMM config (forward config c, backward c + 1); the 2x-PyTorch-error rule on y and every gradient;
+    then the step captured in a CUDA graph and replayed on new inputs, equal to the eager step bit for bit."""
+    if not functional._ext_available():
+        pytest.skip(f"the extension is unavailable: {_ext.error() or _ext.how()}")
+    N, I, O = 4099, 1000, 1032
+    adt = torch.float32 if dtype == torch.float16 else None
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", adt, bias, dropout, seed=r + 7)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
+    n = len(L.GEMM_CONFIGS)
+    configs = [(c, (c + 1) % n) for c in range(n)] if (dtype, r) == (torch.bfloat16, 16) else [(0, 0)]
+    for fc, bc in configs:
+        plan = (("ext_triton", fc), ("ext_triton", bc))
+        xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
+
+        def step():
+            y = L.lora_linear(xg, W, b, Ag, Bg, 2.0, m, impl=plan)
+            y.backward(dy)
+            return y
+
+        step()   # (compiles and registers the kernels)
+        assert _tma_gemm_launches(step) == (1 if dropout else 2), f"configs {fc}/{bc}: not the TMA GEMM"
+        xg.grad = Ag.grad = Bg.grad = None
+        _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+        y = step()
+        what = f"ext_triton {dtype} r={r} bias={bias} dropout={dropout} configs {fc}/{bc}"
+        assert "LoRALinearFn" in y.grad_fn.name()
+        assert_2x(f"{what}: y", y, yp, y64)
+        assert_2x(f"{what}: dx", xg.grad, gp.x, g64.x)
+        assert_2x(f"{what}: dA", Ag.grad, gp.lora_A, g64.lora_A)
+        assert_2x(f"{what}: dB", Bg.grad, gp.lora_B, g64.lora_B)
+    if dropout:
+        return
+    # CUDA graph: the C++ launches (tensor maps encoded at capture) replay on new data in the same buffers.
+    static_x = x.clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+
+    def grads():
+        return torch.autograd.grad(L.lora_linear(static_x, W, b, Ag, Bg, 2.0, None, impl=plan), (static_x, Ag, Bg),
+                                   dy)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        grads()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_g = grads()
+    new_x = torch.randn_like(x)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = torch.autograd.grad(L.lora_linear(new_x.requires_grad_(True), W, b, Ag, Bg, 2.0, None, impl=plan),
+                                (new_x, Ag, Bg), dy)
+    for name, a, e in zip(("dx", "dA", "dB"), static_g, eager):
+        assert torch.equal(a, e), f"ext_triton {dtype} r={r}: {name} replayed from a CUDA graph differs"
 
 
 @gpu

@@ -548,7 +548,8 @@ def test_extension_with_another_schema_is_not_used():
     """A leftover extension built from older sources must not be called with arguments it does not take: another
     balance_transforms schema does not count as the projection's op, and one without the lora_linear op (or
     without lora_linear_backward, which sources before session 26 lack) serves the projection only (the LoRA
-    dispatcher then does not offer the C++ implementations)."""
+    dispatcher then does not offer the C++ implementations; nor without lora_linear's gemm argument and
+    lora_gemm_kernel_register, which sources before session 27 lack)."""
     code = """
 import torch
 from balora_kernels import _ext
@@ -558,14 +559,17 @@ for schema in SCHEMAS:
     lib.define(schema)
 print(_ext._have_op(), _ext._have_lora_op())
 """
+    lora_old = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+                "Tensor? dropout_mask, int mode) -> Tensor")
     lora = ("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-            "Tensor? dropout_mask, int mode) -> Tensor")
+            "Tensor? dropout_mask, int mode, int[] gemm=[]) -> Tensor")
+    register = "lora_gemm_kernel_register(int[] desc) -> int"
     lora_bwd = ("lora_linear_backward(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
                 "float scaling, Tensor? dropout_mask, bool need_x, bool need_weight, bool need_bias, bool need_lora_A, "
                 "bool need_lora_B, int mode) -> Tensor[]")
     with open(os.path.join(ROOT, "csrc", "lora_linear.cpp")) as f:
         src = f.read().replace('"\n        "', "").replace(", ", ",")
-    for schema in (lora, lora_bwd):
+    for schema in (lora, lora_bwd, register):
         assert schema.replace(", ", ",") in src, \
             f"the test's schema must be the one csrc/lora_linear.cpp registers: {schema}"
     old = "balance_transforms(Tensor grams, int r, int mode, Tensor(a!) tw, Tensor(b!) status, Tensor(c!) gaps) -> ()"
@@ -573,8 +577,10 @@ print(_ext._have_op(), _ext._have_lora_op())
            "Tensor(c!) gaps) -> ()")
     with open(os.path.join(ROOT, "csrc", "bindings.cpp")) as f:
         assert new in f.read(), "the test's schema must be the one csrc/bindings.cpp registers"
-    for schemas, expect in (([old, lora, lora_bwd], "False True"), ([new], "True False"), ([new, lora], "True False"),
-                            ([new, lora, lora_bwd], "True True")):
+    for schemas, expect in (([old, lora, lora_bwd, register], "False True"), ([new], "True False"),
+                            ([new, lora], "True False"), ([new, lora, lora_bwd], "True False"),
+                            ([new, lora_old, lora_bwd, register], "True False"),
+                            ([new, lora, lora_bwd, register], "True True")):
         r = subprocess.run([sys.executable, "-c", code.replace("SCHEMAS", repr(schemas))], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]

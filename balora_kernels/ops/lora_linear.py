@@ -37,10 +37,16 @@ Implementations (one is chosen per call and per direction by
   less host time, for few tokens): the two big GEMMs, v and u without dropout on cuBLAS. Same conditions;
 * ``"triton_ext"`` — ``triton``'s forward (the fused GEMM, issued from Python) and ``ext_prefill``'s
   backward issued from C++ in one call (``torch.ops.balora.lora_linear_backward``): the fused forward's
-  GPU time without the Python-issued backward's host time (its five launches), for long sequences.
+  GPU time without the Python-issued backward's host time (its five launches), for long sequences;
+* ``"ext_triton"`` — the C++ op's mode 4: ``ext_prefill``'s products with y and dx each by one launch of the TMA
+  GEMM (``_lora_gemm_tma_kernel_fixed``, ``triton``'s kernel without value specialisation) issued from C++: Python
+  compiles it once per dtype, rank block, GEMM config and direction and registers the loaded function
+  (:func:`ext_gemm_kernels`), ``csrc/triton_gemm.cu`` encodes the tensor maps and launches it per call. Hopper, CUDA
+  bf16 / fp16 (:func:`ext_gemm_blocker`); elsewhere, for dx under dropout and for operands a tensor map cannot
+  address, ``ext_prefill``'s cuBLAS calls.
 The C++ ones (and ``triton_ext``) need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher
 offers them only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
-Python (``ext_thin``, ``ext_allthin``: ``ext_prefill``'s).
+Python (``ext_thin``, ``ext_allthin``, ``ext_triton``: ``ext_prefill``'s).
 
 The kernel paths ("cublas", "triton") form ``v`` and ``dB`` from one pass over ``dy`` (``_dyb_kernel``)
 up to rank :data:`FUSED_DYB_MAX_RANK`, by two cuBLAS calls above it; ``u`` and ``dA`` by cuBLAS without
@@ -54,7 +60,8 @@ Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
   column chunks x row groups;
 * ``_vx_kernel``        dA = s v^T x_l, split over N;
 * ``_lora_gemm_kernel`` out = X Wt + s (P Q) * m + b; with ``HAS_BASE=False`` only the rank-r term;
-* ``_lora_gemm_tma_kernel`` out = X Wt + s P Q + b through TMA descriptors (no mask);
+* ``_lora_gemm_tma_kernel`` out = X Wt + s P Q + b through TMA descriptors (no mask); ``_lora_gemm_tma_kernel_fixed``
+  the same kernel compiled for C++ launches;
 * ``_sum_splits_kernel`` the fp32 partials of the split kernels, summed, scaled and cast once (one or two
   problems per launch).
 
@@ -91,16 +98,18 @@ try:  # host-side TMA tensor descriptors (Triton >= 3.3); without them lora_gemm
 except ImportError:  # pragma: no cover - older or no Triton
     TensorDescriptor = None
 
-IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext")
+IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext",
+         "ext_triton")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
-EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3}   # name -> the C++ op's mode
+# name -> the C++ op's mode
+EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3, "ext_triton": 4}
 # Implementations whose backward is the C++ op's products in a mode (torch.ops.balora.lora_linear_backward),
 # their forward that of another implementation.
 EXT_BACKWARD = {"triton_ext": 1}
 _FORWARD_OF = {"triton_ext": "triton"}
 # What needs the compiled extension; and what runs the Triton fused GEMM (its config measured per shape).
 NEEDS_EXT = (*EXT_IMPLS, *EXT_BACKWARD)
-GEMM_IMPLS = ("triton", "triton_ext")
+GEMM_IMPLS = ("triton", "triton_ext", "ext_triton")
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -306,8 +315,7 @@ if triton is not None:
         o = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
-    @triton.jit
-    def _lora_gemm_tma_kernel(
+    def _lora_gemm_tma_body(
         x_desc, w_desc, p_desc, q_desc, out_desc, bias_ptr, M, N, K, scaling,
         W_KN: tl.constexpr, Q_KN: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -339,6 +347,12 @@ if triton is not None:
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+    _lora_gemm_tma_kernel = triton.jit(_lora_gemm_tma_body)
+    # The same kernel for launches from C++ (the op's ext_triton mode, :func:`ext_gemm_kernels`): one compiled
+    # binary per config must serve every call, so the sizes and the bias pointer are not specialised on their
+    # values (Triton otherwise compiles M == 1 away as a constant and assumes the divisibility it saw).
+    _lora_gemm_tma_kernel_fixed = triton.jit(do_not_specialize=["bias_ptr", "M", "N", "K"])(_lora_gemm_tma_body)
 
     @triton.jit
     def _sum_splits_block(part_ptr, out_ptr, S, numel, scaling, blk, BLOCK: tl.constexpr):
@@ -692,6 +706,167 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# The TMA GEMM launched from C++ (the op's mode 4, "ext_triton"; csrc/triton_gemm.h)
+# --------------------------------------------------------------------------------------------
+# Parameter codes of csrc/triton_gemm.h.
+_TG_MAP, _TG_DIM, _TG_STRIDE = 0x00, 0x10, 0x20
+_TG_BIAS, _TG_M, _TG_N, _TG_K, _TG_SCALING, _TG_NULL = 0x30, 0x31, 0x32, 0x33, 0x34, 0x35
+_TG_KIND = {_TG_BIAS: "ptr", _TG_NULL: "ptr", _TG_M: "b32", _TG_N: "b32", _TG_K: "b32", _TG_SCALING: "f32"}
+
+
+def _tg_kind(code: int) -> str:
+    if code < _TG_DIM:
+        return "map"
+    if code < _TG_STRIDE:
+        return "b32"
+    if code < _TG_BIAS:
+        return "b64"
+    return _TG_KIND[code]
+
+
+def ptx_params(ptx: str) -> list:
+    """The kinds of the parameters of the (one) kernel entry in ``ptx``, in order: 'map' (a 128-byte
+    by-value tensor map), 'ptr' (a global pointer), 'b32' / 'b64' (integers) or 'f32'."""
+    import re
+    m = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
+    if m is None:
+        raise ValueError("no .entry in the PTX")
+    kinds = []
+    for p in m.group(1).split(","):
+        p = " ".join(p.split())
+        if ".b8" in p and p.endswith("[128]"):
+            kinds.append("map")
+        elif ".ptr" in p:
+            kinds.append("ptr")
+        elif re.search(r"\.[usb]32\b", p):
+            kinds.append("b32")
+        elif re.search(r"\.[usb]64\b", p):
+            kinds.append("b64")
+        elif ".f32" in p:
+            kinds.append("f32")
+        else:
+            raise ValueError(f"unexpected kernel parameter {p!r}")
+    return kinds
+
+
+def tg_param_codes(ptx: str, has_bias: bool, scratch_free: bool) -> list:
+    """The parameter codes the C++ launch packs for the TMA GEMM compiled to ``ptx``: per descriptor (x, w,
+    p, q, out) its tensor map, shape and strides (as Triton's launcher expands a host descriptor), the bias
+    pointer (with a bias), M, N, K, the scaling, and a null pointer for each trailing pointer (Triton's scratch
+    buffers, only when the kernel asks none: ``scratch_free``). Raises ValueError when the entry's parameters
+    are not these (another Triton's convention: the C++ launch is not offered then)."""
+    codes = []
+    for i in range(5):
+        codes += [_TG_MAP + i, _TG_DIM + 2 * i, _TG_DIM + 2 * i + 1, _TG_STRIDE + 2 * i, _TG_STRIDE + 2 * i + 1]
+    codes += ([_TG_BIAS] if has_bias else []) + [_TG_M, _TG_N, _TG_K, _TG_SCALING]
+    kinds = ptx_params(ptx)
+    want = [_tg_kind(c) for c in codes]
+    extra = kinds[len(want):]
+    if kinds[:len(want)] != want or any(k != "ptr" for k in extra) or (extra and not scratch_free):
+        raise ValueError(f"the compiled TMA GEMM's parameters {kinds} are not {want} + null scratch pointers")
+    return codes + [_TG_NULL] * len(extra)
+
+
+# (dtype, device index, rank block, forward config, backward config) -> [forward, forward with bias, backward]
+# kernel ids registered with the C++ op (each kernel once: _EXT_GEMM_ONE, by dtype, device, rank block, config,
+# direction and bias); the compiled kernels are kept alive in _EXT_GEMM_KEEP (their modules stay loaded). A key
+# whose compilation failed maps to the error, raised again on each call.
+_EXT_GEMM: dict = {}
+_EXT_GEMM_ONE: dict = {}
+_EXT_GEMM_KEEP: list = []
+
+
+def ext_gemm_blocker(dtype, device) -> Optional[str]:
+    """Why ``ext_triton`` cannot launch the Triton GEMM for activations of ``dtype`` on ``device`` (it then runs
+    ``ext_prefill``'s cuBLAS products), or None when it can."""
+    if triton is None or TensorDescriptor is None:
+        return "no Triton with TensorDescriptor (>= 3.3) installed"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{device.type} tensors without CUDA: the C++ launch of the Triton GEMM is CUDA only"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{dtype} activations: it takes bfloat16 / float16"
+    if _cuda_props(device).major < 9:
+        return "no TMA on this GPU (needs compute capability >= 9)"
+    return None
+
+
+def ext_gemm_kernels(dtype, device, r: int, forward_config: int, backward_config: int) -> list:
+    """The ``gemm`` argument of ``torch.ops.balora.lora_linear`` in mode 4 (``ext_triton``): the TMA GEMM
+    compiled for ``dtype`` and rank ``r`` with :data:`GEMM_CONFIGS` ``forward_config`` (y, without and with
+    bias) and ``backward_config`` (dx), each registered with the C++ op once per device (the first call
+    compiles three kernels: seconds). Empty (the op then runs ``ext_prefill``'s products) where
+    :func:`ext_gemm_blocker` finds a reason; an error when the compilation or the check of the compiled kernel's
+    parameters fails."""
+    key = (dtype, device.index, _block_r(r), forward_config, backward_config)
+    ids = _EXT_GEMM.get(key)
+    if ids is None:
+        if ext_gemm_blocker(dtype, device) is not None:
+            return []
+        try:
+            ids = [_registered_gemm(dtype, device, key[2], c, backward, bias)
+                   for c, backward, bias in ((forward_config, False, False), (forward_config, False, True),
+                                             (backward_config, True, False))]
+        except Exception as e:  # noqa: BLE001 -- kept and raised again, with its cause, on every later call
+            ids = RuntimeError(f"lora_linear: ext_triton cannot launch the Triton GEMM from C++ here ({dtype}, "
+                               f"rank block {key[2]}, configs {forward_config}/{backward_config}): {e}")
+        _EXT_GEMM[key] = ids
+    if isinstance(ids, Exception):
+        raise ids
+    return ids
+
+
+def _registered_gemm(dtype, device, BR: int, config: int, backward: bool, has_bias: bool) -> int:
+    key = (dtype, device.index, BR, config, backward, has_bias)
+    if key not in _EXT_GEMM_ONE:
+        _EXT_GEMM_ONE[key] = _register_gemm(dtype, device, BR, GEMM_CONFIGS[config], backward, has_bias)
+    return _EXT_GEMM_ONE[key]
+
+
+def _register_gemm(dtype, device, BR: int, cfg: dict, backward: bool, has_bias: bool) -> int:
+    """Compile ``_lora_gemm_tma_kernel_fixed`` for one layout (forward: the weight and B read transposed;
+    backward: read as stored), load it, check its parameters and register it with the C++ op."""
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+
+    def desc(rows, cols):   # tiny operands: the compiled kernel depends on dtypes and tiles only
+        return TensorDescriptor.from_tensor(torch.empty(rows, cols, dtype=dtype, device=device), [rows, cols])
+
+    descs = (desc(BM, BK), desc(BK, BN) if backward else desc(BN, BK), desc(BM, BR),
+             desc(BR, BN) if backward else desc(BN, BR), desc(BM, BN))
+    bias = torch.empty(BN, dtype=dtype, device=device) if has_bias else None
+    stages = cfg["num_stages"]
+    while True:   # fewer pipeline stages until it fits shared memory (as _lora_gemm_tma)
+        try:
+            k = _lora_gemm_tma_kernel_fixed.warmup(
+                *descs, bias, BM, BN, BK, 1.0, W_KN=backward, Q_KN=backward, HAS_BIAS=has_bias, BLOCK_M=BM,
+                BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False), num_warps=cfg["num_warps"],
+                num_stages=stages, grid=(1,))
+            k._init_handles()
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    md = k.metadata
+    meta = getattr(md, "tensordesc_meta", None)
+    if not meta or len(meta) != 5:
+        raise RuntimeError(f"Triton {triton.__version__} passes no host tensor maps to this kernel")
+    for name in ("launch_pdl", "launch_cooperative_grid"):
+        if getattr(md, name, False):
+            raise RuntimeError(f"the kernel asks for {name}")
+    if getattr(md, "num_ctas", 1) != 1:
+        raise RuntimeError("the kernel asks for CTA clusters")
+    scratch_free = not getattr(md, "global_scratch_size", 0) and not getattr(md, "profile_scratch_size", 0)
+    codes = tg_param_codes(k.asm["ptx"], has_bias, scratch_free)
+    boxes = [x for m in meta for x in (int(m["swizzle"]), int(m["block_size"][0]), int(m["block_size"][1]))]
+    kid = torch.ops.balora.lora_gemm_kernel_register(
+        [int(k.function), device.index if device.index is not None else torch.cuda.current_device(),
+         int(md.num_warps), int(md.shared), BM, BN, BR, torch.empty((), dtype=dtype).element_size(), int(has_bias),
+         int(backward), *boxes, len(codes), *codes])
+    _EXT_GEMM_KEEP.append(k)
+    return kid
+
+
 # ============================================================================================
 # Forward / backward per implementation
 # ============================================================================================
@@ -742,7 +917,7 @@ def _thin_by_cublas(impl: str, mask) -> bool:
 
 
 # Implementations whose every product is one cuBLAS call (the C++ ones issue the same products; from
-# Python, under torch.compile, ext_thin and ext_allthin run ext_prefill's).
+# Python, under torch.compile, ext_thin, ext_allthin and ext_triton run ext_prefill's).
 _ALL_CUBLAS = ("cublas_mm", *EXT_IMPLS)
 
 
@@ -1084,8 +1259,9 @@ def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=None, impl: str = "auto"):
     """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
 
-    ``impl``: 'auto' (the dispatcher's choice, per direction) or one of :data:`IMPLS`. Under torch.func's
-    transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``
+    ``impl``: 'auto' (the dispatcher's choice, per direction), one of :data:`IMPLS`, or a plan
+    ``((forward impl, gemm config), (backward impl, gemm config))`` (the benchmark forces configs so). Under
+    torch.func's transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``
     (not under ``torch.compile`` of a transformed function, nor for ``torch.autograd.forward_ad`` dual tensors:
     those raise torch's errors, the op's autograd nodes having no setup_context / jvp).
     """
@@ -1103,8 +1279,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
         if impl != "auto" and impl not in IMPLS:
             raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
-    plan = _plan(impl, x, weight, lora_A, with_backward)
-    mode = EXT_IMPLS.get(plan[0][0])
+    plan = _plan(impl, x, weight, lora_A, with_backward) if isinstance(impl, str) else impl
+    (fwd_impl, cfg), (_, bwd_cfg) = plan
+    mode = EXT_IMPLS.get(fwd_impl)
     if mode is not None:   # the C++ op: its own autograd node, both directions
-        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode)
+        gemm = ext_gemm_kernels(x.dtype, x.device, lora_A.shape[0], cfg, bwd_cfg) if mode == 4 else []
+        return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode, gemm)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, plan)

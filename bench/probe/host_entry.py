@@ -58,8 +58,10 @@ def main():
     op = torch.ops.balora.lora_linear
     fwds = {"frozen nn.Linear": (lambda: lin(x), [x])}
     for name, mode in L.EXT_IMPLS.items():
-        fwds[f"op mode {mode} ({name})"] = (lambda mode=mode: op(x, W, None, A, B, 2.0, None, mode), [x, A, B])
-    for name in ("ext_thin", "ext_allthin", "ext_prefill", "cublas", "triton"):
+        gemm = L.ext_gemm_kernels(dt, x.device, r, 0, 0) if mode == 4 else []   # (GEMM config 0 both ways)
+        fwds[f"op mode {mode} ({name})"] = (lambda mode=mode, gemm=gemm: op(x, W, None, A, B, 2.0, None, mode, gemm),
+                                            [x, A, B])
+    for name in ("ext_thin", "ext_allthin", "ext_prefill", "ext_triton", "cublas", "triton"):
         fwds[f"L.lora_linear impl={name}"] = (lambda name=name: L.lora_linear(x, W, None, A, B, 2.0, None, impl=name),
                                               [x, A, B])
     fwds["bk.lora_linear (public, auto)"] = (lambda: bk.lora_linear(x, W, None, A, B, 2.0), [x, A, B])
