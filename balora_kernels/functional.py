@@ -218,7 +218,8 @@ def _lora_linear_backend_info() -> dict:
         cuda = ("per shape and direction from measurements: " + ", ".join(_lora_ops.IMPLS)
                 if _lora_ops.triton is not None else "ext or cublas_mm (Triton is not installed)")
     return {"cpu": "torch", "cuda": cuda, "extension": ext, "tuning_file": _lora_ops.TUNING_FILE,
-            "measured_on": table.get("gpu"), "measured_shapes": len(table.get("entries", []))}
+            "measured_on": table.get("gpu"), "measured_shapes": len(table.get("entries", [])),
+            "ext_triton_errors": _lora_ops.ext_gemm_errors()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@
 //      registered (`lora_gemm_kernel_register`; csrc/triton_gemm.h): the rank-r term in its accumulator, the output
 //      written once, no Python per launch. The op's `gemm` names the registered kernels [forward without bias,
 //      forward with bias, backward]; a product whose kernel is missing (-1), or whose operands the kernel cannot
-//      address (not CUDA 16-bit, a row not 16-byte aligned, an empty or over 2^31 - 1 size, dx under dropout or with
-//      create_graph), runs mode 1's cuBLAS calls (the conditions of tma_gemm_blocker in ops/lora_linear.py).
+//      address as they are (not CUDA 16-bit, a weight that is not row-major, x, y, dy, dx or A with rows not 16-byte
+//      aligned, an empty or over 2^31 - 1 size, another device), and dx under dropout or with create_graph, runs mode
+//      1's cuBLAS calls. The ids must come from ops/lora_linear.py's ext_gemm_kernels (for x's dtype and device): the
+//      op checks that they were registered, not which slot or dtype they were compiled for.
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU

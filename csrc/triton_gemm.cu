@@ -21,18 +21,23 @@ using GetErrorString = CUresult (*)(CUresult, const char**);
 
 // Codes of this file (negative: CUresult values are >= 0).
 enum {
-  kNoDriverEntry = -1,   // the driver lacks cuTensorMapEncodeTiled / cuLaunchKernel (CUDA < 12)
+  kNoDriverEntry = -1,   // the driver lacks cuTensorMapEncodeTiled / cuLaunchKernel (a driver before CUDA 12)
   kBadParam = -2,        // a parameter code outside triton_gemm.h's list
   kBadArgs = -3,         // dtype, sizes or operands the kernel cannot take
 };
 
+// The driver's function `name` in its CUDA 12.0 form (cudaGetDriverEntryPointByVersion from CUDA 12.5, where the
+// unversioned query is deprecated; before it the unversioned query, which toolkits 12.0-12.4 have).
 template <class F>
 F driver_fn(const char* name) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
-      found != cudaDriverEntryPointSuccess)
-    return nullptr;
+#if CUDART_VERSION >= 12050
+  const cudaError_t err = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &found);
+#else
+  const cudaError_t err = cudaGetDriverEntryPoint(name, &fn, cudaEnableDefault, &found);
+#endif
+  if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) return nullptr;
   return reinterpret_cast<F>(fn);
 }
 

@@ -350,8 +350,11 @@ def test_activation_checkpointing(op, mode, reentrant):
 
 
 def _compiled_tma_gemm(has_bias: bool, backward: bool):
-    """``_lora_gemm_tma_kernel_fixed`` compiled for sm_90 without a GPU (Triton's own ptxas), as ext_triton's
-    registration compiles it (sizes not specialised, the bias a pointer or a constant None)."""
+    """``_lora_gemm_tma_kernel_fixed`` compiled for sm_90 without a GPU (Triton's own ptxas) from a signature written
+    here the way registration's ``warmup`` types its arguments (descriptors, the sizes as plain i32 with no
+    specialisation, the bias a pointer or a constant None), with small tiles: the parameter list does not depend on
+    the tiles. (It cannot see whether ``do_not_specialize`` names the right arguments: a size specialised on its
+    divisibility keeps its parameter; one equal to 1 would lose it, which the GPU tests' sizes never are.)"""
     triton = pytest.importorskip("triton")
     if L.TensorDescriptor is None:
         pytest.skip("Triton without host tensor descriptors")
@@ -403,3 +406,35 @@ def test_ptx_params_kinds():
     assert L.ptx_params(ptx) == ["map", "b32", "b64", "ptr", "f32"]
     with pytest.raises(ValueError, match="unexpected kernel parameter"):
         L.ptx_params(".entry k(.param .f64 k_param_0)")
+
+
+def test_ext_gemm_failure_is_warned_and_falls_back(monkeypatch):
+    """A failure to compile, load or check the Triton GEMM for ext_triton is warned once with its cause, kept for
+    backend_info, and the op then gets no kernels (it runs ext_prefill's cuBLAS products) instead of raising on
+    every call."""
+    monkeypatch.setattr(L, "_EXT_GEMM", {})
+    monkeypatch.setattr(L, "_EXT_GEMM_ERRORS", {})
+    monkeypatch.setattr(L, "ext_gemm_blocker", lambda dtype, device: None)
+    calls = []
+
+    def fail(*args):
+        calls.append(args)
+        raise RuntimeError("no tensor maps in this Triton")
+    monkeypatch.setattr(L, "_registered_gemm", fail)
+    if L.triton is None:
+        pytest.skip("needs Triton (the rank block)")
+    dev = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="ext_triton cannot launch the Triton GEMM.*no tensor maps in this Triton"):
+        assert L.ext_gemm_kernels(torch.bfloat16, dev, 16, 0, 1) == []
+    assert L.ext_gemm_kernels(torch.bfloat16, dev, 16, 0, 1) == [] and len(calls) == 1   # (once per key)
+    assert len(L.ext_gemm_errors()) == 1 and "configs 0/1" in L.ext_gemm_errors()[0]
+    assert functional.backend_info()["lora_linear"]["ext_triton_errors"] == L.ext_gemm_errors()
+
+
+def test_plan_under_torch_func(ext_offered):
+    """A plan (the benchmark's forced configs) as ``impl`` under torch.func's transforms runs the reference math,
+    as a name does."""
+    x, W, b, A, B, _, _ = operands(5, 6, 4, 2, torch.float64, bias=True, seed=29)
+    plan = (("ext_triton", 1), ("ext_triton", 2))
+    g = torch.func.grad(lambda A: L.lora_linear(x, W, b, A, B, 0.5, None, impl=plan).sum())(A)
+    torch.testing.assert_close(g, 0.5 * (B.sum(0)[:, None] * x.sum(0)[None, :]))

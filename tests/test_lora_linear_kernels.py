@@ -837,7 +837,8 @@ def test_gpu_ext_triton(dtype, r, bias, dropout):
     cuBLAS under dropout, where the mask multiplies its rank-r term), outputs poisoned, sizes no tile divides,
     r = 5 (rows copied into a padded rank block), 128 (the largest block); float32 adapters with float16; at bf16
     r = 16 every GEMM config (forward config c, backward c + 1); the 2x-PyTorch-error rule on y and every gradient;
-    then the step captured in a CUDA graph and replayed on new inputs, equal to the eager step bit for bit."""
+    then the step captured in a CUDA graph and replayed on new x and dy: y and every gradient equal to the eager
+    step's bit for bit."""
     if not functional._ext_available():
         pytest.skip(f"the extension is unavailable: {_ext.error() or _ext.how()}")
     N, I, O = 4099, 1000, 1032
@@ -868,29 +869,30 @@ def test_gpu_ext_triton(dtype, r, bias, dropout):
         assert_2x(f"{what}: dB", Bg.grad, gp.lora_B, g64.lora_B)
     if dropout:
         return
-    # CUDA graph: the C++ launches (tensor maps encoded at capture) replay on new data in the same buffers.
-    static_x = x.clone().requires_grad_(True)
+    # CUDA graph: the C++ launches (tensor maps encoded at capture) replay on new x and dy in the same buffers; y
+    # and every gradient are compared (dx depends on dy only, y on x).
+    static_x, static_dy = x.clone().requires_grad_(True), dy.clone()
     Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
 
-    def grads():
-        return torch.autograd.grad(L.lora_linear(static_x, W, b, Ag, Bg, 2.0, None, impl=plan), (static_x, Ag, Bg),
-                                   dy)
+    def run(x, dy):
+        y = L.lora_linear(x, W, b, Ag, Bg, 2.0, None, impl=plan)
+        return (y, *torch.autograd.grad(y, (x, Ag, Bg), dy))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        grads()
+        run(static_x, static_dy)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_g = grads()
-    new_x = torch.randn_like(x)
+        static_out = run(static_x, static_dy)
+    new_x, new_dy = torch.randn_like(x), torch.randn_like(dy)
     with torch.no_grad():
         static_x.copy_(new_x)
+        static_dy.copy_(new_dy)
     graph.replay()
     torch.cuda.synchronize()
-    eager = torch.autograd.grad(L.lora_linear(new_x.requires_grad_(True), W, b, Ag, Bg, 2.0, None, impl=plan),
-                                (new_x, Ag, Bg), dy)
-    for name, a, e in zip(("dx", "dA", "dB"), static_g, eager):
+    eager = run(new_x.requires_grad_(True), new_dy)
+    for name, a, e in zip(("y", "dx", "dA", "dB"), static_out, eager):
         assert torch.equal(a, e), f"ext_triton {dtype} r={r}: {name} replayed from a CUDA graph differs"
 
 

@@ -81,6 +81,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -768,13 +770,15 @@ def tg_param_codes(ptx: str, has_bias: bool, scratch_free: bool) -> list:
     return codes + [_TG_NULL] * len(extra)
 
 
-# (dtype, device index, rank block, forward config, backward config) -> [forward, forward with bias, backward]
+# (dtype, device, rank, forward config, backward config) -> [forward, forward with bias, backward]
 # kernel ids registered with the C++ op (each kernel once: _EXT_GEMM_ONE, by dtype, device, rank block, config,
-# direction and bias); the compiled kernels are kept alive in _EXT_GEMM_KEEP (their modules stay loaded). A key
-# whose compilation failed maps to the error, raised again on each call.
+# direction and bias), or [] where the compilation or its check failed (the reason in _EXT_GEMM_ERRORS, warned once);
+# the compiled kernels are kept alive in _EXT_GEMM_KEEP (Triton unloads a kernel's module with it).
 _EXT_GEMM: dict = {}
 _EXT_GEMM_ONE: dict = {}
+_EXT_GEMM_ERRORS: dict = {}
 _EXT_GEMM_KEEP: list = []
+_EXT_GEMM_LOCK = threading.Lock()
 
 
 def ext_gemm_blocker(dtype, device) -> Optional[str]:
@@ -795,31 +799,48 @@ def ext_gemm_kernels(dtype, device, r: int, forward_config: int, backward_config
     """The ``gemm`` argument of ``torch.ops.balora.lora_linear`` in mode 4 (``ext_triton``): the TMA GEMM
     compiled for ``dtype`` and rank ``r`` with :data:`GEMM_CONFIGS` ``forward_config`` (y, without and with
     bias) and ``backward_config`` (dx), each registered with the C++ op once per device (the first call
-    compiles three kernels: seconds). Empty (the op then runs ``ext_prefill``'s products) where
-    :func:`ext_gemm_blocker` finds a reason; an error when the compilation or the check of the compiled kernel's
-    parameters fails."""
-    key = (dtype, device.index, _block_r(r), forward_config, backward_config)
+    compiles three kernels: seconds). Empty, and the op then runs ``ext_prefill``'s products, where
+    :func:`ext_gemm_blocker` finds a reason, and where the compilation, the loading or the check of the compiled
+    kernel's parameters fails: that is warned once (RuntimeWarning, with the cause) and kept in
+    :func:`ext_gemm_errors` (``backend_info()["lora_linear"]["ext_triton_errors"]``)."""
+    key = (dtype, device, r, forward_config, backward_config)
     ids = _EXT_GEMM.get(key)
     if ids is None:
-        if ext_gemm_blocker(dtype, device) is not None:
-            return []
-        try:
-            ids = [_registered_gemm(dtype, device, key[2], c, backward, bias)
-                   for c, backward, bias in ((forward_config, False, False), (forward_config, False, True),
-                                             (backward_config, True, False))]
-        except Exception as e:  # noqa: BLE001 -- kept and raised again, with its cause, on every later call
-            ids = RuntimeError(f"lora_linear: ext_triton cannot launch the Triton GEMM from C++ here ({dtype}, "
-                               f"rank block {key[2]}, configs {forward_config}/{backward_config}): {e}")
-        _EXT_GEMM[key] = ids
-    if isinstance(ids, Exception):
-        raise ids
+        with _EXT_GEMM_LOCK:
+            ids = _EXT_GEMM.get(key)
+            if ids is None:
+                ids = [] if ext_gemm_blocker(dtype, device) is not None else \
+                    _register_gemms(dtype, device, _block_r(r), forward_config, backward_config)
+                _EXT_GEMM[key] = ids
     return ids
+
+
+def _register_gemms(dtype, device, BR: int, forward_config: int, backward_config: int) -> list:
+    """:func:`ext_gemm_kernels`' three kernel ids, or [] (warned, kept in ``_EXT_GEMM_ERRORS``) on a failure."""
+    try:
+        return [_registered_gemm(dtype, device, BR, c, backward, bias)
+                for c, backward, bias in ((forward_config, False, False), (forward_config, False, True),
+                                          (backward_config, True, False))]
+    except Exception as e:  # noqa: BLE001 -- warned and kept (ext_gemm_errors); the calls run cuBLAS
+        why = (f"ext_triton cannot launch the Triton GEMM from C++ for {dtype}, rank block {BR}, configs "
+               f"{forward_config}/{backward_config} on {device}: {type(e).__name__}: {e}; its calls run "
+               "ext_prefill's cuBLAS products instead")
+        _EXT_GEMM_ERRORS[(dtype, device, BR, forward_config, backward_config)] = why
+        warnings.warn(why, RuntimeWarning, stacklevel=3)
+        return []
+
+
+def ext_gemm_errors() -> list:
+    """Why ``ext_triton`` could not launch its Triton GEMM from C++ (one message per dtype, device, rank block and
+    configs that failed in this process; its calls run ``ext_prefill``'s products there)."""
+    return list(_EXT_GEMM_ERRORS.values())
 
 
 def _registered_gemm(dtype, device, BR: int, config: int, backward: bool, has_bias: bool) -> int:
     key = (dtype, device.index, BR, config, backward, has_bias)
     if key not in _EXT_GEMM_ONE:
-        _EXT_GEMM_ONE[key] = _register_gemm(dtype, device, BR, GEMM_CONFIGS[config], backward, has_bias)
+        with torch.cuda.device(device):   # (Triton loads the binary into the current device's context)
+            _EXT_GEMM_ONE[key] = _register_gemm(dtype, device, BR, GEMM_CONFIGS[config], backward, has_bias)
     return _EXT_GEMM_ONE[key]
 
 
@@ -860,7 +881,7 @@ def _register_gemm(dtype, device, BR: int, cfg: dict, backward: bool, has_bias: 
     codes = tg_param_codes(k.asm["ptx"], has_bias, scratch_free)
     boxes = [x for m in meta for x in (int(m["swizzle"]), int(m["block_size"][0]), int(m["block_size"][1]))]
     kid = torch.ops.balora.lora_gemm_kernel_register(
-        [int(k.function), device.index if device.index is not None else torch.cuda.current_device(),
+        [int(k.function), torch.cuda.current_device(),
          int(md.num_warps), int(md.shared), BM, BN, BR, torch.empty((), dtype=dtype).element_size(), int(has_bias),
          int(backward), *boxes, len(codes), *codes])
     _EXT_GEMM_KEEP.append(k)
@@ -1260,24 +1281,26 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     """``y = x W^T + b + s ((x * mask) A^T) B^T`` for 2-D x [N, in], differentiable in every operand.
 
     ``impl``: 'auto' (the dispatcher's choice, per direction), one of :data:`IMPLS`, or a plan
-    ``((forward impl, gemm config), (backward impl, gemm config))`` (the benchmark forces configs so). Under
-    torch.func's transforms (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl``
-    (not under ``torch.compile`` of a transformed function, nor for ``torch.autograd.forward_ad`` dual tensors:
-    those raise torch's errors, the op's autograd nodes having no setup_context / jvp).
+    ``((forward impl, gemm config), (backward impl, gemm config))`` (the benchmark forces configs so; traced by
+    ``torch.compile``, a plan counts as its forward implementation's name). Under torch.func's transforms
+    (``torch.func.grad``, ``vmap``, ``jvp``, ...) the reference math runs instead, for any ``impl`` (not under
+    ``torch.compile`` of a transformed function, nor for ``torch.autograd.forward_ad`` dual tensors: those raise
+    torch's errors, the op's autograd nodes having no setup_context / jvp).
     """
     # A call that records a backward (a training step) is chosen by the full step's time, another by the forward's.
     with_backward = torch.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling():
-        return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, impl,
+    name = impl if isinstance(impl, str) else impl[0][0]   # (a plan: its forward implementation's name)
+    if torch.compiler.is_compiling():   # (traced: the op chooses the GEMM configs itself)
+        return lora_linear_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, name,
                                   with_backward)[0]
     if torch._C._are_functorch_transforms_active():
         # torch.func's transforms (grad, vmap, jvp, jacrev, functional_call under them) differentiate and batch
         # plain PyTorch ops only, not this op's kernels or autograd nodes: the reference math, whatever ``impl``
         # (a name that is none is still refused).
-        if impl != "auto" and impl not in IMPLS:
-            raise ValueError(f"lora_linear: unknown implementation {impl!r}; expected 'auto' or one of {IMPLS}")
+        if name != "auto" and name not in IMPLS:
+            raise ValueError(f"lora_linear: unknown implementation {name!r}; expected 'auto' or one of {IMPLS}")
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
     plan = _plan(impl, x, weight, lora_A, with_backward) if isinstance(impl, str) else impl
     (fwd_impl, cfg), (_, bwd_cfg) = plan
