@@ -131,7 +131,8 @@ def _have_op() -> bool:
 
 
 def _have_lora_op() -> bool:
-    """The LoRA linear op and its backward alone (csrc/lora_linear.cpp), with the schemas this package calls."""
+    """The LoRA linear op, its backward alone and the registration of its Triton GEMM (csrc/lora_linear.cpp), with
+    the schemas this package calls."""
     return _op_ok("lora_linear", LORA_LINEAR_ARGUMENTS) and \
         _op_ok("lora_linear_backward", LORA_LINEAR_BACKWARD_ARGUMENTS) and \
         _op_ok("lora_gemm_kernel_register", ("desc",))
@@ -203,7 +204,8 @@ def _try_load() -> None:
             raise RuntimeError(f"the installed balora_kernels._C has no balance_transforms{OP_ARGUMENTS} (built "
                                "from other sources?); reinstall the package to rebuild it")
         _state["how"] = "prebuilt balora_kernels._C"
-        missing = [name for name, ok in (("lora_linear/lora_linear_backward", _have_lora_op()),
+        missing = [name for name, ok in (("lora_linear/lora_linear_backward/lora_gemm_kernel_register",
+                                          _have_lora_op()),
                                          ("grouped_gram/grouped_rescale", _have_grouped_ops())) if not ok]
         if missing:
             _state["how"] += f" (built from older sources: no {', '.join(missing)}; reinstall to rebuild it)"
@@ -228,7 +230,8 @@ def _try_load() -> None:
     if not (_have_op() and _have_lora_op() and _have_grouped_ops()):
         raise RuntimeError(f"extension loaded but torch.ops.balora.balance_transforms{OP_ARGUMENTS}, "
                            f"lora_linear{LORA_LINEAR_ARGUMENTS}, lora_linear_backward"
-                           f"{LORA_LINEAR_BACKWARD_ARGUMENTS}, grouped_gram{GROUPED_GRAM_ARGUMENTS} or "
+                           f"{LORA_LINEAR_BACKWARD_ARGUMENTS}, lora_gemm_kernel_register(desc), "
+                           f"grouped_gram{GROUPED_GRAM_ARGUMENTS} or "
                            f"grouped_rescale{GROUPED_RESCALE_ARGUMENTS} is missing (another schema?)")
 
 

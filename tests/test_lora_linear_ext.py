@@ -438,3 +438,20 @@ def test_plan_under_torch_func(ext_offered):
     plan = (("ext_triton", 1), ("ext_triton", 2))
     g = torch.func.grad(lambda A: L.lora_linear(x, W, b, A, B, 0.5, None, impl=plan).sum())(A)
     torch.testing.assert_close(g, 0.5 * (B.sum(0)[:, None] * x.sum(0)[None, :]))
+
+
+def test_fewer_stages_until_it_fits():
+    """The TMA GEMM's launch and ext_triton's registration both drop pipeline stages while Triton reports the kernel
+    outgrows shared memory, and give up (re-raising) below one stage."""
+    triton = pytest.importorskip("triton")
+    tried = []
+
+    def run(stages):
+        tried.append(stages)
+        if stages > 2:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return f"ran with {stages}"
+    assert L._fewer_stages(run, 4) == ("ran with 2", 2) and tried == [4, 3, 2]
+    tried.clear()
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        L._fewer_stages(lambda stages: run(stages + 5), 2)

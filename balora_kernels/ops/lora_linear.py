@@ -81,6 +81,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import warnings
 from typing import Optional, Tuple
@@ -669,6 +670,18 @@ def _padded(t: torch.Tensor, cols: int) -> torch.Tensor:
 _TMA_STAGES: dict = {}
 
 
+def _fewer_stages(run, stages: int):
+    """``(run(stages), stages)``, with one pipeline stage fewer each time Triton finds the kernel outgrows the GPU's
+    shared memory (OutOfResources), down to one."""
+    while True:
+        try:
+            return run(stages), stages
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+
+
 def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     M, K = x.shape
     N = out.shape[1]
@@ -691,20 +704,14 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
     out_desc = TensorDescriptor.from_tensor(out, [BM, BN])
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     key = (BM, BN, BK, cfg["num_stages"], cfg.get("WS", False), BR, p.dtype, x.device)
-    stages = _TMA_STAGES.get(key, cfg["num_stages"])
-    while True:
-        try:
-            _lora_gemm_tma_kernel[grid](
-                x_desc, w_desc, p_desc, q_desc, out_desc, bias, M, N, K, scaling,
-                W_KN=not w_t, Q_KN=not q_t, HAS_BIAS=bias is not None,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False),
-                num_warps=cfg["num_warps"], num_stages=stages)
-            break
-        except triton.runtime.errors.OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
-    _TMA_STAGES[key] = stages
+
+    def launch(stages):
+        _lora_gemm_tma_kernel[grid](
+            x_desc, w_desc, p_desc, q_desc, out_desc, bias, M, N, K, scaling,
+            W_KN=not w_t, Q_KN=not q_t, HAS_BIAS=bias is not None,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False),
+            num_warps=cfg["num_warps"], num_stages=stages)
+    _, _TMA_STAGES[key] = _fewer_stages(launch, _TMA_STAGES.get(key, cfg["num_stages"]))
     return out
 
 
@@ -730,7 +737,6 @@ def _tg_kind(code: int) -> str:
 def ptx_params(ptx: str) -> list:
     """The kinds of the parameters of the (one) kernel entry in ``ptx``, in order: 'map' (a 128-byte
     by-value tensor map), 'ptr' (a global pointer), 'b32' / 'b64' (integers) or 'f32'."""
-    import re
     m = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
     if m is None:
         raise ValueError("no .entry in the PTX")
@@ -855,19 +861,15 @@ def _register_gemm(dtype, device, BR: int, cfg: dict, backward: bool, has_bias: 
     descs = (desc(BM, BK), desc(BK, BN) if backward else desc(BN, BK), desc(BM, BR),
              desc(BR, BN) if backward else desc(BN, BR), desc(BM, BN))
     bias = torch.empty(BN, dtype=dtype, device=device) if has_bias else None
-    stages = cfg["num_stages"]
-    while True:   # fewer pipeline stages until it fits shared memory (as _lora_gemm_tma)
-        try:
-            k = _lora_gemm_tma_kernel_fixed.warmup(
-                *descs, bias, BM, BN, BK, 1.0, W_KN=backward, Q_KN=backward, HAS_BIAS=has_bias, BLOCK_M=BM,
-                BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False), num_warps=cfg["num_warps"],
-                num_stages=stages, grid=(1,))
-            k._init_handles()
-            break
-        except triton.runtime.errors.OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
+
+    def load(stages):   # (Triton checks the shared memory when it loads the binary)
+        k = _lora_gemm_tma_kernel_fixed.warmup(
+            *descs, bias, BM, BN, BK, 1.0, W_KN=backward, Q_KN=backward, HAS_BIAS=has_bias, BLOCK_M=BM,
+            BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg["GROUP_M"], WS=cfg.get("WS", False), num_warps=cfg["num_warps"],
+            num_stages=stages, grid=(1,))
+        k._init_handles()
+        return k
+    k, _ = _fewer_stages(load, cfg["num_stages"])
     md = k.metadata
     meta = getattr(md, "tensordesc_meta", None)
     if not meta or len(meta) != 5:
