@@ -200,7 +200,7 @@ def _lora_linear_impl_uncached(direction, N, in_f, out_f, r, dtype, device, with
         return all_cublas
     allowed = _lora_ops.IMPLS if ext else tuple(i for i in _lora_ops.IMPLS if i not in _lora_ops.NEEDS_EXT)
     if _lora_ops.ext_gemm_blocker(dtype, device) is not None:   # (where it would be ext_prefill, not as measured)
-        allowed = tuple(i for i in allowed if i != "ext_triton")
+        allowed = tuple(i for i in allowed if _lora_ops.EXT_IMPLS.get(i) not in _lora_ops.EXT_GEMM_MODES)
     return _lora_ops.measured_choice(direction, N, in_f, out_f, r, dtype, allowed, with_backward)[0]
 
 

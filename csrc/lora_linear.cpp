@@ -14,7 +14,8 @@
 //   dx = dy W + s (v A) * m
 //   dW = dy^T x,     db = sum_n dy               (only when they require grad)
 //
-// Four modes (`mode`), the Python implementations "ext", "ext_prefill", "ext_thin", "ext_allthin":
+// Six modes (`mode`), the Python implementations "ext", "ext_prefill", "ext_thin", "ext_allthin", "ext_triton",
+// "ext_triton_thin":
 //   0  every product one cuBLAS call through ATen; the big GEMM first, then the rank-r term by a K = r GEMM
 //      into its output;
 //   1  the same, the other order: the rank-r term (+ b) first, then the big GEMM accumulates onto it (beta = 1);
@@ -34,6 +35,11 @@
 //      aligned, an empty or over 2^31 - 1 size, another device), and dx under dropout or with create_graph, runs mode
 //      1's cuBLAS calls. The ids must come from ops/lora_linear.py's ext_gemm_kernels (for x's dtype and device): the
 //      op checks that they were registered, not which slot or dtype they were compiled for.
+//   5  mode 4's GEMMs with every rank-r product on csrc/lora_thin.cu's kernels, each one launch: u and v by the row
+//      kernel, dB and dA by the col kernel (mode 3's), where mode 4 makes four cuBLAS calls. cuBLAS is faster on the
+//      GPU (the row kernel: 19 us against 5 for u at 1024 x 4096, r = 16, on the H200) but costs the host ~15-50 us
+//      a call there (heuristics, split-K's second launch) against ~5 for a launch: for few tokens, where the host
+//      sets the pace. Under the thin kernels' conditions (mode 2's), else mode 4; dx under dropout as mode 3.
 //
 // Adapters may be float32 with 16-bit activations: they are cast to x's dtype for the products and their
 // gradients come back in their own dtype. Without BK_WITH_CUDA_THIN this file is pure ATen and builds for CPU
@@ -343,9 +349,9 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w, cons
 using Needs = std::array<bool, 5>;
 using Grads = std::array<at::Tensor, 5>;
 
-// The backward's products in `mode` (after the forward's fallback: 2 and 3 only where the thin kernels apply);
+// The backward's products in `mode` (after the forward's fallback: 2, 3 and 5 only where the thin kernels apply);
 // a gradient not needed is an undefined tensor. dB and dA come back in the adapters' dtypes. With create_graph
-// (grad mode on) the gradients must be differentiable: the kernels of modes 2 and 3 are not, so their products
+// (grad mode on) the gradients must be differentiable: the kernels of modes 2 to 5 are not, so their products
 // run mode 1's ATen ones then, and u is recomputed from x (and m) and A (the saved u is a constant to autograd,
 // so dB's graph would not reach them).
 Grads backward_products(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
@@ -357,18 +363,24 @@ Grads backward_products(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   const bool need_x = need[0], need_a = need[3], need_b = need[4];
   const bool need_v = need_x || need_a;   // v = dy B
   at::Tensor dx, dw, db, da, dbB;
-  if (mode == 2 || mode == 3) {
+  if (mode == 2 || mode == 3 || mode == 5) {
 #ifdef BK_WITH_CUDA_THIN
     c10::DeviceGuard guard(x.device());
-    const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();   // (cuBLAS: as u, forward)
-    if (mode == 3) {
+    // v by cuBLAS in modes 2 and 3 (as u, forward), by the row kernel in mode 5 (one launch: less host time)
+    const at::Tensor b = as_dtype(lora_B, dt);
+    const at::Tensor v = !need_v    ? at::Tensor()
+                         : mode == 5 ? thin_row(rows(dy), at::Tensor(), b.t())
+                                     : at::mm(dy, b);
+    if (mode >= 3) {
       std::tie(dbB, da) = thin_col_grads(dy, rows(u), x, m, v, s, need_b, need_a, lora_B.scalar_type(),
                                          lora_A.scalar_type());
     } else {
       if (need_b) dbB = as_dtype(scaled_mm(dy.t(), u, s), lora_B.scalar_type());
       if (need_a) da = as_dtype(scaled_mm(v.t(), m.defined() ? x * m : x, s), lora_A.scalar_type());
     }
-    if (need_x) dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
+    if (need_x && mode == 5 && !m.defined()) dx = gemm_by_kernel(dx_kernel, dy, weight, v, a, s, c10::nullopt);
+    if (need_x && !dx.defined())
+      dx = thin_lowrank(v, a, s, c10::nullopt, m.defined() ? rows(m) : m).addmm_(dy, weight);
 #endif
   } else {
     const at::Tensor v = need_v ? at::mm(dy, as_dtype(lora_B, dt)) : at::Tensor();
@@ -399,30 +411,31 @@ class LoRALinearFn : public torch::autograd::Function<LoRALinearFn> {
                             int64_t mode, at::IntArrayRef gemm) {
     const auto dt = x.scalar_type();
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
-    const bool thin = (mode == 2 || mode == 3) && thin_kernels_apply(x, lora_A.size(0));
+    const bool thin = (mode == 2 || mode == 3 || mode == 5) && thin_kernels_apply(x, lora_A.size(0));
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor a = as_dtype(lora_A, dt), b = as_dtype(lora_B, dt);
     at::Tensor u, y;
     if (thin) {
 #ifdef BK_WITH_CUDA_THIN
       c10::DeviceGuard guard(x.device());
-      // u by cuBLAS without a mask (the row kernel took 19 us where cuBLAS takes 5 at 1024 x 4096, r = 16, and 42
-      // against 21 at 8192 tokens on the H200); with one, the row kernel, which reads the mask (x * m never formed).
-      u = m.defined() ? thin_row(rows(x), rows(m), as_dtype(lora_A, dt)) : at::mm(x, as_dtype(lora_A, dt).t());
-      y = thin_lowrank(u, as_dtype(lora_B, dt).t(), scaling, bias, at::Tensor());
-      y.addmm_(x, weight.t());
+      // u by cuBLAS without a mask in modes 2 and 3 (the row kernel took 19 us where cuBLAS takes 5 at 1024 x 4096,
+      // r = 16, and 42 against 21 at 8192 tokens on the H200); with one, and always in mode 5 (one launch where
+      // cuBLAS costs the host ~40 us), the row kernel, which reads the mask (x * m never formed).
+      u = m.defined() || mode == 5 ? thin_row(rows(x), m.defined() ? rows(m) : m, a) : at::mm(x, a.t());
+      if (mode == 5) y = gemm_by_kernel(gemm_kernel(gemm, has_bias ? 1 : 0), x, weight, u, b, scaling, bias);
+      if (!y.defined()) y = thin_lowrank(u, b.t(), scaling, bias, at::Tensor()).addmm_(x, weight.t());
 #endif
     } else {
-      u = at::mm(m.defined() ? x * m : x, as_dtype(lora_A, dt).t());
-      if (mode == 4) {
-        const bool has_bias = bias.has_value() && bias->defined();
-        y = gemm_by_kernel(gemm_kernel(gemm, has_bias ? 1 : 0), x, weight, u, as_dtype(lora_B, dt), scaling, bias);
-      }
-      if (!y.defined()) y = big_plus_lowrank(x, weight.t(), u, as_dtype(lora_B, dt).t(), scaling, bias, mode >= 1);
+      u = at::mm(m.defined() ? x * m : x, a.t());
+      if (mode >= 4) y = gemm_by_kernel(gemm_kernel(gemm, has_bias ? 1 : 0), x, weight, u, b, scaling, bias);
+      if (!y.defined()) y = big_plus_lowrank(x, weight.t(), u, b.t(), scaling, bias, mode >= 1);
     }
     ctx->save_for_backward({x, u, weight, lora_A, lora_B, m});
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["mode"] = thin || mode == 4 ? mode : std::min<int64_t>(mode, 1);
-    ctx->saved_data["dx_kernel"] = mode == 4 && gemm.size() > 2 ? gemm[2] : (int64_t)-1;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // (mode 5 without the thin kernels keeps mode 4's GEMMs)
+    ctx->saved_data["mode"] = thin ? mode : mode >= 4 ? 4 : std::min<int64_t>(mode, 1);
+    ctx->saved_data["dx_kernel"] = mode >= 4 && gemm.size() > 2 ? gemm[2] : (int64_t)-1;
+    ctx->saved_data["has_bias"] = has_bias;
     return y;
   }
 
@@ -445,8 +458,9 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                        const c10::optional<at::Tensor>& dropout_mask, int64_t mode, at::IntArrayRef gemm) {
   // Checked before the autograd node exists, so a bad call records nothing (messages: csrc/messages.h).
-  TORCH_CHECK(mode >= 0 && mode <= 4, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
-                                              "(ext_thin), 3 (ext_allthin) or 4 (ext_triton), got ", mode));
+  TORCH_CHECK(mode >= 0 && mode <= 5, bk::msg("balora::lora_linear: mode must be 0 (ext), 1 (ext_prefill), 2 ",
+                                              "(ext_thin), 3 (ext_allthin), 4 (ext_triton) or 5 (ext_triton_thin), ",
+                                              "got ", mode));
   check_inputs("balora::lora_linear", x, weight, bias, lora_A, lora_B, dropout_mask);
   TORCH_CHECK(gemm.size() <= 3, bk::msg("balora::lora_linear: gemm names at most 3 kernels (forward without bias, ",
                                         "forward with bias, backward), got ", (int64_t)gemm.size()));

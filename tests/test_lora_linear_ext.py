@@ -31,9 +31,9 @@ def op():
     return cpu_lora_op()
 
 
-# ext, ext_prefill, ext_thin, ext_allthin, ext_triton (on CPU tensors and float64 neither the thin kernels nor the
-# Triton GEMM apply: mode 1's products)
-MODES = (0, 1, 2, 3, 4)
+# ext, ext_prefill, ext_thin, ext_allthin, ext_triton, ext_triton_thin (on CPU tensors and float64 neither the thin
+# kernels nor the Triton GEMM apply: mode 1's products)
+MODES = (0, 1, 2, 3, 4, 5)
 BACKWARD_MODES = MODES[:4]   # lora_linear_backward's (the Triton GEMM is the op's own backward's only)
 
 
@@ -116,8 +116,8 @@ def test_errors_name_the_shapes(op):
     with pytest.raises(RuntimeError, match="operands must be on x's device cpu, got weight cpu, lora_A meta"):
         op(x, W, b, A.to("meta"), B, 1.0, None, 0)
     with pytest.raises(RuntimeError, match=r"mode must be 0 \(ext\), 1 \(ext_prefill\), 2 \(ext_thin\), 3 "
-                                           r"\(ext_allthin\) or 4 \(ext_triton\), got 5"):
-        op(x, W, b, A, B, 1.0, None, 5)
+                                           r"\(ext_allthin\), 4 \(ext_triton\) or 5 \(ext_triton_thin\), got 6"):
+        op(x, W, b, A, B, 1.0, None, 6)
     with pytest.raises(RuntimeError, match=r"gemm names at most 3 kernels .*got 4"):
         op(x, W, b, A, B, 1.0, None, 4, [-1, -1, -1, -1])
     with pytest.raises(RuntimeError, match="gemm kernel 100000 was never registered"):

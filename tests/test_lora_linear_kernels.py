@@ -714,7 +714,7 @@ def test_backward_uses_the_forward_calls_choice(monkeypatch, no_ext):
 # GPU
 # --------------------------------------------------------------------------------------------
 GPU_IMPLS = ("cublas", "triton", "cublas_mm", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext",
-             "ext_triton")
+             "ext_triton", "ext_triton_thin")
 # (N, in, out, r, dtype, adapter dtype, bias, dropout, lead dims)
 GPU_CASES = {
     "8192x4096->11008_r16_bf16": (8192, 4096, 11008, 16, torch.bfloat16, None, False, False, 1),
@@ -817,13 +817,13 @@ def test_gpu_tma_gemm(dtype, r):
         assert_2x(f"TMA dx (gemm config {cfg}, r={r})", dx, plain_dx, ref_dx)
 
 
-def _tma_gemm_launches(fn) -> int:
-    """How many launches of the TMA GEMM (``_lora_gemm_tma_body``, from Python or C++) running ``fn`` issues."""
+def _kernel_launches(fn) -> dict:
+    """{kernel name: launches} of the GPU kernels running ``fn`` issues (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if "_lora_gemm_tma_body" in e.key)
+    return {e.key: e.count for e in prof.key_averages() if e.device_type.name == "CUDA"}
 
 
 @gpu
@@ -832,13 +832,16 @@ def _tma_gemm_launches(fn) -> int:
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("r", (5, 16, 128))
 @pytest.mark.parametrize("bias,dropout", ((False, False), (True, False), (True, True)))
-def test_gpu_ext_triton(dtype, r, bias, dropout):
+@pytest.mark.parametrize("impl", ("ext_triton", "ext_triton_thin"))
+def test_gpu_ext_triton(impl, dtype, r, bias, dropout):
     """ext_triton (the C++ op's mode 4): y and dx each by one launch of the Triton TMA GEMM issued from C++ (dx by
     cuBLAS under dropout, where the mask multiplies its rank-r term), outputs poisoned, sizes no tile divides,
     r = 5 (rows copied into a padded rank block), 128 (the largest block); float32 adapters with float16; at bf16
     r = 16 every GEMM config (forward config c, backward c + 1); the 2x-PyTorch-error rule on y and every gradient;
     then the step captured in a CUDA graph and replayed on new x and dy: y and every gradient equal to the eager
-    step's bit for bit."""
+    step's bit for bit. ext_triton_thin (mode 5) the same, with u and v each one launch of csrc/lora_thin.cu's row
+    kernel and dB, dA one of its col kernel (dx's rank-r term under dropout its lowrank kernel), no other kernel
+    but the two TMA GEMMs (one, and cuBLAS's dy W, under dropout)."""
     if not functional._ext_available():
         pytest.skip(f"the extension is unavailable: {_ext.error() or _ext.how()}")
     N, I, O = 4099, 1000, 1032
@@ -846,9 +849,10 @@ def test_gpu_ext_triton(dtype, r, bias, dropout):
     x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", adt, bias, dropout, seed=r + 7)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
     n = len(L.GEMM_CONFIGS)
-    configs = [(c, (c + 1) % n) for c in range(n)] if (dtype, r) == (torch.bfloat16, 16) else [(0, 0)]
+    configs = [(c, (c + 1) % n) for c in range(n)] if (impl, dtype, r) == ("ext_triton", torch.bfloat16, 16) \
+        else [(0, 0)]
     for fc, bc in configs:
-        plan = (("ext_triton", fc), ("ext_triton", bc))
+        plan = ((impl, fc), (impl, bc))
         xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
 
         def step():
@@ -857,11 +861,21 @@ def test_gpu_ext_triton(dtype, r, bias, dropout):
             return y
 
         step()   # (compiles and registers the kernels)
-        assert _tma_gemm_launches(step) == (1 if dropout else 2), f"configs {fc}/{bc}: not the TMA GEMM"
+        launches = _kernel_launches(step)
+        tma = sum(c for k, c in launches.items() if "_lora_gemm_tma_body" in k)
+        assert tma == (1 if dropout else 2), f"{impl} configs {fc}/{bc}: not the TMA GEMM: {launches}"
+        if impl == "ext_triton_thin":
+            thin = {k: sum(c for name, c in launches.items() if k in name) for k in ("row_kernel", "col_kernel",
+                                                                                     "lowrank_kernel")}
+            assert thin == {"row_kernel": 2, "col_kernel": 1, "lowrank_kernel": 1 if dropout else 0}, launches
+            # (besides them: the TMA GEMMs, fp32 adapters' casts, the accumulation into .grad and dropout's dy W)
+            others = {k: c for k, c in launches.items() if not any(t in k for t in (*thin, "_lora_gemm_tma_body"))}
+            assert sum(c for k, c in others.items() if "gemm" in k.lower() or "nvjet" in k) == (1 if dropout else 0), \
+                f"{impl}: a rank-r product left on cuBLAS: {others}"
         xg.grad = Ag.grad = Bg.grad = None
         _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
         y = step()
-        what = f"ext_triton {dtype} r={r} bias={bias} dropout={dropout} configs {fc}/{bc}"
+        what = f"{impl} {dtype} r={r} bias={bias} dropout={dropout} configs {fc}/{bc}"
         assert "LoRALinearFn" in y.grad_fn.name()
         assert_2x(f"{what}: y", y, yp, y64)
         assert_2x(f"{what}: dx", xg.grad, gp.x, g64.x)
@@ -893,15 +907,16 @@ def test_gpu_ext_triton(dtype, r, bias, dropout):
     torch.cuda.synchronize()
     eager = run(new_x.requires_grad_(True), new_dy)
     for name, a, e in zip(("y", "dx", "dA", "dB"), static_out, eager):
-        assert torch.equal(a, e), f"ext_triton {dtype} r={r}: {name} replayed from a CUDA graph differs"
+        assert torch.equal(a, e), f"{impl} {dtype} r={r}: {name} replayed from a CUDA graph differs"
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin"))
+@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin", "ext_triton_thin"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_gpu_thin_kernels_strided_and_misaligned(dtype, impl):
-    """ext_thin / ext_allthin (csrc/lora_thin.cu) on operands read in place with row strides other than their
+    """ext_thin / ext_allthin / ext_triton_thin (csrc/lora_thin.cu; for the last, y by its thin kernels and cuBLAS:
+    x's misaligned rows are no tensor map's) on operands read in place with row strides other than their
     width: x a column slice starting one element in (no 16-byte copies: the element loads), dy a column slice
     eight elements in (16-byte copies, longer rows), a column-major dropout mask (copied first), float32
     adapters, bias; outputs poisoned; the 2x-PyTorch-error rule on y and every gradient."""
@@ -932,18 +947,18 @@ def test_gpu_thin_kernels_strided_and_misaligned(dtype, impl):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin"))
+@pytest.mark.parametrize("impl", ("ext_thin", "ext_allthin", "ext_triton_thin"))
 def test_gpu_thin_partial_grads_rank1_and_double_backward(impl):
-    """ext_thin / ext_allthin with a frozen input (only the adapters' gradients; for ext_allthin also only dA or
-    only dB, one problem in the launch), at r = 1 in bf16, and under create_graph (their backward then runs
-    ext_prefill's differentiable products: the second derivative through dx's rank-r term must match
-    ext_prefill's)."""
+    """ext_thin / ext_allthin / ext_triton_thin with a frozen input (only the adapters' gradients; for the last two
+    also only dA or only dB, one problem in the col kernel's launch), at r = 1 in bf16, and under create_graph (their
+    backward then runs ext_prefill's differentiable products: the second derivative through dx's rank-r term must
+    match ext_prefill's)."""
     if not L.thin_kernels_apply(torch.empty(1, 1, device="cuda", dtype=torch.bfloat16), 1):
         pytest.skip(f"the extension's thin kernels are unavailable: {_ext.error() or _ext.how()}")
     N, I, O, r = 300, 136, 72, 1
     x, W, b, A, B, m, dy = operands(N, I, O, r, torch.bfloat16, "cuda", None, True, True, seed=23)
     (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0)
-    trainable = ((("lora_A", "lora_B"), ("lora_A",), ("lora_B",)) if impl == "ext_allthin"
+    trainable = ((("lora_A", "lora_B"), ("lora_A",), ("lora_B",)) if impl != "ext_thin"
                  else (("lora_A", "lora_B"),))
     for wants in trainable:
         Ag, Bg = A.clone().requires_grad_("lora_A" in wants), B.clone().requires_grad_("lora_B" in wants)

@@ -43,10 +43,15 @@ Implementations (one is chosen per call and per direction by
   compiles it once per dtype, rank block, GEMM config and direction and registers the loaded function
   (:func:`ext_gemm_kernels`), ``csrc/triton_gemm.cu`` encodes the tensor maps and launches it per call. Hopper, CUDA
   bf16 / fp16 (:func:`ext_gemm_blocker`); elsewhere, for dx under dropout and for operands a tensor map cannot
-  address, ``ext_prefill``'s cuBLAS calls.
+  address, ``ext_prefill``'s cuBLAS calls;
+* ``"ext_triton_thin"`` — the C++ op's mode 5: ``ext_triton``'s two GEMMs with every rank-r product one launch of
+  ``csrc/lora_thin.cu``'s kernels (u and v by the row kernel, dB and dA by ``ext_allthin``'s col kernel) where
+  ``ext_triton`` makes four cuBLAS calls: slower on the GPU, but each cuBLAS call costs the host 15-50 us on the H200
+  machine against ~5 for a launch, so for few tokens, where the host sets the pace. Under ``ext_thin``'s
+  conditions (else ``ext_triton``'s products); dx under dropout as ``ext_allthin``.
 The C++ ones (and ``triton_ext``) need the compiled extension (:mod:`balora_kernels._ext`); the dispatcher
 offers them only when it loads. Under ``torch.compile`` (the custom ops below) their cuBLAS products are issued from
-Python (``ext_thin``, ``ext_allthin``, ``ext_triton``: ``ext_prefill``'s).
+Python (``ext_thin``, ``ext_allthin``, ``ext_triton``, ``ext_triton_thin``: ``ext_prefill``'s).
 
 The kernel paths ("cublas", "triton") form ``v`` and ``dB`` from one pass over ``dy`` (``_dyb_kernel``)
 up to rank :data:`FUSED_DYB_MAX_RANK`, by two cuBLAS calls above it; ``u`` and ``dA`` by cuBLAS without
@@ -102,17 +107,19 @@ except ImportError:  # pragma: no cover - older or no Triton
     TensorDescriptor = None
 
 IMPLS = ("torch", "cublas_mm", "cublas", "triton", "ext", "ext_prefill", "ext_thin", "ext_allthin", "triton_ext",
-         "ext_triton")
+         "ext_triton", "ext_triton_thin")
 # The C++ implementations, and whether each writes the rank-r term first (csrc/lora_linear.cpp).
 # name -> the C++ op's mode
-EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3, "ext_triton": 4}
+EXT_IMPLS = {"ext": 0, "ext_prefill": 1, "ext_thin": 2, "ext_allthin": 3, "ext_triton": 4, "ext_triton_thin": 5}
+# The modes that launch the Triton TMA GEMM registered by ext_gemm_kernels (the op's ``gemm`` argument).
+EXT_GEMM_MODES = (4, 5)
 # Implementations whose backward is the C++ op's products in a mode (torch.ops.balora.lora_linear_backward),
 # their forward that of another implementation.
 EXT_BACKWARD = {"triton_ext": 1}
 _FORWARD_OF = {"triton_ext": "triton"}
 # What needs the compiled extension; and what runs the Triton fused GEMM (its config measured per shape).
 NEEDS_EXT = (*EXT_IMPLS, *EXT_BACKWARD)
-GEMM_IMPLS = ("triton", "triton_ext", "ext_triton")
+GEMM_IMPLS = ("triton", "triton_ext", "ext_triton", "ext_triton_thin")
 TUNING_FILE = os.path.join(os.path.dirname(__file__), "lora_linear_tuning.json")
 
 # Triton GEMM configurations tried by bench/bench_lora_linear.py for the "triton" implementation
@@ -940,7 +947,7 @@ def _thin_by_cublas(impl: str, mask) -> bool:
 
 
 # Implementations whose every product is one cuBLAS call (the C++ ones issue the same products; from
-# Python, under torch.compile, ext_thin, ext_allthin and ext_triton run ext_prefill's).
+# Python, under torch.compile, ext_thin, ext_allthin, ext_triton and ext_triton_thin run ext_prefill's).
 _ALL_CUBLAS = ("cublas_mm", *EXT_IMPLS)
 
 
@@ -1273,8 +1280,8 @@ lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
-    """Whether ``ext_thin`` / ``ext_allthin`` run csrc/lora_thin.cu's kernels for activations like ``x``
-    [N, in] at rank ``r`` (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded);
+    """Whether ``ext_thin`` / ``ext_allthin`` / ``ext_triton_thin`` run csrc/lora_thin.cu's kernels for activations
+    like ``x`` [N, in] at rank ``r`` (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded);
     otherwise they run ``ext_prefill``'s products."""
     return _functional()._ext_available() and bool(torch.ops.balora.lora_linear_thin_kernels(x, r))
 
@@ -1308,6 +1315,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_mask=No
     (fwd_impl, cfg), (_, bwd_cfg) = plan
     mode = EXT_IMPLS.get(fwd_impl)
     if mode is not None:   # the C++ op: its own autograd node, both directions
-        gemm = ext_gemm_kernels(x.dtype, x.device, lora_A.shape[0], cfg, bwd_cfg) if mode == 4 else []
+        gemm = ext_gemm_kernels(x.dtype, x.device, lora_A.shape[0], cfg, bwd_cfg) if mode in EXT_GEMM_MODES else []
         return torch.ops.balora.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, mode, gemm)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_mask, plan)

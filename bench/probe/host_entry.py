@@ -34,6 +34,10 @@ def main():
     ap.add_argument("--out-features", dest="out_f", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace", default=None, metavar="IMPL",
+                    help="then torch.profiler traces of 5 steps of the frozen layer and of L.lora_linear with IMPL "
+                         "forced: the top-level host ops of one step per thread, with start and duration (and the "
+                         "chrome traces under --out)")
     ap.add_argument("--cprofile", default=None, metavar="IMPL",
                     help="then cProfile 50 forward + backward steps of L.lora_linear with IMPL forced (host functions "
                          "by own time, top 30)")
@@ -58,10 +62,10 @@ def main():
     op = torch.ops.balora.lora_linear
     fwds = {"frozen nn.Linear": (lambda: lin(x), [x])}
     for name, mode in L.EXT_IMPLS.items():
-        gemm = L.ext_gemm_kernels(dt, x.device, r, 0, 0) if mode == 4 else []   # (GEMM config 0 both ways)
+        gemm = L.ext_gemm_kernels(dt, x.device, r, 0, 0) if mode in L.EXT_GEMM_MODES else []   # (GEMM config 0)
         fwds[f"op mode {mode} ({name})"] = (lambda mode=mode, gemm=gemm: op(x, W, None, A, B, 2.0, None, mode, gemm),
                                             [x, A, B])
-    for name in ("ext_thin", "ext_allthin", "ext_prefill", "ext_triton", "cublas", "triton"):
+    for name in ("ext_thin", "ext_allthin", "ext_prefill", "ext_triton", "ext_triton_thin", "cublas", "triton"):
         fwds[f"L.lora_linear impl={name}"] = (lambda name=name: L.lora_linear(x, W, None, A, B, 2.0, None, impl=name),
                                               [x, A, B])
     fwds["bk.lora_linear (public, auto)"] = (lambda: bk.lora_linear(x, W, None, A, B, 2.0), [x, A, B])
@@ -95,11 +99,48 @@ def main():
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
         print(f"== cProfile of 50 steps, impl={a.cprofile} (own time per function)")
         print(buf.getvalue())
+    if a.trace:
+        lora = (lambda: L.lora_linear(x, W, None, A, B, 2.0, None, impl=a.trace), [x, A, B])
+        for name, (f, params) in (("frozen", (lambda: lin(x), [x])), (a.trace, lora)):
+            trace(name, lambda f=f, params=params: torch.autograd.grad(f(), params, gy), a.out)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"host_entry_{N}.json"), "w") as fh:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [N, I, O, r],
                        "rows": rows}, fh, indent=1)
+
+
+def trace(name, step, out):
+    """Print the host ops of the last of 5 profiled steps of ``step`` (each from an idle GPU) per thread: start
+    (us after the step's first op) and duration, top-level ops only (those not inside another op of the thread)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(5):
+            torch.cuda.synchronize()
+            with record_function(f"step{i}"):
+                step()
+        torch.cuda.synchronize()
+    if out:
+        os.makedirs(out, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(out, f"trace_{name}.json"))
+    ev = [e for e in prof.events() if e.device_type.name == "CPU"]
+    last = [e for e in ev if e.name == "step4"][0]
+    t0, t1 = last.time_range.start, last.time_range.end
+    inside = sorted((e for e in ev if t0 <= e.time_range.start <= t1 and e.name != "step4"),
+                    key=lambda e: (e.thread, e.time_range.start))
+    print(f"== {name}: one step {t1 - t0:.1f} us of host time (under the profiler)")
+    for th in sorted({e.thread for e in inside}):
+        ends = []
+        for e in (e for e in inside if e.thread == th):
+            if ends and e.time_range.start < ends[-1]:
+                continue   # inside the previous top-level op
+            ends.append(e.time_range.end)
+            print(f"  thread {th % 100000:5d}  +{e.time_range.start - t0:7.1f}  {e.time_range.elapsed_us():7.1f} us  "
+                  f"{e.name}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
