@@ -4,7 +4,8 @@ It holds the ops ``torch.ops.balora.balance_transforms`` (the projection's r x r
 ``grouped_gram`` / ``grouped_rescale`` (the projection's Gram and rescale for ranks up to 16, and up to 64 for
 float32 factors, csrc/grouped.cu and grouped_mma.cu) and
 ``lora_linear`` (the LoRA linear layer with its autograd node in C++, csrc/lora_linear.cpp; ``lora_linear_backward``
-its backward alone; ``lora_gemm_kernel_register`` takes the Triton GEMM that its mode 4 launches, csrc/triton_gemm.cu).
+its backward alone; ``lora_gemm_kernel_register`` takes the Triton GEMM that its modes 4 and 5 launch,
+csrc/triton_gemm.cu).
 Nothing happens at import time. :func:`load` is called by the dispatchers the first time a CUDA projection plan
 is built or a LoRA linear call on CUDA tensors picks its implementation:
 

@@ -500,7 +500,8 @@ std::vector<at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at:
   return {g.begin(), g.end()};
 }
 
-// Whether modes 2 and 3 run the thin kernels for this activation and rank (else mode 1's cuBLAS products).
+// Whether modes 2, 3 and 5 run the thin kernels for this activation and rank (else mode 1's cuBLAS products, mode
+// 4's for mode 5).
 bool lora_linear_thin_kernels(const at::Tensor& x, int64_t r) { return thin_kernels_apply(x, r); }
 
 }  // namespace

@@ -295,6 +295,27 @@ def test_dispatcher_python_issued_needs_a_margin(ext_offered, monkeypatch):
         L.reload_tuning_table()
 
 
+@pytest.mark.skipif(L.triton is None, reason="the measured choice needs Triton")
+def test_dispatcher_skips_the_cpp_launched_gemm_where_it_cannot_run(ext_offered, monkeypatch):
+    """Where ext_gemm_blocker names a reason (not Hopper, ...), ext_triton and ext_triton_thin would run other
+    products than the ones measured: the dispatcher does not offer them, and takes the fastest of the rest."""
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    times = {"torch": 1.0, "ext_prefill": 0.6, "ext_allthin": 0.5, "ext_triton": 0.4, "ext_triton_thin": 0.3}
+    entry = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,
+             **{f"{m}_ms": dict(times) for m in ("forward", "backward", "full")}}
+    L.use_tuning_table({"entries": [entry]})
+    shape = (1024, 4096, 4096, 16, torch.bfloat16, cuda)
+    try:
+        for blocker, expect in ((None, "ext_triton_thin"), ("compute capability 8.0", "ext_allthin")):
+            monkeypatch.setattr(L, "ext_gemm_blocker", lambda dtype, device, b=blocker: b)
+            functional._PLANS.clear()
+            assert functional._lora_linear_plan(*shape) == ((expect, 0), (expect, 0)), blocker
+    finally:
+        functional._PLANS.clear()
+        L.reload_tuning_table()
+
+
 def test_dispatcher_offers_ext_only_when_it_loads(monkeypatch):
     cuda = torch.device("cuda")
     entry = {"dtype": "bfloat16", "N": 1024, "in": 4096, "out": 4096, "r": 16,

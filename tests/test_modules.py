@@ -222,3 +222,45 @@ def test_merged_flag_travels_with_the_state_dict(tmp_path):
     again = bk.BaLoRALinear(16, 12, r=3, alpha=6)
     again.load_state_dict(st.load_file(str(tmp_path / "m.safetensors")))
     assert again.merged
+
+
+def test_operand_check_fast_path_agrees_with_the_full_check():
+    """check_lora_shapes' fast path (_lora_operands_fit) returns True only where the full check finds nothing:
+    valid operand sets (fp32 / 16-bit adapters, bias or none, leading dims) pass both, and each broken rule
+    (shapes, ranks, dtypes, integer tensors, devices) fails the fast path and is reported by the full one."""
+    from balora_kernels import _errors
+
+    def _full_problems(x, W, b, A, B):   # True when the full check alone (fast path off) finds nothing
+        orig = _errors._lora_operands_fit
+        _errors._lora_operands_fit = lambda *a: False
+        try:
+            _errors.check_lora_shapes("t", x, W, b, A, B)
+            return True
+        except ValueError:
+            return False
+        finally:
+            _errors._lora_operands_fit = orig
+
+    bf = torch.bfloat16
+    good = [
+        (torch.randn(3, 8), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2)),
+        (torch.randn(2, 3, 8, dtype=bf), torch.randn(5, 8, dtype=bf), torch.randn(5, dtype=bf),
+         torch.randn(2, 8), torch.randn(5, 2, dtype=bf)),
+        (torch.randn(8), torch.randn(5, 8), torch.randn(5), torch.randn(1, 8), torch.randn(5, 1)),
+    ]
+    x, W, b, A, B = good[1]
+    bad = [
+        (x[..., :7], W, b, A, B), (x, W[:, :7], b, A, B), (x, W, b[:4], A, B), (x, W, b, A[:, :7], B),
+        (x, W, b, A, B[:, :1]), (x, W, b, A, B[:4]), (x, W, b, A[0], B), (torch.tensor(1.0, dtype=bf), W, b, A, B),
+        (x, W.float(), b, A, B), (x, W, b.float(), A, B), (x, W, b, A.half(), B), (x, W, b, A, B.double()),
+        (x.to(torch.int64), W, b, A, B), (x, W, b, A.to("meta"), B), (x, W, b.to("meta"), A, B),
+        (x, W.unsqueeze(0), b, A, B),
+    ]
+    for ops in good:
+        assert _errors._lora_operands_fit(*ops) and _full_problems(*ops)
+        _errors.check_lora_shapes("t", *ops)
+    for i, ops in enumerate(bad):
+        assert not _errors._lora_operands_fit(*ops), i
+        assert not _full_problems(*ops), i
+        with pytest.raises(ValueError, match="^t: "):
+            _errors.check_lora_shapes("t", *ops)

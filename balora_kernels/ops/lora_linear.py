@@ -723,7 +723,7 @@ def _lora_gemm_tma(x, wt, p, q, scaling: float, bias, out, cfg: dict):
 
 
 # --------------------------------------------------------------------------------------------
-# The TMA GEMM launched from C++ (the op's mode 4, "ext_triton"; csrc/triton_gemm.h)
+# The TMA GEMM launched from C++ (the op's modes 4 and 5, "ext_triton" / "ext_triton_thin"; csrc/triton_gemm.h)
 # --------------------------------------------------------------------------------------------
 # Parameter codes of csrc/triton_gemm.h.
 _TG_MAP, _TG_DIM, _TG_STRIDE = 0x00, 0x10, 0x20
@@ -809,10 +809,11 @@ def ext_gemm_blocker(dtype, device) -> Optional[str]:
 
 
 def ext_gemm_kernels(dtype, device, r: int, forward_config: int, backward_config: int) -> list:
-    """The ``gemm`` argument of ``torch.ops.balora.lora_linear`` in mode 4 (``ext_triton``): the TMA GEMM
-    compiled for ``dtype`` and rank ``r`` with :data:`GEMM_CONFIGS` ``forward_config`` (y, without and with
-    bias) and ``backward_config`` (dx), each registered with the C++ op once per device (the first call
-    compiles three kernels: seconds). Empty, and the op then runs ``ext_prefill``'s products, where
+    """The ``gemm`` argument of ``torch.ops.balora.lora_linear`` in modes 4 and 5 (``ext_triton``,
+    ``ext_triton_thin``): the TMA GEMM compiled for ``dtype`` and rank ``r`` with :data:`GEMM_CONFIGS`
+    ``forward_config`` (y, without and with bias) and ``backward_config`` (dx), each registered with the C++ op once
+    per device (the first call compiles three kernels: seconds). Empty, and the op then runs ``ext_prefill``'s
+    products (mode 5: its thin kernels with cuBLAS for the big products), where
     :func:`ext_gemm_blocker` finds a reason, and where the compilation, the loading or the check of the compiled
     kernel's parameters fails: that is warned once (RuntimeWarning, with the cause) and kept in
     :func:`ext_gemm_errors` (``backend_info()["lora_linear"]["ext_triton_errors"]``)."""
@@ -836,8 +837,9 @@ def _register_gemms(dtype, device, BR: int, forward_config: int, backward_config
                                           (backward_config, True, False))]
     except Exception as e:  # noqa: BLE001 -- warned and kept (ext_gemm_errors); the calls run cuBLAS
         why = (f"ext_triton cannot launch the Triton GEMM from C++ for {dtype}, rank block {BR}, configs "
-               f"{forward_config}/{backward_config} on {device}: {type(e).__name__}: {e}; its calls run "
-               "ext_prefill's cuBLAS products instead")
+               f"{forward_config}/{backward_config} on {device}: {type(e).__name__}: {e}; its calls (and "
+               "ext_triton_thin's) run cuBLAS for the big products instead (ext_prefill's calls; ext_triton_thin's "
+               "thin kernels)")
         _EXT_GEMM_ERRORS[(dtype, device, BR, forward_config, backward_config)] = why
         warnings.warn(why, RuntimeWarning, stacklevel=3)
         return []
