@@ -15,25 +15,10 @@ def check_dropout(where: str, p) -> None:
         raise ValueError(f"{where}: dropout_p must be a number in [0, 1), got {p!r}")
 
 
-def _lora_operands_fit(x, weight, bias, lora_A, lora_B) -> bool:
-    """True only where :func:`check_lora_shapes` finds nothing (same_dtype=True); False sends it to the full check."""
-    dt, dev = x.dtype, x.device
-    if not (dt.is_floating_point and x.dim() >= 1 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
-            and weight.dtype == dt and lora_A.dtype in (dt, torch.float32) and lora_B.dtype in (dt, torch.float32)
-            and weight.device == dev and lora_A.device == dev and lora_B.device == dev):
-        return False
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f or lora_A.shape[1] != in_f or lora_B.shape != (out_f, lora_A.shape[0]):
-        return False
-    return bias is None or (bias.dtype == dt and bias.device == dev and bias.shape == (out_f,))
-
-
 def check_lora_shapes(where: str, x, weight, bias, lora_A, lora_B, same_dtype: bool = True) -> None:
     """Raise a ValueError naming ``where`` and every shape when the LoRA operands do not fit.
 
     ``same_dtype=False`` (under autocast, before casting) skips the rules that tie dtypes together."""
-    if same_dtype and _lora_operands_fit(x, weight, bias, lora_A, lora_B):
-        return   # (the common case, checked in few operations: this runs on every call of the layer)
     problems = []
     if x.dim() == 0:
         problems.append("x must have at least one dim [..., in]")

@@ -136,8 +136,8 @@ void check_launch(int err, const char* what) {
                                 bk_thin_error_string(err)));
 }
 
-// [N, r] = (g * m) f^T for f [r, K] (any strides with one unit stride): u = x_l A^T under dropout (the kernel also
-// forms v = dy B with f = B^T; the op takes cuBLAS for v and for u without a mask, faster there).
+// [N, r] = (g * m) f^T for f [r, K] (any strides with one unit stride): u = x_l A^T, or v = dy B with f = B^T and no
+// mask (modes 2 and 3 take it for u under dropout only, cuBLAS being faster on the GPU; mode 5 for u and v).
 at::Tensor thin_row(const at::Tensor& g, const at::Tensor& m, const at::Tensor& f) {
   const int64_t r = f.size(0);
   at::Tensor out = at::empty({g.size(0), r}, g.options());
@@ -145,7 +145,7 @@ at::Tensor thin_row(const at::Tensor& g, const at::Tensor& m, const at::Tensor& 
   check_launch(bk_thin_row_launch(thin_dtype(g), g.data_ptr(), g.stride(0), m.defined() ? m.data_ptr() : nullptr,
                                   m.defined() ? m.stride(0) : 0, fr.data_ptr(), fr.stride(0), fr.stride(1),
                                   out.data_ptr(), g.size(0), g.size(1), (int)r, stream_of(g)),
-               "row (u = x_l A^T)");
+               "row (u = x_l A^T, v = dy B)");
   return out;
 }
 

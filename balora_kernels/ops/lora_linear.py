@@ -795,8 +795,9 @@ _EXT_GEMM_LOCK = threading.Lock()
 
 
 def ext_gemm_blocker(dtype, device) -> Optional[str]:
-    """Why ``ext_triton`` cannot launch the Triton GEMM for activations of ``dtype`` on ``device`` (it then runs
-    ``ext_prefill``'s cuBLAS products), or None when it can."""
+    """Why ``ext_triton`` / ``ext_triton_thin`` cannot launch the Triton GEMM for activations of ``dtype`` on
+    ``device`` (they then run cuBLAS for the big products: ``ext_prefill``'s calls, ``ext_triton_thin``'s thin
+    kernels beside them), or None when they can."""
     if triton is None or TensorDescriptor is None:
         return "no Triton with TensorDescriptor (>= 3.3) installed"
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -847,7 +848,8 @@ def _register_gemms(dtype, device, BR: int, forward_config: int, backward_config
 
 def ext_gemm_errors() -> list:
     """Why ``ext_triton`` could not launch its Triton GEMM from C++ (one message per dtype, device, rank block and
-    configs that failed in this process; its calls run ``ext_prefill``'s products there)."""
+    configs that failed in this process; there its calls run ``ext_prefill``'s products, ``ext_triton_thin``'s cuBLAS
+    for the big products)."""
     return list(_EXT_GEMM_ERRORS.values())
 
 
@@ -1284,7 +1286,7 @@ lora_linear_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 def thin_kernels_apply(x: torch.Tensor, r: int) -> bool:
     """Whether ``ext_thin`` / ``ext_allthin`` / ``ext_triton_thin`` run csrc/lora_thin.cu's kernels for activations
     like ``x`` [N, in] at rank ``r`` (CUDA bf16 / fp16, 1 <= r <= 128, 0 < N <= 65535 x 64, the extension loaded);
-    otherwise they run ``ext_prefill``'s products."""
+    otherwise they run ``ext_prefill``'s products (``ext_triton_thin``: ``ext_triton``'s)."""
     return _functional()._ext_available() and bool(torch.ops.balora.lora_linear_thin_kernels(x, r))
 
 
