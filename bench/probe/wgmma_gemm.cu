@@ -1,6 +1,6 @@
 // Probe (#4, session 29): a Hopper GEMM with the LoRA rank-r term in its accumulator, written by hand (TMA + wgmma,
 // warp-specialised, persistent), to see whether it reaches cuBLAS's plain x W^T where the Triton TMA GEMM
-// (ops/lora_linear.py, _lora_gemm_tma_kernel) stays 4-11% over it (forward layout only).
+// (ops/lora_linear.py, _lora_gemm_tma_kernel) stays 2-13% over it (forward layout only).
 //
 //   y[M, N] = s * u[M, R] B[N, R]^T + x[M, K] W[N, K]^T (+ bias[N])      (bf16 / fp16, fp32 accumulation)
 //
@@ -12,8 +12,9 @@
 // (release a stage when its products are done / one k-step later), epilogue by 4-byte stores from registers or
 // by TMA stores of 64 x 64 chunks staged in shared memory, clusters of 2 CTAs (two row tiles sharing the W / B
 // tile, each loading half of it multicast to both), K steps of 64 or 32.
-// Measured on the H200 (bench/results/logs/session29-*): 1.05-1.14x cuBLAS at the 8192-token shapes, the Triton
-// kernel's level, not cuBLAS's (see docs/DEVLOG.md, session 29).
+// Measured on the H200 (bench/results/logs/session29-*): 1.05-1.14x cuBLAS at the 8192-token shapes (1.04-1.10x with
+// u pre-scaled), the Triton kernel's level, not cuBLAS's (see docs/DEVLOG.md, session 29). The epilogue's commit of
+// an empty bulk group past N was added after the last device run (a review's find), not run on a GPU.
 // Built as a shared library, called through ctypes by bench/probe/wgmma_gemm.py:
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -shared -Xcompiler -fPIC \
 //        -o .bkcache/wgmma/wgmma_gemm.so bench/probe/wgmma_gemm.cu
@@ -342,8 +343,8 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
           }
           fence_async_shared();
           named_sync(1 + cw, 128);
-          if (leader && tn * BN + 64 * c < N) {
-            tma_store(&tm_y, buf, tn * BN + 64 * c, tm * BM + cw * 64);
+          if (leader) {   // one bulk group per chunk, empty past N, so that wait_group.read 1 frees this buffer
+            if (tn * BN + 64 * c < N) tma_store(&tm_y, buf, tn * BN + 64 * c, tm * BM + cw * 64);
             bulk_commit();
           }
         }
@@ -466,7 +467,8 @@ extern "C" int wg_lora_fwd(int variant, int dtype, const void* x, const void* w,
                            const void* bias, void* y, int M, int N, int K, int R, long ldx, long ldw, long ldu,
                            long ldq, long ldy, float s, int group_m, int grid, void* stream) {
   if (encoder() == nullptr) return 1;
-  if (R < 1 || R > 128 || (ldy & 1)) return 2;
+  // (row strides and addresses a tensor map cannot take are refused by cuTensorMapEncodeTiled: codes 1xx-5xx)
+  if (R < 1 || R > 128 || group_m < 1 || grid < 2 || (dtype != 1 && dtype != 2)) return 2;
   const bool bf16 = dtype == 1;
   const int kb = variant / 10000 ? 32 : 64;
   const int rbox = std::min(R <= 16 ? 16 : R <= 32 ? 32 : 64, kb);

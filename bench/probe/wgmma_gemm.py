@@ -19,7 +19,13 @@ import triton
 from balora_kernels.ops import lora_linear as ll
 
 # stages + 10 * wait depth + 100 * TMA-store epilogue + 1000 * cluster of 2 + 10000 * K steps of 32
-VARIANTS = {"s4 k64 w1": 114, "s4 k64 w1 c2": 1114, "s4 k64 w0 c2": 1104}
+VARIANTS = {"s4 k64 w1": 114, "s4 k64 w1 c2": 1114, "s4 k64 w0 c2": 1104}   # (--variants: others; the logs'
+# sets differ by run: bench/results/logs/session29-wgmma-probe-*)
+
+
+def variant_name(code):
+    return (f"s{code % 10} k{32 if code >= 10000 else 64} w{code // 10 % 10}" + (" c2" if code // 1000 % 10 else "")
+            + ("" if code // 100 % 10 else " reg-epi"))
 
 
 def load(path):
@@ -33,6 +39,8 @@ def load(path):
 def ours(lib, variant, x, w, u, q, bias, y, s, group_m=8, grid=None):
     M, K = x.shape
     N, R = q.shape
+    assert w.shape == (N, K) and u.shape == (M, R) and y.shape == (M, N) and (bias is None or bias.shape == (N,))
+    assert all(t.stride(-1) == 1 and t.dtype == x.dtype for t in (x, w, u, q, y)), "row-major operands of one dtype"
     grid = grid or torch.cuda.get_device_properties(x.device).multi_processor_count
     err = lib.wg_lora_fwd(
         variant, 1 if x.dtype == torch.bfloat16 else 2, ctypes.c_void_p(x.data_ptr()),
@@ -114,8 +122,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", default=".bkcache/wgmma/wgmma_gemm.so")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", type=int, nargs="*", help="wg_lora_fwd codes to check and time (default: VARIANTS)")
     a = ap.parse_args()
+    if a.variants:
+        VARIANTS.clear()
+        VARIANTS.update({variant_name(v): v for v in a.variants})
     lib = load(a.lib)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "checks": [], "bench": {}}

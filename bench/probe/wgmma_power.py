@@ -22,8 +22,8 @@ def sample(stop, out):
     while not stop.is_set():
         r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
                            capture_output=True, text=True)
-        try:
-            c, p = r.stdout.strip().split(",")
+        try:   # (the first GPU's line: this probe runs on one)
+            c, p = r.stdout.strip().splitlines()[0].split(",")
             out.append((float(c), float(p)))
         except ValueError:
             pass
@@ -53,6 +53,8 @@ def main():
             th = threading.Thread(target=sample, args=(stop, samples))
             th.start()
             t_end = time.time() + a.seconds
+            # (events around the whole loop: the host's relaunch gaps after each synchronize count too, most for the
+            # ctypes path, which encodes five tensor maps per call)
             n, ev0, ev1 = 0, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
             while time.time() < t_end:
