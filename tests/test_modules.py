@@ -222,4 +222,3 @@ def test_merged_flag_travels_with_the_state_dict(tmp_path):
     again = bk.BaLoRALinear(16, 12, r=3, alpha=6)
     again.load_state_dict(st.load_file(str(tmp_path / "m.safetensors")))
     assert again.merged
-
