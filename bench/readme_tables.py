@@ -77,6 +77,13 @@ def lora_linear(path=os.path.join(HERE, "lora_linear-H200.json")):
               f"{rt['unfused']['full']:.2f} | {rt['peft']['full']:.2f} | {rt['compiled']['full']:.2f} | "
               f"{rt['unfused_final']['full']:.2f} | {rt['ours']['full']:.2f} | {goal_s} | {pr['frozen']['peak_MB']:.0f} / {pr['unfused']['peak_MB']:.0f} / "
               f"{pr['ours']['peak_MB']:.0f} |")
+    print("\nForward and backward apart (ratios to the frozen layer's forward / backward in the same run, as above):\n")
+    print("| case | fwd: unfused | PEFT | torch.compile | ours | bwd: unfused | PEFT | torch.compile | ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, c in d["cases"].items():
+        sh, rt = c["shape"], c["ratio_to_frozen"]
+        cells = [f"{rt[p][mode]:.2f}" for mode in ("forward", "backward") for p in ("unfused", "peft", "compiled", "ours")]
+        print(f"| {sh['N']} tok, {sh['in_features']}->{sh['out_features']}, r{sh['r']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

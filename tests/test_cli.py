@@ -313,3 +313,14 @@ def test_bad_counts_and_ignored_options_are_one_line_before_any_work(argv, messa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_readme_tables_match_committed_results():
+    """Every table row bench/readme_tables.py prints from the committed bench/results/*.json is in the README."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_tables.py")], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert len(rows) > 20, out
+    readme = (ROOT / "README.md").read_text().splitlines()
+    missing = [r for r in rows if r not in readme]
+    assert not missing, f"README rows out of date with bench/results (run python bench/readme_tables.py): {missing}"

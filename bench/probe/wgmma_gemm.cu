@@ -13,8 +13,12 @@
 // by TMA stores of 64 x 64 chunks staged in shared memory, clusters of 2 CTAs (two row tiles sharing the W / B
 // tile, each loading half of it multicast to both), K steps of 64 or 32.
 // Measured on the H200 (bench/results/logs/session29-*): 1.05-1.14x cuBLAS at the 8192-token shapes (1.04-1.10x with
-// u pre-scaled), the Triton kernel's level, not cuBLAS's (see docs/DEVLOG.md, session 29). The epilogue's commit of
-// an empty bulk group past N was added after the last device run (a review's find), not run on a GPU.
+// u pre-scaled), the Triton kernel's level, not cuBLAS's (see docs/DEVLOG.md, session 29). Session 30
+// (bench/results/logs/session30-*): the single loop's SASS carries an empty wgmma group after each K step's products
+// (HGMMA.64x8x16 RZ, added by ptxas where the rank and K branches merge before the commit), so wait depth 1 waits
+// for the step's own products; the SPLIT variants (two loops, one commit each: no empty group) and the ping-pong
+// consumers (PING, only built with SPLIT) hung in their first check, cause not found. Not run on a GPU: the
+// epilogue's commit of an empty bulk group past N (session 29's review), the ping-pong order barriers.
 // Built as a shared library, called through ctypes by bench/probe/wgmma_gemm.py:
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -shared -Xcompiler -fPIC \
 //        -o .bkcache/wgmma/wgmma_gemm.so bench/probe/wgmma_gemm.cu
@@ -216,7 +220,12 @@ struct Tiles {
   }
 };
 
-template <int STAGES, int KB, int RBOX, bool BF16, int WAIT, int TMA_EPI, int CLUSTER>
+// PING 0: both consumers share each 128 x 256 tile (64 rows each). PING 1 (ping-pong): tiles of 64 x 256, the two
+// consumers take alternate tiles, so that one stores its tile while the other multiplies the next; named barriers
+// 3 / 4 order their K loops (a consumer waits on a stage's full barrier only once the other has waited on all of
+// its tile's: a parity wait may not run more than one phase ahead). TMA_EPI 2: no epilogue (timing only: what
+// storing y costs). SPLIT: see the consumer's loops.
+template <int STAGES, int KB, int RBOX, bool BF16, int WAIT, int TMA_EPI, int CLUSTER, int PING, int SPLIT>
 __global__ void __launch_bounds__(THREADS, 1)
 lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w,
                const __grid_constant__ CUtensorMap tm_u, const __grid_constant__ CUtensorMap tm_q,
@@ -227,6 +236,7 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
   Smem<STAGES, KB>& sm = *reinterpret_cast<Smem<STAGES, KB>*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int wg = threadIdx.x / 128;
+  constexpr int TM = PING ? 64 : BM;   // rows of an output tile
   // CLUSTER 2: CTAs 2c and 2c + 1 take the row tiles 2 pm and 2 pm + 1 of one column tile (tiles counts pairs);
   // each loads its own x / u tile and half of the W / B tile, multicast to both.
   const int num_tiles = tiles.num_m * tiles.num_n;
@@ -238,7 +248,7 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.full[s], 1);
-      mbar_init(&sm.empty[s], 8 * CLUSTER);   // one arrival per consumer warp of the cluster
+      mbar_init(&sm.empty[s], (PING ? 4 : 8) * CLUSTER);   // one arrival per consuming warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -258,8 +268,8 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
           const bool rank_step = kb < rank_blocks;
           const int width = rank_step ? RBOX : KB;
           const int k = rank_step ? kb * RBOX : (kb - rank_blocks) * KB;
-          mbar_expect_tx(&sm.full[stage], (BM + BN) * width * 2);
-          tma_load(sm.a[stage], rank_step ? &tm_u : &tm_x, k, tm * BM, &sm.full[stage]);
+          mbar_expect_tx(&sm.full[stage], (TM + BN) * width * 2);
+          tma_load(sm.a[stage], rank_step ? &tm_u : &tm_x, k, tm * TM, &sm.full[stage]);
           if constexpr (CLUSTER == 1) {
             tma_load(sm.b[stage], rank_step ? &tm_q : &tm_w, k, tn * BN, &sm.full[stage]);
           } else {
@@ -272,37 +282,28 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1;                 // consumer 0 / 1: rows 0-63 / 64-127 of the tile
+    const int cw = wg - 1;                 // consumer 0 / 1: rows 0-63 / 64-127 of the tile (PING: tiles 0 / 1 mod 2)
+    const int row0 = PING ? 0 : cw * 64;   // this consumer's first row in the tile
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     float acc[128];
     int stage = 0, prev = -1;
     uint32_t phase = 0;
-    for (int tile = first_tile; tile < num_tiles; tile += tile_step) {
+    int local = 0;
+    for (int tile = first_tile; tile < num_tiles; tile += tile_step, ++local) {
+      if (PING && (local & 1) != cw) {   // the other consumer's tile: skip its stages in the ring
+        stage += blocks;
+        phase ^= (stage / STAGES) & 1;
+        stage %= STAGES;
+        continue;
+      }
       int tm, tn;
       tiles.coords<CLUSTER>(tile, crank, tm, tn);
-      for (int kb = 0; kb < blocks; ++kb) {
-        mbar_wait(&sm.full[stage], phase);
-        wg_fence();
-        if (kb < rank_blocks) {
-          const uint16_t* a = sm.a[stage] + cw * 64 * RBOX;
-#pragma unroll
-          for (int j = 0; j < RBOX / 16; ++j)
-            wgmma_256<BF16>(acc, kmajor_desc<RBOX * 2>(a + 16 * j), kmajor_desc<RBOX * 2>(sm.b[stage] + 16 * j),
-                            (kb > 0 || j > 0) ? 1u : 0u);
-        } else {
-          const uint16_t* a = sm.a[stage] + cw * 64 * KB;
-#pragma unroll
-          for (int j = 0; j < KB / 16; ++j)
-            wgmma_256<BF16>(acc, kmajor_desc<KB * 2>(a + 16 * j), kmajor_desc<KB * 2>(sm.b[stage] + 16 * j), 1u);
-        }
+      if (PING && local > 0) named_sync(3 + cw, 256);   // the other consumer has issued its tile's products
+      // One stage's products, committed as one group; then the stage before it (depth 1) or this one (depth 0) is
+      // released once its products are done.
+      auto retire = [&]() {
         wg_commit();
-        if (kb == rank_blocks - 1 && scaling != 1.f) {   // (s = 1: u taken pre-scaled, no drain of the products)
-          wg_wait<0>();
-#pragma unroll
-          for (int i = 0; i < 128; ++i) acc[i] *= scaling;
-        } else {
-          wg_wait<WAIT>();
-        }
+        wg_wait<WAIT>();
         if (WAIT == 0) {
           if (lane == 0) release<CLUSTER>(&sm.empty[stage]);
         } else {
@@ -310,11 +311,77 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
           prev = stage;
         }
         if (++stage == STAGES) { stage = 0; phase ^= 1; }
+      };
+      if constexpr (SPLIT) {
+        // The rank steps and the K steps as two loops, each with one straight-line commit (SPLIT 0, one loop whose
+        // two branches merge before the commit: ptxas adds an empty wgmma group there, so wait depth 1 waits for
+        // the stage's own products).
+        for (int kb = 0; kb < rank_blocks; ++kb) {
+          mbar_wait(&sm.full[stage], phase);
+          wg_fence();
+          const uint16_t* a = sm.a[stage] + row0 * RBOX;
+#pragma unroll
+          for (int j = 0; j < RBOX / 16; ++j)
+            wgmma_256<BF16>(acc, kmajor_desc<RBOX * 2>(a + 16 * j), kmajor_desc<RBOX * 2>(sm.b[stage] + 16 * j),
+                            (kb > 0 || j > 0) ? 1u : 0u);
+          retire();
+        }
+        if (scaling != 1.f) {   // (s = 1: u taken pre-scaled, no drain of the products)
+          wg_wait<0>();
+#pragma unroll
+          for (int i = 0; i < 128; ++i) acc[i] *= scaling;
+        }
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          mbar_wait(&sm.full[stage], phase);
+          wg_fence();
+          const uint16_t* a = sm.a[stage] + row0 * KB;
+#pragma unroll
+          for (int j = 0; j < KB / 16; ++j)
+            wgmma_256<BF16>(acc, kmajor_desc<KB * 2>(a + 16 * j), kmajor_desc<KB * 2>(sm.b[stage] + 16 * j), 1u);
+          retire();
+        }
+      } else {
+        for (int kb = 0; kb < blocks; ++kb) {
+          mbar_wait(&sm.full[stage], phase);
+          wg_fence();
+          if (kb < rank_blocks) {
+            const uint16_t* a = sm.a[stage] + row0 * RBOX;
+#pragma unroll
+            for (int j = 0; j < RBOX / 16; ++j)
+              wgmma_256<BF16>(acc, kmajor_desc<RBOX * 2>(a + 16 * j), kmajor_desc<RBOX * 2>(sm.b[stage] + 16 * j),
+                              (kb > 0 || j > 0) ? 1u : 0u);
+          } else {
+            const uint16_t* a = sm.a[stage] + row0 * KB;
+#pragma unroll
+            for (int j = 0; j < KB / 16; ++j)
+              wgmma_256<BF16>(acc, kmajor_desc<KB * 2>(a + 16 * j), kmajor_desc<KB * 2>(sm.b[stage] + 16 * j), 1u);
+          }
+          wg_commit();
+          if (kb == rank_blocks - 1 && scaling != 1.f) {   // (s = 1: u taken pre-scaled, no drain of the products)
+            wg_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] *= scaling;
+          } else {
+            wg_wait<WAIT>();
+          }
+          if (WAIT == 0) {
+            if (lane == 0) release<CLUSTER>(&sm.empty[stage]);
+          } else {
+            if (prev >= 0 && lane == 0) release<CLUSTER>(&sm.empty[prev]);
+            prev = stage;
+          }
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
       }
+      if (PING && tile + tile_step < num_tiles) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - cw) : "memory");
       if (WAIT != 0) {
         wg_wait<0>();
         if (lane == 0) release<CLUSTER>(&sm.empty[prev]);
         prev = -1;
+      }
+      if constexpr (TMA_EPI == 2) {   // (a store that never happens keeps the products live)
+        if (acc[0] == -12345.f) y[threadIdx.x] = 0;
+        continue;
       }
       if constexpr (TMA_EPI == 1) {
         // Epilogue through shared memory: four 64 x 64 chunks of this consumer's 64 rows, each written (bf16 pairs,
@@ -344,14 +411,14 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
           fence_async_shared();
           named_sync(1 + cw, 128);
           if (leader) {   // one bulk group per chunk, empty past N, so that wait_group.read 1 frees this buffer
-            if (tn * BN + 64 * c < N) tma_store(&tm_y, buf, tn * BN + 64 * c, tm * BM + cw * 64);
+            if (tn * BN + 64 * c < N) tma_store(&tm_y, buf, tn * BN + 64 * c, tm * TM + row0);
             bulk_commit();
           }
         }
         continue;
       }
       // Epilogue: thread (warp, lane) holds rows r0 and r0 + 8, columns 8 i + 2 (lane % 4) + {0, 1}.
-      const int r0 = tm * BM + cw * 64 + warp * 16 + lane / 4;
+      const int r0 = tm * TM + row0 + warp * 16 + lane / 4;
       const int c0 = tn * BN + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
@@ -411,11 +478,11 @@ int make_map(CUtensorMap* m, bool bf16, const void* p, long rows, long cols, lon
 
 int g_last_grid = 0, g_max_clusters = 0;
 
-template <int STAGES, int KB, int RBOX, bool BF16, int WAIT, int TMA_EPI, int CLUSTER>
+template <int STAGES, int KB, int RBOX, bool BF16, int WAIT, int TMA_EPI, int CLUSTER, int PING, int SPLIT>
 int launch(const CUtensorMap* maps, void* y, const void* bias, int M, int N, int K, int R, long ldy, float s,
            Tiles t, int grid, cudaStream_t stream) {
   const bool persistent = grid < t.num_m * t.num_n * CLUSTER;
-  auto k = lora_wgmma_fwd<STAGES, KB, RBOX, BF16, WAIT, TMA_EPI, CLUSTER>;
+  auto k = lora_wgmma_fwd<STAGES, KB, RBOX, BF16, WAIT, TMA_EPI, CLUSTER, PING, SPLIT>;
   const int smem = (int)sizeof(Smem<STAGES, KB>) + 1024;
   cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return 1000 + (int)e;
@@ -446,10 +513,10 @@ int launch(const CUtensorMap* maps, void* y, const void* bias, int M, int N, int
   return e == cudaSuccess ? 0 : 2000 + (int)e;
 }
 
-template <int STAGES, int KB, int WAIT, int EPI, int C>
+template <int STAGES, int KB, int WAIT, int EPI, int C, int P, int SP>
 int run(bool bf16, int rbox, const CUtensorMap* maps, void* y, const void* bias, int M, int N, int K, int R,
         long ldy, float s, Tiles t, int grid, cudaStream_t st) {
-#define BK_RUN(RB, B) launch<STAGES, KB, RB, B, WAIT, EPI, C>(maps, y, bias, M, N, K, R, ldy, s, t, grid, st)
+#define BK_RUN(RB, B) launch<STAGES, KB, RB, B, WAIT, EPI, C, P, SP>(maps, y, bias, M, N, K, R, ldy, s, t, grid, st)
   if (bf16) return rbox == 16 ? BK_RUN(16, true) : rbox == 32 ? BK_RUN(32, true) : BK_RUN(KB, true);
   return rbox == 16 ? BK_RUN(16, false) : rbox == 32 ? BK_RUN(32, false) : BK_RUN(KB, false);
 #undef BK_RUN
@@ -461,8 +528,10 @@ int run(bool bf16, int rbox, const CUtensorMap* maps, void* y, const void* bias,
 extern "C" int wg_last_grid() { return g_last_grid; }
 extern "C" int wg_max_clusters() { return g_max_clusters; }
 
-// variant = stages + 10 * wait depth (0 or 1) + 100 * TMA-store epilogue + 1000 * (clusters of 2 CTAs sharing the
-// W / B tile) + 10000 * (K steps of 32 instead of 64). dtype 1 bf16, 2 fp16. Returns 0 or an error code.
+// variant = stages + 10 * wait depth (0 or 1) + 100 * epilogue (0 registers, 1 TMA store, 2 none: timing only)
+// + 1000 * (clusters of 2 CTAs sharing the W / B tile) + 10000 * (K steps of 32 instead of 64) + 100000 * ping-pong
+// consumers (64-row tiles) + 1000000 * (rank and K steps as two loops). dtype 1 bf16, 2 fp16. Returns 0 or an error
+// code.
 extern "C" int wg_lora_fwd(int variant, int dtype, const void* x, const void* w, const void* u, const void* q,
                            const void* bias, void* y, int M, int N, int K, int R, long ldx, long ldw, long ldu,
                            long ldq, long ldy, float s, int group_m, int grid, void* stream) {
@@ -473,27 +542,37 @@ extern "C" int wg_lora_fwd(int variant, int dtype, const void* x, const void* w,
   const int kb = variant / 10000 ? 32 : 64;
   const int rbox = std::min(R <= 16 ? 16 : R <= 32 ? 32 : 64, kb);
   const int cluster = (variant / 1000) % 10 ? 2 : 1;
+  const int tm_rows = (variant / 100000) % 10 ? 64 : BM;
   alignas(64) CUtensorMap maps[5];
   int e;
-  if ((e = make_map(&maps[0], bf16, x, M, K, ldx, kb, BM))) return 100 + e;
+  if ((e = make_map(&maps[0], bf16, x, M, K, ldx, kb, tm_rows))) return 100 + e;
   if ((e = make_map(&maps[1], bf16, w, N, K, ldw, kb, BN / cluster))) return 200 + e;
-  if ((e = make_map(&maps[2], bf16, u, M, R, ldu, rbox, BM))) return 300 + e;
+  if ((e = make_map(&maps[2], bf16, u, M, R, ldu, rbox, tm_rows))) return 300 + e;
   if ((e = make_map(&maps[3], bf16, q, N, R, ldq, rbox, BN / cluster))) return 400 + e;
   if ((e = make_map(&maps[4], bf16, y, M, N, ldy, 64, 64))) return 500 + e;
-  Tiles t{((M + BM - 1) / BM + cluster - 1) / cluster, (N + BN - 1) / BN, group_m};
+  Tiles t{((M + tm_rows - 1) / tm_rows + cluster - 1) / cluster, (N + BN - 1) / BN, group_m};
   grid = std::min(grid, t.num_m * t.num_n * cluster);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-#define BK_CASE(V, S, KB_, W, E, C) \
-  case V: return run<S, KB_, W, E, C>(bf16, rbox, maps, y, bias, M, N, K, R, ldy, s, t, grid, st);
+#define BK_CASE(V, S, KB_, W, E, C, P, SP) \
+  case V: return run<S, KB_, W, E, C, P, SP>(bf16, rbox, maps, y, bias, M, N, K, R, ldy, s, t, grid, st);
   switch (variant) {
-    BK_CASE(14, 4, 64, 1, false, 1)
-    BK_CASE(114, 4, 64, 1, true, 1)
-    BK_CASE(1114, 4, 64, 1, true, 2)
-    BK_CASE(1104, 4, 64, 0, true, 2)
-    BK_CASE(104, 4, 64, 0, true, 1)
-    BK_CASE(10118, 8, 32, 1, true, 1)
-    BK_CASE(11118, 8, 32, 1, true, 2)
-    BK_CASE(11108, 8, 32, 0, true, 2)
+    BK_CASE(14, 4, 64, 1, 0, 1, 0, 0)
+    BK_CASE(114, 4, 64, 1, 1, 1, 0, 0)
+    BK_CASE(1114, 4, 64, 1, 1, 2, 0, 0)
+    BK_CASE(1104, 4, 64, 0, 1, 2, 0, 0)
+    BK_CASE(104, 4, 64, 0, 1, 1, 0, 0)
+    BK_CASE(10118, 8, 32, 1, 1, 1, 0, 0)
+    BK_CASE(11118, 8, 32, 1, 1, 2, 0, 0)
+    BK_CASE(11108, 8, 32, 0, 1, 2, 0, 0)
+    BK_CASE(1214, 4, 64, 1, 2, 2, 0, 0)
+    BK_CASE(1000114, 4, 64, 1, 1, 1, 0, 1)
+    BK_CASE(1001114, 4, 64, 1, 1, 2, 0, 1)
+    BK_CASE(1001104, 4, 64, 0, 1, 2, 0, 1)
+    BK_CASE(1001214, 4, 64, 1, 2, 2, 0, 1)
+    BK_CASE(1101114, 4, 64, 1, 1, 2, 1, 1)
+    BK_CASE(1100114, 4, 64, 1, 1, 1, 1, 1)
+    BK_CASE(1101104, 4, 64, 0, 1, 2, 1, 1)
+    BK_CASE(1101214, 4, 64, 1, 2, 2, 1, 1)
     default: return 3;
   }
 #undef BK_CASE

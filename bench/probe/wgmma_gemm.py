@@ -18,14 +18,27 @@ import triton
 
 from balora_kernels.ops import lora_linear as ll
 
-# stages + 10 * wait depth + 100 * TMA-store epilogue + 1000 * cluster of 2 + 10000 * K steps of 32
-VARIANTS = {"s4 k64 w1": 114, "s4 k64 w1 c2": 1114, "s4 k64 w0 c2": 1104}   # (--variants: others; the logs'
-# sets differ by run: bench/results/logs/session29-wgmma-probe-*)
+# stages + 10 * wait depth + 100 * epilogue (0 registers, 1 TMA store, 2 none) + 1000 * cluster of 2
+# + 10000 * K steps of 32 + 100000 * ping-pong consumers (64-row tiles)
+# + 1000000 * rank and K steps as two loops. Those with two loops (codes >= 1000000, the ping-pong ones among them)
+# hung in their first check on the H200 in session 30, cause not found (bench/results/logs/session30-*): run them
+# only under `timeout -s ABRT` (bench/probe/session30_probe.sh).
+DEFAULT_VARIANTS = (114, 1114, 1104)   # (--variants: others; the logs' sets differ by run)
 
 
 def variant_name(code):
-    return (f"s{code % 10} k{32 if code >= 10000 else 64} w{code // 10 % 10}" + (" c2" if code // 1000 % 10 else "")
-            + ("" if code // 100 % 10 else " reg-epi"))
+    epi = {0: " reg-epi", 1: "", 2: " no-epi"}[code // 100 % 10]
+    return (f"s{code % 10} k{32 if code // 10000 % 10 else 64} w{code // 10 % 10}"
+            + (" c2" if code // 1000 % 10 else "") + (" ping" if code // 100000 % 10 else "")
+            + (" split" if code // 1000000 % 10 else "") + epi)
+
+
+def timing_only(code):
+    """Variants that store no output (what the epilogue costs): timed, not checked."""
+    return code // 100 % 10 == 2
+
+
+VARIANTS = {variant_name(v): v for v in DEFAULT_VARIANTS}
 
 
 def load(path):
@@ -69,7 +82,10 @@ def check(lib, M, K, N, R, dtype, bias_on, s=2.0):
         plain = plain + b
     out = {"plain": rel(plain, ref)}
     for name, v in VARIANTS.items():
+        if timing_only(v):
+            continue
         y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        print(f"  checking {name}", flush=True)
         ours(lib, v, x, w, u, q, b, y, s)
         torch.cuda.synchronize()
         out[name] = rel(y, ref) if torch.isfinite(y).all() else float("nan")
@@ -78,7 +94,7 @@ def check(lib, M, K, N, R, dtype, bias_on, s=2.0):
     ours(lib, 1114, x, w, u * s, q, b, y, 1.0)
     torch.cuda.synchronize()
     out["prescaled c2"] = rel(y, ref) if torch.isfinite(y).all() else float("nan")
-    ok = all(out[n] <= 2 * out["plain"] for n in (*VARIANTS, "prescaled c2"))
+    ok = all(out[n] <= 2 * out["plain"] for n in out if n != "plain")
     return ok, out
 
 
@@ -98,11 +114,9 @@ def bench_case(lib, M, K, N, R, rounds, dtype=torch.bfloat16, s=2.0):
         "triton tma cfg0": lambda: ll.lora_gemm(x, w.T, u, q.T, s, out=y, config=0, tma=True),
         "triton tma cfg3": lambda: ll.lora_gemm(x, w.T, u, q.T, s, out=y, config=3, tma=True),
     }
-    for name, v in VARIANTS.items():
+    for name, v in VARIANTS.items():   # s = 2, and s = 1 (u taken pre-scaled: no drain before the scaling)
         prov[f"wgmma {name}"] = (lambda v=v: ours(lib, v, x, w, u, q, None, y, s))
-    prov["wgmma s4 k64 w1 c2 g16"] = lambda: ours(lib, 1114, x, w, u, q, None, y, s, group_m=16)
-    prov["wgmma s4 k64 w1 c2 s=1"] = lambda: ours(lib, 1114, x, w, u, q, None, y, 1.0)
-    prov["wgmma s4 k64 w0 c2 s=1"] = lambda: ours(lib, 1104, x, w, u, q, None, y, 1.0)
+        prov[f"wgmma {name} s=1"] = (lambda v=v: ours(lib, v, x, w, u, q, None, y, 1.0))
     times = {k: [] for k in prov}
     grids = {}
     for k, fn in prov.items():
@@ -129,6 +143,7 @@ def main():
         VARIANTS.clear()
         VARIANTS.update({variant_name(v): v for v in a.variants})
     lib = load(a.lib)
+    print(f"loaded {a.lib} on {torch.cuda.get_device_name()}", flush=True)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "checks": [], "bench": {}}
     all_ok = True
@@ -157,7 +172,7 @@ def main():
             base = med["cublas xW^T"]
             print(f"\n{key}")
             for k, v in med.items():
-                print(f"  {k:24s} {v:.4f} ms  {v / base:.3f}x cuBLAS xW^T")
+                print(f"  {k:34s} {v:.4f} ms  {v / base:.3f}x cuBLAS xW^T")
     with open(os.path.join(a.out, "wgmma_gemm_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
 
