@@ -82,7 +82,8 @@ def lora_linear(path=os.path.join(HERE, "lora_linear-H200.json")):
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, c in d["cases"].items():
         sh, rt = c["shape"], c["ratio_to_frozen"]
-        cells = [f"{rt[p][mode]:.2f}" for mode in ("forward", "backward") for p in ("unfused", "peft", "compiled", "ours")]
+        cells = [f"{rt[p][mode]:.2f}" for mode in ("forward", "backward")
+                 for p in ("unfused", "peft", "compiled", "ours")]
         print(f"| {sh['N']} tok, {sh['in_features']}->{sh['out_features']}, r{sh['r']} | " + " | ".join(cells) + " |")
 
 

@@ -16,9 +16,10 @@
 // u pre-scaled), the Triton kernel's level, not cuBLAS's (see docs/DEVLOG.md, session 29). Session 30
 // (bench/results/logs/session30-*): the single loop's SASS carries an empty wgmma group after each K step's products
 // (HGMMA.64x8x16 RZ, added by ptxas where the rank and K branches merge before the commit), so wait depth 1 waits
-// for the step's own products; the SPLIT variants (two loops, one commit each: no empty group) and the ping-pong
-// consumers (PING, only built with SPLIT) hung in their first check, cause not found. Not run on a GPU: the
-// epilogue's commit of an empty bulk group past N (session 29's review), the ping-pong order barriers.
+// for the step's own products. The SPLIT variants (two loops, one commit each: no empty group) hung in their first
+// check, cause not found; the ping-pong consumers' (PING, built only with SPLIT) first form hung from a phase bug
+// (mended by the order barriers, not run since). Not run on a GPU either: the epilogue's commit of an empty bulk
+// group past N (session 29's review).
 // Built as a shared library, called through ctypes by bench/probe/wgmma_gemm.py:
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -shared -Xcompiler -fPIC \
 //        -o .bkcache/wgmma/wgmma_gemm.so bench/probe/wgmma_gemm.cu
