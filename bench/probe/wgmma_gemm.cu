@@ -19,7 +19,7 @@
 // for the step's own products. The SPLIT variants (two loops, one commit each: no empty group) hung in their first
 // check, cause not found; the ping-pong consumers' (PING, built only with SPLIT) first form hung from a phase bug
 // (mended by the order barriers, not run since). Not run on a GPU either: the epilogue's commit of an empty bulk
-// group past N (session 29's review).
+// group past N (session 29's review), SPLIT 2-4 and mbar_wait's trap (bench/probe/wgmma_hang_tests.sh runs them).
 // Built as a shared library, called through ctypes by bench/probe/wgmma_gemm.py:
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -shared -Xcompiler -fPIC \
 //        -o .bkcache/wgmma/wgmma_gemm.so bench/probe/wgmma_gemm.cu
@@ -50,14 +50,39 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
+// Where a hung wait records itself (wg_set_diag: host memory mapped into the device's address space, or null):
+// word 0 counts the records, then 4 words each (block, thread, the barrier's shared-memory address, parity).
+__device__ uint32_t* g_diag = nullptr;
+
+__device__ __forceinline__ bool mbar_try(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Records a wait that never ended and traps (the launch then fails instead of hanging); kept out of line.
+__device__ __noinline__ void mbar_hung(uint32_t bar, uint32_t parity) {
+  const uint32_t k = atomicAdd(g_diag, 1u);
+  if (k < 1024) {
+    uint32_t* r = g_diag + 1 + 4 * k;
+    r[0] = blockIdx.x;
+    r[1] = threadIdx.x;
+    r[2] = bar;
+    r[3] = parity;
+  }
+  __threadfence_system();
+  asm volatile("trap;");
+}
+// Waits for the phase of parity `parity` to complete; after ~3e9 cycles (about 2 s) with a diagnostic buffer set,
+// mbar_hung.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
+  if (mbar_try(bar, parity)) return;
+  const long long start = clock64();
+  while (!mbar_try(bar, parity)) {
+    if (clock64() - start > 3000000000LL && g_diag != nullptr) mbar_hung(smem_u32(bar), parity);
   }
 }
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
@@ -187,9 +212,14 @@ __device__ __forceinline__ void wgmma_256(float (&d)[128], uint64_t da, uint64_t
   else BK_WGMMA_256("f16");
 }
 
-template <int CLUSTER>
+// (MAPA: the CTA's own arrival too through mapa + .shared::cluster, as CUTLASS's consumer_release arrives)
+template <int CLUSTER, bool MAPA = false>
 __device__ __forceinline__ void release(uint64_t* bar) {
-  if constexpr (CLUSTER == 1) {
+  if constexpr (MAPA) {
+    const uint32_t me = CLUSTER > 1 ? cluster_rank() : 0;
+#pragma unroll
+    for (uint32_t r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, (me + r) % CLUSTER);
+  } else if constexpr (CLUSTER == 1) {
     mbar_arrive(bar);
   } else {
     const uint32_t me = cluster_rank();
@@ -302,16 +332,34 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
       if (PING && local > 0) named_sync(3 + cw, 256);   // the other consumer has issued its tile's products
       // One stage's products, committed as one group; then the stage before it (depth 1) or this one (depth 0) is
       // released once its products are done.
+      // SPLIT 2-4 (tests of what hangs SPLIT 1): 2 waits for every group right after the depth-WAIT wait (no overlap,
+      // same code otherwise); 3 arrives on the CTA's own barrier through mapa + .shared::cluster; 4 (WAIT 1) defers
+      // the wait and the release of the previous stage until after the next stage's full barrier was waited on.
+      constexpr bool MAPA = SPLIT == 3;
       auto retire = [&]() {
         wg_commit();
-        wg_wait<WAIT>();
-        if (WAIT == 0) {
-          if (lane == 0) release<CLUSTER>(&sm.empty[stage]);
+        if constexpr (SPLIT == 4) {
+          prev = stage;   // waited for and released in settle(), or at the tile's end
         } else {
-          if (prev >= 0 && lane == 0) release<CLUSTER>(&sm.empty[prev]);
-          prev = stage;
+          wg_wait<WAIT>();
+          if constexpr (SPLIT == 2) wg_wait<0>();
+          if (WAIT == 0) {
+            if (lane == 0) release<CLUSTER, MAPA>(&sm.empty[stage]);
+          } else {
+            if (prev >= 0 && lane == 0) release<CLUSTER, MAPA>(&sm.empty[prev]);
+            prev = stage;
+          }
         }
         if (++stage == STAGES) { stage = 0; phase ^= 1; }
+      };
+      auto settle = [&]() {   // SPLIT 4, after a full wait: the previous stage's products done, the stage released
+        if constexpr (SPLIT == 4) {
+          if (prev >= 0) {
+            wg_wait<0>();
+            if (lane == 0) release<CLUSTER>(&sm.empty[prev]);
+            prev = -1;
+          }
+        }
       };
       if constexpr (SPLIT) {
         // The rank steps and the K steps as two loops, each with one straight-line commit (SPLIT 0, one loop whose
@@ -319,6 +367,7 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
         // the stage's own products).
         for (int kb = 0; kb < rank_blocks; ++kb) {
           mbar_wait(&sm.full[stage], phase);
+          settle();
           wg_fence();
           const uint16_t* a = sm.a[stage] + row0 * RBOX;
 #pragma unroll
@@ -334,6 +383,7 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
         }
         for (int kb = 0; kb < k_blocks; ++kb) {
           mbar_wait(&sm.full[stage], phase);
+          settle();
           wg_fence();
           const uint16_t* a = sm.a[stage] + row0 * KB;
 #pragma unroll
@@ -377,7 +427,7 @@ lora_wgmma_fwd(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__
       if (PING && tile + tile_step < num_tiles) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - cw) : "memory");
       if (WAIT != 0) {
         wg_wait<0>();
-        if (lane == 0) release<CLUSTER>(&sm.empty[prev]);
+        if (lane == 0) release<CLUSTER, SPLIT == 3>(&sm.empty[prev]);
         prev = -1;
       }
       if constexpr (TMA_EPI == 2) {   // (a store that never happens keeps the products live)
@@ -527,12 +577,22 @@ int run(bool bf16, int rbox, const CUtensorMap* maps, void* y, const void* bias,
 
 // The grid of the last launch, and the most clusters of 2 that fit at once (for the probe's table).
 extern "C" int wg_last_grid() { return g_last_grid; }
+// The diagnostic buffer of mbar_wait (a device-accessible address of host memory, e.g. a pinned tensor's; 0: none).
+extern "C" int wg_set_diag(void* p) {
+  void* d = nullptr;
+  if (p != nullptr) {
+    const cudaError_t e = cudaHostGetDevicePointer(&d, p, 0);   // (under UVA the same address)
+    if (e != cudaSuccess) return 1000 + (int)e;
+  }
+  uint32_t* q = static_cast<uint32_t*>(d);
+  return (int)cudaMemcpyToSymbol(g_diag, &q, sizeof(q));
+}
 extern "C" int wg_max_clusters() { return g_max_clusters; }
 
 // variant = stages + 10 * wait depth (0 or 1) + 100 * epilogue (0 registers, 1 TMA store, 2 none: timing only)
 // + 1000 * (clusters of 2 CTAs sharing the W / B tile) + 10000 * (K steps of 32 instead of 64) + 100000 * ping-pong
-// consumers (64-row tiles) + 1000000 * (rank and K steps as two loops). dtype 1 bf16, 2 fp16. Returns 0 or an error
-// code.
+// consumers (64-row tiles) + 1000000 * (rank and K steps as two loops: SPLIT 1; 2-4 its tests, see the consumer).
+// dtype 1 bf16, 2 fp16. Returns 0 or an error code.
 extern "C" int wg_lora_fwd(int variant, int dtype, const void* x, const void* w, const void* u, const void* q,
                            const void* bias, void* y, int M, int N, int K, int R, long ldx, long ldw, long ldu,
                            long ldq, long ldy, float s, int group_m, int grid, void* stream) {
@@ -574,6 +634,12 @@ extern "C" int wg_lora_fwd(int variant, int dtype, const void* x, const void* w,
     BK_CASE(1100114, 4, 64, 1, 1, 1, 1, 1)
     BK_CASE(1101104, 4, 64, 0, 1, 2, 1, 1)
     BK_CASE(1101214, 4, 64, 1, 2, 2, 1, 1)
+    BK_CASE(2000114, 4, 64, 1, 1, 1, 0, 2)
+    BK_CASE(2001114, 4, 64, 1, 1, 2, 0, 2)
+    BK_CASE(3000114, 4, 64, 1, 1, 1, 0, 3)
+    BK_CASE(3001114, 4, 64, 1, 1, 2, 0, 3)
+    BK_CASE(4000114, 4, 64, 1, 1, 1, 0, 4)
+    BK_CASE(4001114, 4, 64, 1, 1, 2, 0, 4)
     default: return 3;
   }
 #undef BK_CASE

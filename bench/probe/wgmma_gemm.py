@@ -43,6 +43,7 @@ VARIANTS = {variant_name(v): v for v in DEFAULT_VARIANTS}
 
 def load(path):
     lib = ctypes.CDLL(path)
+    lib.wg_set_diag.argtypes = [ctypes.c_void_p]
     lib.wg_lora_fwd.restype = ctypes.c_int
     lib.wg_lora_fwd.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + \
         [ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
@@ -66,6 +67,28 @@ def ours(lib, variant, x, w, u, q, bias, y, s, group_m=8, grid=None):
     return y
 
 
+DIAG = None   # pinned int32 words the kernel's hung waits record themselves in (--diag)
+
+
+def sync_or_report():
+    """torch.cuda.synchronize(); with --diag, a launch that trapped on a wait that never ended prints where each
+    recorded thread waited (the barrier's offset in the 1024-byte-aligned block: full[s] at 8 s, empty[s] at 32 + 8 s)
+    and exits (the CUDA context is lost)."""
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        if DIAG is None:
+            raise
+        n = int(DIAG[0])
+        print(f"launch failed; {n} hung wait(s) recorded:")
+        for k in range(min(n, 1024)):
+            blk, thr, addr, par = (int(v) & 0xFFFFFFFF for v in DIAG[1 + 4 * k: 5 + 4 * k])
+            off = addr % 1024
+            bar = f"full[{off // 8}]" if off < 32 else f"empty[{(off - 32) // 8}]"
+            print(f"  block {blk} thread {thr} (warpgroup {thr // 128}) on {bar} parity {par}")
+        raise SystemExit(3)
+
+
 def rel(a, ref):
     return ((a.double() - ref).norm() / ref.norm()).item()
 
@@ -87,12 +110,12 @@ def check(lib, M, K, N, R, dtype, bias_on, s=2.0):
         y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         print(f"  checking {name}", flush=True)
         ours(lib, v, x, w, u, q, b, y, s)
-        torch.cuda.synchronize()
+        sync_or_report()
         out[name] = rel(y, ref) if torch.isfinite(y).all() else float("nan")
     # u taken pre-scaled (s = 2: s u is exact in the same dtype), the kernel told s = 1: no scaling step
     y = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
     ours(lib, 1114, x, w, u * s, q, b, y, 1.0)
-    torch.cuda.synchronize()
+    sync_or_report()
     out["prescaled c2"] = rel(y, ref) if torch.isfinite(y).all() else float("nan")
     ok = all(out[n] <= 2 * out["plain"] for n in out if n != "plain")
     return ok, out
@@ -138,11 +161,18 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", type=int, nargs="*", help="wg_lora_fwd codes to check and time (default: VARIANTS)")
+    ap.add_argument("--diag", action="store_true",
+                    help="a wait that never ends traps and says where (see sync_or_report)")
+    ap.add_argument("--checks-only", action="store_true", help="check, do not time")
     a = ap.parse_args()
     if a.variants:
         VARIANTS.clear()
         VARIANTS.update({variant_name(v): v for v in a.variants})
     lib = load(a.lib)
+    if a.diag:
+        global DIAG
+        DIAG = torch.zeros(1 + 4 * 1024, dtype=torch.int32).pin_memory()
+        assert lib.wg_set_diag(ctypes.c_void_p(DIAG.data_ptr())) == 0
     print(f"loaded {a.lib} on {torch.cuda.get_device_name()}", flush=True)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "checks": [], "bench": {}}
@@ -163,7 +193,7 @@ def main():
               + " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
     if not all_ok:
         print("correctness failed: no timing")
-    else:
+    elif not a.checks_only:
         for (M, K, N, R) in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 11008, 16),
                              (8192, 11008, 4096, 16)]:
             med, times = bench_case(lib, M, K, N, R, a.rounds)
@@ -175,6 +205,8 @@ def main():
                 print(f"  {k:34s} {v:.4f} ms  {v / base:.3f}x cuBLAS xW^T")
     with open(os.path.join(a.out, "wgmma_gemm_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
+    if not all_ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
