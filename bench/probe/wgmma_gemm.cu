@@ -17,9 +17,10 @@
 // (bench/results/logs/session30-*): the single loop's SASS carries an empty wgmma group after each K step's products
 // (HGMMA.64x8x16 RZ, added by ptxas where the rank and K branches merge before the commit), so wait depth 1 waits
 // for the step's own products. The SPLIT variants (two loops, one commit each: no empty group) hung in their first
-// check, cause not found; the ping-pong consumers' (PING, built only with SPLIT) first form hung from a phase bug
-// (mended by the order barriers, not run since). Not run on a GPU either: the epilogue's commit of an empty bulk
-// group past N (session 29's review), SPLIT 2-4 and mbar_wait's trap (bench/probe/wgmma_hang_tests.sh runs them).
+// check, cause not found; the ping-pong consumers' (PING, built only with SPLIT) first form had a phase bug, found
+// by reading after the call that included it hung (mended by the order barriers, not run since). Not run on a GPU
+// either: the epilogue's commit of an empty bulk group past N (session 29's review), SPLIT 2-4 and mbar_wait's trap
+// (bench/probe/wgmma_hang_tests.sh runs them).
 // Built as a shared library, called through ctypes by bench/probe/wgmma_gemm.py:
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -shared -Xcompiler -fPIC \
 //        -o .bkcache/wgmma/wgmma_gemm.so bench/probe/wgmma_gemm.cu
