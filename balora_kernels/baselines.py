@@ -15,8 +15,18 @@ from __future__ import annotations
 import torch
 
 
+def _upcast(*ts):
+    """16-bit factors in float32 (``torch.linalg`` takes no bfloat16 / float16 on the GPU), others as given."""
+    return tuple(t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in ts)
+
+
 def paper_project(A: torch.Tensor, B: torch.Tensor):
-    """The paper's SVD-aligned balanced pair ``(A', B')`` for one module, A [r, in], B [out, r]."""
+    """The paper's SVD-aligned balanced pair ``(A', B')`` for one module, A [r, in], B [out, r]. 16-bit factors
+    are projected in float32 and the pair returned in their dtype (the SVDs take no 16-bit input)."""
+    A32, B32 = _upcast(A, B)
+    if A32 is not A or B32 is not B:
+        A2, B2 = paper_project(A32, B32)
+        return A2.to(A.dtype), B2.to(B.dtype)
     UA, DA, VA = torch.linalg.svd(A, full_matrices=False)
     SA, RA = (UA * DA) @ UA.T, UA @ VA
     UB, DB, VB = torch.linalg.svd(B, full_matrices=False)
@@ -27,9 +37,11 @@ def paper_project(A: torch.Tensor, B: torch.Tensor):
 
 
 def batched_project(groups):
-    """``[(A' [G, r, in], B' [G, out, r])]`` for stacked groups ``[(A [G, r, in], B [G, out, r])]``."""
+    """``[(A' [G, r, in], B' [G, out, r])]`` for stacked groups ``[(A [G, r, in], B [G, out, r])]`` (16-bit
+    factors: Grams and rescale in float32, results in their dtype)."""
     outs = []
-    for A, B in groups:
+    for A0, B0 in groups:
+        A, B = _upcast(A0, B0)
         GB, GA = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)
         d, Q = torch.linalg.eigh(GB.double())
         d = d.clamp_min(0)
@@ -39,7 +51,7 @@ def batched_project(groups):
         sig = lam.clamp_min(0).sqrt()                      # singular values of B A
         T = isq @ V * sig.sqrt()[:, None, :]
         Tinv = sig.clamp_min(1e-30).rsqrt()[:, :, None] * (V.transpose(1, 2) @ sq)
-        outs.append((Tinv.to(A.dtype) @ A, B @ T.to(B.dtype)))
+        outs.append(((Tinv.to(A.dtype) @ A).to(A0.dtype), (B @ T.to(B.dtype)).to(B0.dtype)))
     return outs
 
 

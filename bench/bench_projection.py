@@ -4,7 +4,8 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
 
 * shapes: Llama-2-7B (32 layers x q,k,v,o 4096x4096, gate,up 4096->11008, down 11008->4096: 224 adapters)
   and a 1B Llama (hidden 2048, 16 layers, intermediate 5632: 112 adapters); r in {8, 16, 64}; fp32 and
-  bf16 adapters (the baselines run on fp32 only: the paper's SVDs need fp32);
+  bf16 adapters (the baselines project bf16 pairs in float32 and round the results back: torch.linalg's SVD
+  and eigh take no bf16 input on the GPU; ``baseline_upcast`` in the JSON);
 * providers: ``ours`` (TritonProjectionPlan: grouped Gram + CUDA r x r kernel + grouped rescale, replayed from
   the CUDA graph the plan captures on its second call, as BalancedProjector runs it), ``ours_eager`` (the same
   kernels launched one by one from Python: what the host adds),
@@ -17,7 +18,9 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
   Triton kernels beside them (``gram_triton_ms``, ``rescale_triton_ms``); for float32 adapters also the
   Triton Gram's other methods;
 * one AdamW step of the 1B Llama (transformers LlamaForCausalLM from a config, PEFT LoRA r=16 on all
-  linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters.
+  linear layers, 8 x 1024 tokens, bf16 autocast, as the anchors' script) and ours on its adapters, through
+  ``BalancedProjector.project()`` with its per-call checks (the default) and without them
+  (``follow_model=False, check_params=False``).
 
 Timed runs of ``ours`` project adapters that earlier runs already balanced (what training sees when
 projecting every step); the first projection of fresh adapters is timed separately (``first_call_ms``).
@@ -88,7 +91,7 @@ def events_ms(fn, warm=1, rep=3):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no paper loop on bf16")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-step", action="store_true", help="skip the 1B Llama training step")
     args = ap.parse_args()
@@ -177,17 +180,18 @@ def main():
                     fb = TritonProjectionPlan(ad, transforms="torch")   # on SVD-aligned data (after ours_svd)
                     fb.run("nearest")
                     case["ours_torch_eigh_ms"] = events_ms(lambda: fb.run("nearest"), warm=1, rep=5)
-                if dtype == torch.float32:
-                    case["paper_loop_ms"] = events_ms(lambda: [ref_project(A, B) for A, B in ad], warm=1,
-                                                      rep=1 if args.quick else 3)
-                    by = {}
-                    for A, B in ad:
-                        by.setdefault((A.shape, B.shape), []).append((A, B))
-                    groups = [(torch.stack([a for a, _ in v]), torch.stack([b for _, b in v])) for v in by.values()]
-                    case["torch_batched_ms"] = events_ms(lambda: batched_project(groups), warm=1,
-                                                         rep=1 if (args.quick or r == 64) else 3)
-                    case["speedup_vs_paper"] = case["paper_loop_ms"] / case["ours_ms"]
-                    case["speedup_vs_torch_batched"] = case["torch_batched_ms"] / case["ours_ms"]
+                # (bf16 pairs: baselines.py's paper_project / batched_project work in float32)
+                case["baseline_upcast"] = dtype != torch.float32
+                case["paper_loop_ms"] = events_ms(lambda: [ref_project(A, B) for A, B in ad], warm=1,
+                                                  rep=1 if args.quick else 3)
+                by = {}
+                for A, B in ad:
+                    by.setdefault((A.shape, B.shape), []).append((A, B))
+                groups = [(torch.stack([a for a, _ in v]), torch.stack([b for _, b in v])) for v in by.values()]
+                case["torch_batched_ms"] = events_ms(lambda: batched_project(groups), warm=1,
+                                                     rep=1 if (args.quick or r == 64) else 3)
+                case["speedup_vs_paper"] = case["paper_loop_ms"] / case["ours_ms"]
+                case["speedup_vs_torch_batched"] = case["torch_batched_ms"] / case["ours_ms"]
                 res["cases"].append(case)
                 rows.append(case)
                 print(json.dumps(case), flush=True)
@@ -221,10 +225,15 @@ def main():
                 torch.nn.init.normal_(B, std=1e-2)
             proj.project()
             t_proj = bench(proj.project)
+            # the same without the per-call checks over the pairs (the modules' lookups, the plan's tables)
+            unchecked = bk.BalancedProjector(model, follow_model=False, check_params=False)
+            unchecked.project()
+            t_unchecked = bench(unchecked.project)
             pairs = [(A, B) for _, A, B in proj.named_pairs]
             t_paper = events_ms(lambda: [ref_project(A.data, B.data) for A, B in pairs], warm=1, rep=1 if args.quick else 2)
             res["llama1b_step"] = {"adapters": len(pairs), "step_ms": t_step, "ours_projection_ms": t_proj,
-                                   "ours_over_step": t_proj / t_step, "paper_loop_ms": t_paper,
+                                   "ours_over_step": t_proj / t_step, "ours_unchecked_projection_ms": t_unchecked,
+                                   "ours_unchecked_over_step": t_unchecked / t_step, "paper_loop_ms": t_paper,
                                    "paper_over_step": t_paper / t_step, "plan": type(proj._plan).__name__,
                                    "backend": getattr(proj._plan, "backend", "torch")}
             print(json.dumps(res["llama1b_step"]), flush=True)
@@ -251,7 +260,9 @@ def main():
     if "step_ms" in res.get("llama1b_step", {}):
         s = res["llama1b_step"]
         print(f"1B Llama AdamW step {s['step_ms']:.1f} ms; ours {s['ours_projection_ms']:.3f} ms = "
-              f"{100 * s['ours_over_step']:.2f}% of the step (paper loop {100 * s['paper_over_step']:.0f}%)")
+              f"{100 * s['ours_over_step']:.2f}% of the step; without the per-call checks "
+              f"{s['ours_unchecked_projection_ms']:.3f} ms = {100 * s['ours_unchecked_over_step']:.2f}% "
+              f"(paper loop {100 * s['paper_over_step']:.0f}%)")
     print("wrote", out)
 
 

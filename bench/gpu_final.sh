@@ -41,6 +41,16 @@
 #                                                # git ref BASE (default HEAD: run it before committing the change;
 #                                                # git archive, no extension) beside the working tree's, then the
 #                                                # working tree's launch-parameter search (bench/tune_projection.py)
+#   device run: bash bench/gpu_final.sh setup    # the extension built by `python3 setup.py build_ext --inplace` (log:
+#                                                # $OUT/setup_build.log; the library returned in $OUT/so/so_part_*, its
+#                                                # name and checksum in $OUT/so/meta),
+#                                                # projection benchmark, balora check, then (while the call has time
+#                                                # left) the LoRA GPU tests selected by LORA_K
+#   device run: bash bench/gpu_final.sh suite    # the whole test suite, GPU tests included, in one pytest run
+#                                                # (-n SUITE_WORKERS processes, default 8, when pytest-xdist is
+#                                                # installed; junit XML in $OUT), on the prebuilt library when
+#                                                # balora_kernels/_C*.so is carried (put together from a setup call's
+#                                                # parts), else on a JIT build
 #   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
 #                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
 #                                                # run beside the build; NCU_TRITON=1: then ncu of the Triton Gram
@@ -151,6 +161,12 @@ seed_build
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  if [ "$PART" = setup ]; then   # as `pip install --no-build-isolation .` builds it (MAX_JOBS: ninja's parallelism)
+    echo "== python3 setup.py build_ext --inplace"
+    MAX_JOBS=${MAX_JOBS:-16} /usr/bin/time -f "setup.py build_ext: %e s" python3 setup.py build_ext --inplace \
+      > "$OUT/setup_build.log" 2>&1; echo "rc=$?"
+    tail -2 "$OUT/setup_build.log"; ls -l balora_kernels/_C*.so
+  fi
   if [ "$PART" != tune64 ]; then   # (tune64 times Triton kernels only)
     /usr/bin/time -f "extension ready in %e s" python3 -c "from balora_kernels import _ext; _ext.load(); print('extension:', _ext.how(), _ext.error())"
   fi
@@ -249,6 +265,24 @@ seed_build
   elif [ "$PART" = final ]; then   # (a build first, when no library is carried: ~175 s of the call's 600)
     lora_tests 200
     if [ "$SECONDS" -lt 300 ]; then projection_bench_check; else echo "(benchmark skipped: ${SECONDS} s used)"; fi
+  elif [ "$PART" = setup ]; then
+    projection_bench_check
+    so=$(ls balora_kernels/_C*.so 2>/dev/null | head -1)
+    if [ -n "$so" ]; then   # (at most 3 parts of 15 MiB come back: 8 files per call)
+      mkdir -p "$OUT/so" && split -b 15M -d "$so" "$OUT/so/so_part_" &&
+        { basename "$so"; sha256sum < "$so" | cut -c1-64; } > "$OUT/so/meta"; ls -l "$OUT/so"
+    fi
+    if [ "$SECONDS" -lt 450 ]; then
+      lora_tests $((540 - SECONDS))
+    else
+      echo "(LoRA GPU tests skipped: ${SECONDS} s used)"
+    fi
+  elif [ "$PART" = suite ]; then
+    echo "== the whole test suite (pytest tests, GPU tests included)"
+    xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n ${SUITE_WORKERS:-8}"
+    timeout $((570 - SECONDS)) python3 -m pytest -q -p no:cacheprovider -rfEs $xd --durations=25 \
+      --junitxml="$OUT/junit.xml" tests; echo "rc=$?"
+    python3 -c "import balora_kernels, json; print(json.dumps(balora_kernels.backend_info(), default=str))"
   elif [ "$PART" = projcheck ]; then
     projection_tests
     echo "== balora check"

@@ -9,7 +9,10 @@ in the same dtype). Outputs are poisoned with NaN before a kernel writes them.
   starts it. Shapes are small and awkward (N=37, in=72, out=40, r in {1, 3, 16}), fp32 and fp16.
 * CPU op tests: gradcheck in float64, ``torch.compile(fullgraph=True)``, the dispatcher.
 * GPU tests (``-m gpu``): every implementation and every gradient on shapes up to
-  8192 x 4096 x 11008, peak memory, torch.compile and CUDA-graph capture.
+  8192 x 4096 x 11008; each dtype (bf16, fp16, fp32) with each r in {1, 8, 16, 64, 128}, dW and db
+  included, x and dy non-contiguous; under torch.autocast; peak memory, torch.compile and CUDA-graph
+  capture. Before an op call every free block of torch's caching allocator is filled with 0xFF (NaN in
+  every float dtype), checked on fresh allocations.
 """
 from __future__ import annotations
 
@@ -731,20 +734,63 @@ needs_tma = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
                                reason="TMA descriptors need compute capability >= 9")
 
 
+# The caching allocator keeps freed blocks for reuse, each with what it last held. Poisoning fills every free
+# block of every segment it holds with 0xFF bytes (NaN in float32, float16, bfloat16 and float64 alike: a float32
+# NaN fill would read as bfloat16 zeros in every other element), after reserving room in both of its pools
+# (requests up to 1 MiB come from a small pool of 2 MiB segments, larger ones from a large pool), so that every
+# output the op allocates starts as NaN.
+SMALL_POOL_BLOCK = 2**20
+SMALL_POOL_BLOCKS = 64
+
+
+class _DeviceBytes:
+    """``n`` bytes at a device address, for ``torch.as_tensor`` (the CUDA array interface; nothing is owned)."""
+
+    def __init__(self, ptr: int, n: int):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False), "strides": None,
+                                        "version": 3}
+
+
 def _poison_allocator(nbytes: int):
-    """Fill the caching allocator's free memory with NaN so the op's outputs start poisoned."""
+    """Every free block of the caching allocator filled with 0xFF (NaN), after freeing one block of ``nbytes`` in its
+    large pool and 64 MiB in 1 MiB blocks in its small pool; then checked: a fresh small and a fresh large
+    ``torch.empty`` must read NaN as float32 and as bfloat16 (else the poisoning would prove nothing: the test
+    fails)."""
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    junk = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    junk = [torch.empty(nbytes, dtype=torch.uint8, device="cuda")]
+    junk += [torch.empty(SMALL_POOL_BLOCK, dtype=torch.uint8, device="cuda") for _ in range(SMALL_POOL_BLOCKS)]
     del junk
+    dev = torch.cuda.current_device()
+    for seg in torch.cuda.memory_snapshot():
+        if seg["device"] != dev:
+            continue
+        for blk in seg["blocks"]:
+            if blk["state"] == "inactive":
+                torch.as_tensor(_DeviceBytes(blk["address"], blk["size"]), device="cuda").fill_(0xFF)
+    torch.cuda.synchronize()
+    for n in (1000, 3 * SMALL_POOL_BLOCK // 4):
+        probe = torch.empty(n, device="cuda")
+        assert probe.isnan().all() and probe.view(torch.bfloat16).isnan().all(), (
+            f"poisoning: a fresh {4 * n}-byte block is not NaN")
+        del probe
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test (torch's flag restored after it)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("impl", GPU_IMPLS)
-def test_gpu_op_matches_reference(case, impl):
+def test_gpu_op_matches_reference(case, impl, no_tf32):
     N, I, O, r, dt, adt, bias, dropout, lead = GPU_CASES[case]
-    torch.backends.cuda.matmul.allow_tf32 = False
     if case not in _REF_CACHE:
         _REF_CACHE.clear()
         ops = operands(N, I, O, r, dt, "cuda", adt, bias, dropout, seed=N + r)
@@ -762,6 +808,87 @@ def test_gpu_op_matches_reference(case, impl):
     assert_2x(f"{case} {impl}: dA", Ag.grad, gp.lora_A, g64.lora_A)
     assert_2x(f"{case} {impl}: dB", Bg.grad, gp.lora_B, g64.lora_B)
     assert Ag.grad.dtype == A.dtype and Bg.grad.dtype == B.dtype
+
+
+CROSS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CROSS_RANKS = (1, 8, 16, 64, 128)
+_CROSS_REF = {}
+
+
+def _strided_copy(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """``t``'s values in a column slice of a wider buffer (row stride ``width + 2 pad``, first column ``pad``)."""
+    wide = torch.randn(t.shape[0], t.shape[1] + 2 * pad, device=t.device, dtype=t.dtype)
+    wide[:, pad:pad + t.shape[1]] = t
+    return wide[:, pad:pad + t.shape[1]]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=("bf16", "fp16", "fp32"))
+@pytest.mark.parametrize("r", CROSS_RANKS)
+@pytest.mark.parametrize("impl", ("auto",) + GPU_IMPLS)
+def test_gpu_every_gradient_each_dtype_and_rank(dtype, r, impl, no_tf32):
+    """Each dtype with each rank the issue names, on every implementation: y and all five gradients (dW and db
+    too: the frozen weight and bias made trainable) against float64 by the 2x-PyTorch-error rule, outputs
+    poisoned; x and dy non-contiguous (column slices of wider buffers, 16 elements in), 1531 x 1000 -> 1030
+    (no tile divides them), bias; float32 adapters at r = 16 and 128, dropout at r = 8 and 128."""
+    N, I, O = 1531, 1000, 1030
+    adt = torch.float32 if r in (16, 128) and dtype != torch.float32 else None
+    dropout = r in (8, 128)
+    key = (dtype, r)
+    if key not in _CROSS_REF:
+        _CROSS_REF.clear()
+        ops = operands(N, I, O, r, dtype, "cuda", adt, True, dropout, seed=100 + r)
+        _CROSS_REF[key] = (ops, references(*ops, 2.0, need_w=True))
+    (x, W, b, A, B, m, dy), ((y64, g64), (yp, gp)) = _CROSS_REF[key]
+    xs, dys = _strided_copy(x, 16), _strided_copy(dy, 16)
+    assert not xs.is_contiguous() and not dys.is_contiguous()
+    xg = xs.detach().requires_grad_(True)
+    Wg, bg, Ag, Bg = (t.clone().requires_grad_(True) for t in (W, b, A, B))
+    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+    y = L.lora_linear(xg, Wg, bg, Ag, Bg, 2.0, m, impl=impl)
+    y.backward(dys)
+    torch.cuda.synchronize()
+    what = f"{impl} {dtype} r={r}"
+    assert_2x(f"{what}: y", y, yp, y64)
+    for name, got in (("x", xg.grad), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
+                      ("lora_B", Bg.grad)):
+        assert got is not None, f"{what}: no gradient for {name}"
+        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
+    assert (Wg.grad.dtype, bg.grad.dtype, Ag.grad.dtype, Bg.grad.dtype) == (W.dtype, b.dtype, A.dtype, B.dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("family", ("auto", "triton", "cuda"))
+def test_gpu_autocast_every_gradient(dtype, family, monkeypatch, no_tf32):
+    """The public ``lora_linear`` under ``torch.autocast`` on float32 operands (as a mixed-precision training step
+    has them), each implementation family (``BALORA_KERNELS_IMPL``): y in the autocast dtype, every gradient in
+    its parameter's float32, each within 2x plain PyTorch's error (the reference math on the operands cast as
+    F.linear casts them: x, W, b to the autocast dtype, float32 adapters kept) of float64; x 3-D."""
+    if family == "auto":
+        monkeypatch.delenv("BALORA_KERNELS_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("BALORA_KERNELS_IMPL", family)
+    N, I, O, r = 1531, 1000, 1030, 16
+    x, W, b, A, B, _, dy = operands(N, I, O, r, torch.float32, "cuda", None, True, False, seed=77)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    (y64, g64), (yp, gp) = references(lo(x), lo(W), lo(b), A, B, None, lo(dy), 2.0, need_w=True)
+    xg = x.reshape(1, N, I).clone().requires_grad_(True)
+    Wg, bg, Ag, Bg = (t.clone().requires_grad_(True) for t in (W, b, A, B))
+    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+    with torch.autocast("cuda", dtype):
+        y = bk.lora_linear(xg, Wg, bg, Ag, Bg, 2.0)
+    assert y.dtype == dtype
+    y.backward(lo(dy).reshape(1, N, O))
+    torch.cuda.synchronize()
+    what = f"autocast {dtype} {family}"
+    assert_2x(f"{what}: y", y.reshape(N, O), yp, y64)
+    for name, got in (("x", xg.grad.reshape(N, I)), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
+                      ("lora_B", Bg.grad)):
+        assert got.dtype == torch.float32, f"{what}: d{name} in {got.dtype}"
+        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
 
 
 @gpu

@@ -361,6 +361,44 @@ def test_follows_parameters_replaced_and_adapters_unfrozen():
         proj.project()
 
 
+def test_no_per_pair_work_without_checks_and_refresh(monkeypatch):
+    """With follow_model=False and check_params=False a projection neither looks the modules up nor checks the
+    plan's tables (no Python loop over the pairs: both checks made to raise here); a parameter replaced meanwhile
+    is not seen until refresh(), which collects the pairs again and rebuilds the plan. Defaults: both checks run.
+    refresh() with no trainable pair left is a named error that changes nothing."""
+    torch.manual_seed(1)
+    net = nn.Sequential(bk.BaLoRALinear(12, 10, 3), bk.BaLoRALinear(10, 12, 3))
+    _randomize(net)
+    calls = []
+    plan_cls = type(bk.BalancedProjector(net)._current_plan())
+    monkeypatch.setattr(plan_cls, "is_stale", lambda self: calls.append("is_stale") or False)
+    monkeypatch.setattr(bk.BalancedProjector, "_slots_changed", lambda self: calls.append("slots") or False)
+    default = bk.BalancedProjector(net)
+    default.project()                                             # (builds the plan)
+    calls.clear()
+    default.project()
+    assert calls == ["slots", "is_stale"]                         # the defaults: both checks
+    calls.clear()
+    proj = bk.BalancedProjector(net, follow_model=False, check_params=False)
+    proj.project()
+    proj.project()
+    assert calls == [] and gap64(net[0].lora_A, net[0].lora_B) < 1e-5
+    old_A = net[1].lora_A
+    net[1].lora_A = nn.Parameter(torch.randn(3, 10) * 3)          # not seen until refresh()
+    proj.project()
+    assert gap64(net[1].lora_A, net[1].lora_B) > 0.1 and gap64(old_A, net[1].lora_B) < 1e-5
+    proj.refresh()
+    proj.project()
+    assert calls == [] and gap64(net[1].lora_A, net[1].lora_B) < 1e-5
+    for m in net:
+        m.lora_A.requires_grad_(False)
+        m.lora_B.requires_grad_(False)
+    names, plan = proj.names, proj._plan
+    with pytest.raises(ValueError, match="refresh: no trainable LoRA adapter left"):
+        proj.refresh()
+    assert proj.names == names and proj._plan is plan
+
+
 @pytest.mark.parametrize("case", ["expanded", "inference", "rank0"])
 def test_unwritable_or_empty_pairs_are_named_errors_before_any_write(case):
     good = (torch.randn(3, 10), torch.randn(7, 3))

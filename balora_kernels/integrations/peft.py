@@ -101,15 +101,15 @@ class PeftProjector(BalancedProjector):
     ``set_adapter``) or one was deleted, the model is scanned again (adapters added since are seen): only
     adapters whose two factors require grad are projected. A view of a parameter does not follow
     ``model.to(...)`` (which swaps the parameter's storage): the views are checked against their parameters
-    and rebuilt if needed.
+    and rebuilt if needed (with ``check_params``; otherwise :meth:`refresh` rebuilds them).
     """
 
     def __init__(self, sources: List[Source], mode: str = "nearest", every: int = 1,
-                 model: Optional[nn.Module] = None):
+                 model: Optional[nn.Module] = None, follow_model: bool = True, check_params: bool = True):
         # (name, getter -> (A, B), getter -> the parameters behind the views, or None); the model, scanned again
         # when its adapters change
         self._all_sources, self._model, self._sources = sources, model, None
-        super().__init__((), mode=mode, every=every)
+        super().__init__((), mode=mode, every=every, follow_model=follow_model, check_params=check_params)
 
     @staticmethod
     def _trained(A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -134,7 +134,7 @@ class PeftProjector(BalancedProjector):
 
     def _follow(self) -> None:
         super()._follow()
-        if self._views_stale():
+        if self.check_params and self._views_stale():
             self.named_pairs = [(n, *get()) for n, get, _ in self._sources]
             self._plan = None
 
