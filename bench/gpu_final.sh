@@ -50,7 +50,8 @@
 #                                                # (-n SUITE_WORKERS processes, default 8, when pytest-xdist is
 #                                                # installed; junit XML in $OUT), on the prebuilt library when
 #                                                # balora_kernels/_C*.so is carried (put together from a setup call's
-#                                                # parts), else on a JIT build
+#                                                # parts), else on a JIT build; with SUITE_END (s) the suite
+#                                                # stops by then and bench/probe/projection_after_steps.py follows
 #   device run: bash bench/gpu_final.sh rxr      # the r x r kernel's phase probe and launch variants (carry
 #                                                # .bkcache/eig_phases from bench/probe/eig_phases.py --build-only,
 #                                                # run beside the build; NCU_TRITON=1: then ncu of the Triton Gram
@@ -280,9 +281,13 @@ seed_build
   elif [ "$PART" = suite ]; then
     echo "== the whole test suite (pytest tests, GPU tests included)"
     xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n ${SUITE_WORKERS:-8}"
-    timeout $((570 - SECONDS)) python3 -m pytest -q -p no:cacheprovider -rfEs $xd --durations=25 \
+    timeout $((${SUITE_END:-570} - SECONDS)) python3 -m pytest -q -p no:cacheprovider -rfEs $xd --durations=25 \
       --junitxml="$OUT/junit.xml" tests; echo "rc=$?"
     python3 -c "import balora_kernels, json; print(json.dumps(balora_kernels.backend_info(), default=str))"
+    if [ -n "${SUITE_END:-}" ] && [ "$SECONDS" -lt $((SUITE_END + 10)) ]; then   # then, in the time left
+      echo "== projection after optimizer-like updates (bench/probe/projection_after_steps.py)"
+      timeout $((SUITE_END + 80 - SECONDS)) python3 bench/probe/projection_after_steps.py --out "$OUT"; echo "rc=$?"
+    fi
   elif [ "$PART" = projcheck ]; then
     projection_tests
     echo "== balora check"

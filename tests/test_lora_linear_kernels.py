@@ -860,6 +860,30 @@ def test_gpu_every_gradient_each_dtype_and_rank(dtype, r, impl, no_tf32):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=("bf16", "fp16", "fp32"))
+@pytest.mark.parametrize("r", CROSS_RANKS)
+def test_gpu_largest_shape_every_gradient(dtype, r, no_tf32):
+    """The issue's largest shape, 8192 x 4096 -> 11008, on the dispatcher's choice for each dtype and each r: y and
+    all five gradients (dW, db included) against float64 by the 2x-PyTorch-error rule, outputs poisoned; bias;
+    float32 adapters with fp16, dropout at r = 128."""
+    N, I, O = 8192, 4096, 11008
+    adt = torch.float32 if dtype == torch.float16 else None
+    x, W, b, A, B, m, dy = operands(N, I, O, r, dtype, "cuda", adt, True, r == 128, seed=200 + r)
+    (y64, g64), (yp, gp) = references(x, W, b, A, B, m, dy, 2.0, need_w=True)
+    xg, Wg, bg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, W, b, A, B))
+    _poison_allocator(4 * (N * (I + O) * 4 + 2**20))
+    y = L.lora_linear(xg, Wg, bg, Ag, Bg, 2.0, m)
+    y.backward(dy)
+    torch.cuda.synchronize()
+    what = f"auto {dtype} r={r} {N}x{I}->{O}"
+    assert_2x(f"{what}: y", y, yp, y64)
+    for name, got in (("x", xg.grad), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
+                      ("lora_B", Bg.grad)):
+        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("family", ("auto", "triton", "cuda"))
 def test_gpu_autocast_every_gradient(dtype, family, monkeypatch, no_tf32):

@@ -19,6 +19,7 @@ Outputs of kernels are poisoned (NaN) before they are written.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -1459,6 +1460,51 @@ def test_gpu_projector_uses_grouped_plan():
     stats = proj.project().as_dict()
     assert type(proj._plan).__name__ == "TritonProjectionPlan"
     assert stats["projected"] == 2 and stats["gap_after"] < 1e-5
+    for m, (A0, B0) in zip(net, before):
+        perr, gap, _ = invariants(A0, B0, m.lora_A.detach(), m.lora_B.detach())
+        assert perr <= 1e-5 and gap <= 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_projector_without_checks_same_bits_no_host_sync():
+    """BalancedProjector(follow_model=False, check_params=False) on CUDA: the same bits as the checked projector on
+    a copy of the model, each call after the plan's capture free of host synchronisation (torch's sync debug mode
+    set to raise), and refresh() after the parameters were re-allocated (``p.data = p.data.clone()``: the old
+    tables would write the freed memory) projects the new tensors."""
+    import balora_kernels as bk
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(bk.BaLoRALinear(256, 512, 8), bk.BaLoRALinear(512, 256, 16),
+                              bk.BaLoRALinear(256, 256, 16)).cuda()
+    for m in net:
+        torch.nn.init.normal_(m.lora_B)
+    twin = copy.deepcopy(net)
+    checked, unchecked = bk.BalancedProjector(twin), bk.BalancedProjector(net, follow_model=False, check_params=False)
+    for _ in range(3):   # (compile, capture, replay)
+        checked.project()
+        unchecked.project()
+    torch.cuda.synchronize()
+    for m, t in zip(net, twin):
+        assert torch.equal(m.lora_A, t.lora_A) and torch.equal(m.lora_B, t.lora_B)
+    with torch.no_grad():
+        for m in net:
+            m.lora_B.mul_(torch.linspace(0.5, 2.0, m.lora_B.shape[0], device="cuda")[:, None])
+    before = [(m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in net]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = unchecked.project()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.as_dict()["projected"] == 3
+    for m, (A0, B0) in zip(net, before):
+        perr, gap, _ = invariants(A0, B0, m.lora_A.detach(), m.lora_B.detach())
+        assert perr <= 1e-5 and gap <= 1e-4
+    with torch.no_grad():
+        for m in net:
+            m.lora_A.data = m.lora_A.data.clone()
+            m.lora_B.data = (m.lora_B.data * 3.0).clone()
+    before = [(m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in net]
+    unchecked.refresh()
+    unchecked.project()
     for m, (A0, B0) in zip(net, before):
         perr, gap, _ = invariants(A0, B0, m.lora_A.detach(), m.lora_B.detach())
         assert perr <= 1e-5 and gap <= 1e-4
