@@ -180,10 +180,16 @@ class BalancedProjector:
         """Collect the pairs again and rebuild the plan at the next projection (after ``model.to(...)``, a
         replaced or re-allocated adapter, ``set_adapter``; needed with ``follow_model=False`` /
         ``check_params=False``, harmless otherwise). Raises, changing nothing, if no trainable pair is left."""
-        pairs, slots = self._recollect()
-        if not pairs:
-            raise ValueError(f"{type(self).__name__}.refresh: no trainable LoRA adapter left")
-        check_pairs(type(self).__name__, pairs)
+        state = dict(self.__dict__)    # (a subclass's _recollect may keep state of its own)
+        try:
+            pairs, slots = self._recollect()
+            if not pairs:
+                raise ValueError(f"{type(self).__name__}.refresh: no trainable LoRA adapter left")
+            check_pairs(type(self).__name__, pairs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
         self.named_pairs, self._slots, self._plan = pairs, slots, None
         self._watched = self._slot_state()
 

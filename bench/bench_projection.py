@@ -22,8 +22,9 @@ One run, side by side, on one GPU (medians of ``triton.testing.do_bench``, which
   ``BalancedProjector.project()`` with its per-call checks (the default) and without them
   (``follow_model=False, check_params=False``).
 
-Timed runs of ``ours`` project adapters that earlier runs already balanced (what training sees when
-projecting every step); the first projection of fresh adapters is timed separately (``first_call_ms``).
+Timed runs of ``ours`` project adapters that earlier runs already balanced; in training each projection follows an
+optimizer step that moves the pairs slightly off balance, which takes longer (``bench/probe/projection_after_steps.py``
+times that); the first projection of fresh adapters is timed separately (``first_call_ms``, one sample).
 Writes ``bench/results/projection-<gpu>.json`` (or ``$OUT``) and prints a table.
 Usage: ``python bench/bench_projection.py [--quick] [--out PATH]``
 """

@@ -638,3 +638,27 @@ def test_torch_func_over_patched_model(device):
             if "lora_B" in n:
                 p.mul_(2)
         assert torch.equal(subst, model(x).logits)
+
+
+def test_peft_projector_refresh_without_checks():
+    """to_balora's projector with its per-call checks off (``follow_model`` / ``check_params`` set False): an
+    adapter frozen meanwhile is still projected until ``refresh()``; a refresh with every adapter frozen raises and
+    leaves the projector as it was (its pairs and the sources it scanned)."""
+    model = tiny_peft(seed=41)
+    proj = to_balora(model).projector
+    proj.follow_model = proj.check_params = False
+    n0 = len(proj.names)
+    for name, p in model.named_parameters():
+        if "lora_" in name and ".layers.0." in name:
+            p.requires_grad_(False)
+    assert len(proj.names) == n0                        # not looked up again
+    proj.refresh()
+    assert 0 < len(proj.names) < n0
+    names, sources, plan = proj.names, list(proj._sources), proj._plan
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    with pytest.raises(ValueError, match="refresh: no trainable LoRA adapter left"):
+        proj.refresh()
+    assert proj.names == names and proj._sources == sources and proj._plan is plan
+    proj.project()                                      # still the pairs it held
