@@ -1468,7 +1468,7 @@ def test_gpu_projector_uses_grouped_plan():
 @pytest.mark.gpu
 def test_gpu_projector_without_checks_same_bits_no_host_sync():
     """BalancedProjector(follow_model=False, check_params=False) on CUDA: the same bits as the checked projector on
-    a copy of the model, each call after the plan's capture free of host synchronisation (torch's sync debug mode
+    a copy of the model, a call replaying the plan's graph free of host synchronisation (torch's sync debug mode
     set to raise), and refresh() after the parameters were re-allocated (``p.data = p.data.clone()``: the old
     tables would write the freed memory) projects the new tensors."""
     import balora_kernels as bk

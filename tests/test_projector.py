@@ -363,7 +363,7 @@ def test_follows_parameters_replaced_and_adapters_unfrozen():
 
 def test_no_per_pair_work_without_checks_and_refresh(monkeypatch):
     """With follow_model=False and check_params=False a projection neither looks the modules up nor checks the
-    plan's tables (no Python loop over the pairs: both checks made to raise here); a parameter replaced meanwhile
+    plan's tables (no Python loop over the pairs: both checks patched to record their calls); a parameter replaced meanwhile
     is not seen until refresh(), which collects the pairs again and rebuilds the plan. Defaults: both checks run.
     refresh() with no trainable pair left is a named error that changes nothing."""
     torch.manual_seed(1)
