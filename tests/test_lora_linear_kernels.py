@@ -822,6 +822,14 @@ def _strided_copy(t: torch.Tensor, pad: int) -> torch.Tensor:
     return wide[:, pad:pad + t.shape[1]]
 
 
+def _assert_every_grad_2x(what, grads: dict, plain, ref64):
+    """Each of ``grads`` ({name: gradient}, names as in ``reference.LoraLinearGrads``) present and within 2x plain
+    PyTorch's error of float64."""
+    for name, got in grads.items():
+        assert got is not None, f"{what}: no gradient for {name}"
+        assert_2x(f"{what}: d{name}", got, getattr(plain, name), getattr(ref64, name))
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", CROSS_DTYPES, ids=("bf16", "fp16", "fp32"))
@@ -851,10 +859,7 @@ def test_gpu_every_gradient_each_dtype_and_rank(dtype, r, impl, no_tf32):
     torch.cuda.synchronize()
     what = f"{impl} {dtype} r={r}"
     assert_2x(f"{what}: y", y, yp, y64)
-    for name, got in (("x", xg.grad), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
-                      ("lora_B", Bg.grad)):
-        assert got is not None, f"{what}: no gradient for {name}"
-        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
+    _assert_every_grad_2x(what, dict(x=xg.grad, weight=Wg.grad, bias=bg.grad, lora_A=Ag.grad, lora_B=Bg.grad), gp, g64)
     assert (Wg.grad.dtype, bg.grad.dtype, Ag.grad.dtype, Bg.grad.dtype) == (W.dtype, b.dtype, A.dtype, B.dtype)
 
 
@@ -877,9 +882,7 @@ def test_gpu_largest_shape_every_gradient(dtype, r, no_tf32):
     torch.cuda.synchronize()
     what = f"auto {dtype} r={r} {N}x{I}->{O}"
     assert_2x(f"{what}: y", y, yp, y64)
-    for name, got in (("x", xg.grad), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
-                      ("lora_B", Bg.grad)):
-        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
+    _assert_every_grad_2x(what, dict(x=xg.grad, weight=Wg.grad, bias=bg.grad, lora_A=Ag.grad, lora_B=Bg.grad), gp, g64)
 
 
 @gpu
@@ -909,10 +912,9 @@ def test_gpu_autocast_every_gradient(dtype, family, monkeypatch, no_tf32):
     torch.cuda.synchronize()
     what = f"autocast {dtype} {family}"
     assert_2x(f"{what}: y", y.reshape(N, O), yp, y64)
-    for name, got in (("x", xg.grad.reshape(N, I)), ("weight", Wg.grad), ("bias", bg.grad), ("lora_A", Ag.grad),
-                      ("lora_B", Bg.grad)):
-        assert got.dtype == torch.float32, f"{what}: d{name} in {got.dtype}"
-        assert_2x(f"{what}: d{name}", got, getattr(gp, name), getattr(g64, name))
+    grads = dict(x=xg.grad.reshape(N, I), weight=Wg.grad, bias=bg.grad, lora_A=Ag.grad, lora_B=Bg.grad)
+    assert all(g.dtype == torch.float32 for g in grads.values()), f"{what}: {[g.dtype for g in grads.values()]}"
+    _assert_every_grad_2x(what, grads, gp, g64)
 
 
 @gpu
